@@ -1,0 +1,65 @@
+//! The persistent records the store keeps and the protocol returns.
+//!
+//! One definition is shared by the store (rows), the daemon (logic), the protocol (`vm show`,
+//! `vm ls --json`) and the CLI (tables), so a field added here reaches every layer.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{ByteSize, VmId, VmName, VmState};
+
+/// One sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRecord {
+    pub id: VmId,
+    pub name: VmName,
+    pub state: VmState,
+    /// Name of the image the root disk is built on.
+    pub image: String,
+    /// Name of the kernel the VM boots.
+    pub kernel: String,
+    pub vcpu: u32,
+    pub memory_mib: u32,
+    pub work_disk_size: ByteSize,
+    /// The VM's address on banger's bridge; allocated at create, held until delete.
+    pub ip: Option<Ipv4Addr>,
+    /// Outbound NAT requested for this VM.
+    pub nat: bool,
+    /// Which VMM backend ran (or will run) the VM, e.g. `firecracker`, `qemu-tcg`.
+    pub vmm: Option<String>,
+    /// Why the last operation failed, naming the failed step; cleared by a successful start.
+    pub last_error: Option<String>,
+    /// Unix seconds.
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub started_at: Option<i64>,
+}
+
+/// A root filesystem image shared read-only by every VM built on it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageRecord {
+    pub name: String,
+    pub rootfs: PathBuf,
+    /// The kernel VMs of this image boot unless told otherwise.
+    pub kernel: Option<String>,
+    pub size_bytes: u64,
+    /// Where it came from: `register:/path`, `build:debian`, `oci:docker.io/...`.
+    pub source: String,
+    /// Whether banger owns the files (and deletes them with the image).
+    pub managed: bool,
+    pub created_at: i64,
+}
+
+/// A bootable kernel: an ELF vmlinux and an optional initramfs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelRecord {
+    pub name: String,
+    pub vmlinux: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub version: String,
+    pub sha256: String,
+    pub source: String,
+    pub created_at: i64,
+}

@@ -1,0 +1,181 @@
+//! VMM backends behind one trait.
+//!
+//! The lifecycle engine in the daemon drives every backend through [`Vmm`] and never branches on
+//! which one it has. A backend launches one process per VM, configures it, boots it, and can find
+//! it again by pid after a daemon restart from the [`VmmHandle`] the daemon persisted.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub mod firecracker;
+pub mod process;
+
+/// Which backend runs a VM. Recorded in the VM's handles so a restarted daemon knows how to talk
+/// to a VMM it did not launch itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VmmKind {
+    Firecracker,
+    QemuKvm,
+    QemuTcg,
+}
+
+impl VmmKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmmKind::Firecracker => "firecracker",
+            VmmKind::QemuKvm => "qemu-kvm",
+            VmmKind::QemuTcg => "qemu-tcg",
+        }
+    }
+}
+
+/// A block device given to the guest, in attach order (the first is `/dev/vda`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DriveSpec {
+    /// Short id, `[a-z0-9_]+` (Firecracker's drive_id).
+    pub id: String,
+    pub path: PathBuf,
+    pub read_only: bool,
+}
+
+/// The guest's network interface, backed by a host tap.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetSpec {
+    pub tap: String,
+    /// `aa:bb:cc:dd:ee:ff`.
+    pub mac: String,
+}
+
+/// A virtio-vsock device; the host side is a Unix socket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VsockSpec {
+    pub guest_cid: u32,
+    pub uds_path: PathBuf,
+}
+
+/// Everything a backend needs to run one VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LaunchSpec {
+    /// The VM id; used as the VMM's instance id.
+    pub vm_id: String,
+    /// Per-VM directory for the VMM's sockets. Kept short: Unix socket paths are limited to
+    /// 107 bytes.
+    pub run_dir: PathBuf,
+    /// The VMM's own stdout/stderr log, kept for `vm logs` and error reports.
+    pub log_path: PathBuf,
+    pub vcpu: u32,
+    pub memory_mib: u32,
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub boot_args: String,
+    pub drives: Vec<DriveSpec>,
+    pub net: Option<NetSpec>,
+    pub vsock: Option<VsockSpec>,
+}
+
+/// What identifies a running VMM process; persisted in the VM's handles file before the daemon's
+/// in-memory state changes, so a restarted daemon can re-adopt or clean up the process.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmmHandle {
+    pub kind: VmmKind,
+    pub pid: i32,
+    /// The process start time (field 22 of /proc/PID/stat), so a recycled pid is never taken
+    /// for our VMM.
+    pub start_time: u64,
+    /// The VMM's control socket (Firecracker API socket, QEMU QMP socket).
+    pub control_socket: PathBuf,
+    pub log_path: PathBuf,
+}
+
+/// Errors from a VMM backend. Each names what failed and on which input.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error("VMM binary {path}: {reason}")]
+    Binary { path: PathBuf, reason: String },
+    #[error("spawning {program} failed: {source}")]
+    Spawn {
+        program: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("VMM did not create its control socket {socket} within {timeout:?}{}", log_tail_suffix(.log_tail))]
+    SocketTimeout {
+        socket: PathBuf,
+        timeout: Duration,
+        log_tail: String,
+    },
+    #[error("VMM process {pid} exited{}", log_tail_suffix(.log_tail))]
+    Exited { pid: i32, log_tail: String },
+    #[error("VMM API {method} {path} failed with HTTP {status}: {message}")]
+    Api {
+        method: String,
+        path: String,
+        status: u16,
+        message: String,
+    },
+    #[error("VMM API {method} {path} on {socket}: {reason}")]
+    Transport {
+        method: String,
+        path: String,
+        socket: PathBuf,
+        reason: String,
+    },
+    #[error("invalid launch spec: {0}")]
+    Spec(String),
+    #[error("signalling VMM process {pid}: {reason}")]
+    Signal { pid: i32, reason: String },
+    #[error("VMM I/O on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn log_tail_suffix(tail: &str) -> String {
+    if tail.trim().is_empty() {
+        String::new()
+    } else {
+        format!("; last log lines: {}", tail.trim())
+    }
+}
+
+/// One VMM backend. The daemon's start pipeline calls `spawn`, `configure` and `boot` as three
+/// separate steps (each with its own undo), so a failure is attributed to the right step.
+#[async_trait::async_trait]
+pub trait Vmm: Send + Sync + std::fmt::Debug {
+    fn kind(&self) -> VmmKind;
+
+    /// Starts the VMM process (in its own session, so it outlives a daemon restart) and waits
+    /// until its control socket answers. On error no process is left running.
+    async fn spawn(&self, spec: &LaunchSpec) -> Result<VmmHandle, VmmError>;
+
+    /// Configures machine, kernel, drives, network and vsock before boot.
+    async fn configure(&self, handle: &VmmHandle, spec: &LaunchSpec) -> Result<(), VmmError>;
+
+    /// Boots the guest.
+    async fn boot(&self, handle: &VmmHandle) -> Result<(), VmmError>;
+
+    /// Whether the process behind `handle` is alive and is the very process we launched (pid and
+    /// start time match, not a zombie).
+    fn is_alive(&self, handle: &VmmHandle) -> bool;
+
+    /// Asks the guest to shut down and waits up to `timeout` for the VMM to exit. Returns
+    /// `Ok(true)` if it exited, `Ok(false)` if it is still running after the timeout.
+    async fn shutdown(&self, handle: &VmmHandle, timeout: Duration) -> Result<bool, VmmError>;
+
+    /// Kills the VMM (SIGKILL) and waits for it to be gone. Killing a process that is already
+    /// gone is not an error.
+    async fn kill(&self, handle: &VmmHandle) -> Result<(), VmmError>;
+
+    /// Resolves when the process behind `handle` has exited (or immediately if it is gone).
+    async fn wait_exit(&self, handle: &VmmHandle);
+
+    /// The last lines of the VMM's log, for error reports.
+    fn log_tail(&self, handle: &VmmHandle, lines: usize) -> String {
+        process::tail_file(&handle.log_path, lines)
+    }
+}
