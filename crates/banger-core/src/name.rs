@@ -136,3 +136,40 @@ mod tests {
         assert!(serde_json::from_str::<VmName>("\"Bad_Name\"").is_err());
     }
 }
+
+/// Validates an image or kernel name: 1–64 characters of `a-z0-9._-`, starting with a letter or
+/// digit. Dots are allowed (`debian-6.1-cloud`); `..` and `/` can never appear, so a name is
+/// always safe as a directory name.
+pub fn validate_artifact_name(kind: &str, s: &str) -> Result<(), String> {
+    let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-');
+    if s.is_empty() || s.len() > 64 {
+        return Err(format!("invalid {kind} name {s:?}: it needs 1 to 64 characters"));
+    }
+    if let Some(c) = s.chars().find(|c| !ok_char(*c)) {
+        return Err(format!(
+            "invalid {kind} name {s:?}: character {c:?} is not allowed (use a-z, 0-9, '.', '_' and '-')"
+        ));
+    }
+    if !s.starts_with(|c: char| c.is_ascii_alphanumeric()) || s.contains("..") {
+        return Err(format!(
+            "invalid {kind} name {s:?}: it must start with a letter or digit and not contain \"..\""
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod artifact_tests {
+    use super::validate_artifact_name;
+
+    #[test]
+    fn artifact_names() {
+        for ok in ["debian-bookworm", "debian-6.1-cloud", "a", "x_y"] {
+            assert!(validate_artifact_name("image", ok).is_ok(), "{ok}");
+        }
+        for bad in ["", ".hidden", "a/b", "a..b", "UP", "-x", &"a".repeat(65)] {
+            let e = validate_artifact_name("image", bad).unwrap_err();
+            assert!(e.contains("image"), "{e}");
+        }
+    }
+}

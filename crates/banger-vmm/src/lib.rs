@@ -35,7 +35,7 @@ impl VmmKind {
 /// A block device given to the guest, in attach order (the first is `/dev/vda`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DriveSpec {
-    /// Short id, `[a-z0-9_]+` (Firecracker's drive_id).
+    /// Short id, `[A-Za-z0-9_]+` (Firecracker's drive_id).
     pub id: String,
     pub path: PathBuf,
     pub read_only: bool,
@@ -122,6 +122,13 @@ pub enum VmmError {
         path: String,
         socket: PathBuf,
         reason: String,
+    },
+    #[error("{program} {found} at {path} is too old: banger needs {min} or newer")]
+    TooOld {
+        program: &'static str,
+        found: String,
+        path: PathBuf,
+        min: String,
     },
     #[error("invalid launch spec: {0}")]
     Spec(String),

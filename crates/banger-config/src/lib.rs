@@ -1,0 +1,652 @@
+//! banger's configuration: one optional TOML file, every key optional.
+//!
+//! [`Config::load`] reads the file (a missing file means all defaults), rejects unknown keys and
+//! bad values with the file, key and value named, and fills the rest from defaults, some of which
+//! are derived from the [`HostInfo`] (CPU count, memory, home, uid). The result is plain data with
+//! proper types; it serializes back to TOML or JSON for `banger doctor` and `daemon status`.
+//! Every key is described in `docs/config.md`.
+
+use std::collections::HashSet;
+use std::fmt::Display;
+use std::path::{Component, Path, PathBuf};
+use std::time::Duration;
+
+use banger_core::ByteSize;
+use serde::{Deserialize, Serialize, Serializer};
+use toml::Value;
+
+mod cidr;
+mod host;
+
+pub use cidr::{CidrError, Ipv4Cidr};
+pub use host::{HostInfo, XdgDirs};
+
+/// The system-wide config file, used by root when it exists.
+pub const SYSTEM_CONFIG_PATH: &str = "/etc/banger/config.toml";
+
+/// What can go wrong loading the configuration. Messages name the file, and the key and value
+/// when one is at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {}: {message}", path.display())]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid config file {}: {key} = {value}: {reason}", path.display())]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        value: String,
+        reason: String,
+    },
+    #[error("cannot detect host {what}: {reason}")]
+    Host { what: &'static str, reason: String },
+}
+
+/// Defines a closed set of lowercase words with `as_str`, `Display`, `FromStr` and `Serialize`.
+macro_rules! word_enum {
+    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident = $word:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name { $($(#[$vmeta])* $variant),+ }
+
+        impl $name {
+            pub const ALL: &[$name] = &[$($name::$variant),+];
+
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $word),+ }
+            }
+
+            /// The accepted words, for error messages: `a, b, c`.
+            pub fn choices() -> String {
+                Self::ALL.iter().map(|v| v.as_str()).collect::<Vec<_>>().join(", ")
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, String> {
+                match s {
+                    $($word => Ok($name::$variant),)+
+                    _ => Err(format!("expected one of {}", Self::choices())),
+                }
+            }
+        }
+
+        impl Serialize for $name {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(self.as_str())
+            }
+        }
+    };
+}
+
+word_enum!(
+    /// How much the daemon logs.
+    LogLevel {
+        Error = "error",
+        Warn = "warn",
+        Info = "info",
+        Debug = "debug",
+        Trace = "trace",
+    }
+);
+
+word_enum!(
+    /// Which VMM backend runs VMs. `Auto` picks Firecracker when its binary is found and KVM is
+    /// usable, else QEMU.
+    VmmChoice {
+        Auto = "auto",
+        Firecracker = "firecracker",
+        Qemu = "qemu",
+    }
+);
+
+word_enum!(
+    /// How a VM's root disk is made from its image.
+    RootDiskStrategy {
+        /// The image read-only plus a sparse per-VM upper disk, joined by overlayfs in the guest.
+        Overlay = "overlay",
+        /// A FICLONE copy of the image (XFS, btrfs).
+        Reflink = "reflink",
+        /// A sparse full copy of the image.
+        Copy = "copy",
+        /// A device-mapper snapshot over loop devices.
+        DmSnapshot = "dm-snapshot",
+    }
+);
+
+/// Resources a VM gets when `vm create` does not say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct VmDefaults {
+    pub vcpu: u32,
+    pub memory_mib: u32,
+    #[serde(serialize_with = "serialize_size")]
+    pub work_disk_size: ByteSize,
+}
+
+impl VmDefaults {
+    pub const MAX_VCPU: u32 = 32;
+    pub const MIN_MEMORY_MIB: u32 = 128;
+    pub const MIN_WORK_DISK: ByteSize = ByteSize(64 * ByteSize::MIB);
+
+    /// A quarter of the CPUs (1 to 4) and an eighth of the RAM (512 MiB to 8 GiB): several
+    /// sandboxes fit on the host without anyone tuning anything.
+    pub fn for_host(host: &HostInfo) -> VmDefaults {
+        let memory_mib = (host.memory_bytes / 8 / ByteSize::MIB).clamp(512, 8192);
+        VmDefaults {
+            vcpu: (host.cpus / 4).clamp(1, 4),
+            memory_mib: memory_mib as u32,
+            work_disk_size: ByteSize::gib(8),
+        }
+    }
+}
+
+/// Sizes print as `8G` / `512M` (or `<n>B`), which [`ByteSize::parse`] reads back.
+fn serialize_size<S: Serializer>(size: &ByteSize, s: S) -> Result<S::Ok, S::Error> {
+    if size.bytes().is_multiple_of(ByteSize::MIB) {
+        s.collect_str(size)
+    } else {
+        s.collect_str(&format_args!("{}B", size.bytes()))
+    }
+}
+
+/// A host file copied into every new VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FileSync {
+    /// Absolute, inside the owner's home (`~/` already expanded).
+    pub host: PathBuf,
+    /// As written: `/root/...` or `~/...` (the guest user's home).
+    pub guest: PathBuf,
+    /// Permission bits of the guest copy, at most 0o777.
+    #[serde(serialize_with = "serialize_mode")]
+    pub mode: u32,
+}
+
+impl FileSync {
+    pub const DEFAULT_MODE: u32 = 0o600;
+}
+
+fn serialize_mode<S: Serializer>(mode: &u32, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&format_args!("{mode:04o}"))
+}
+
+/// The effective configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Config {
+    pub state_dir: PathBuf,
+    pub runtime_dir: PathBuf,
+    pub cache_dir: PathBuf,
+    pub log_level: LogLevel,
+    pub vmm: VmmChoice,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub firecracker_bin: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub qemu_bin: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jailer_bin: Option<PathBuf>,
+    pub root_disk: RootDiskStrategy,
+    pub bridge_name: String,
+    pub bridge_cidr: Ipv4Cidr,
+    pub tap_pool_size: u32,
+    pub dns_port: u16,
+    pub default_image: String,
+    pub default_kernel: String,
+    pub stop_timeout_secs: u64,
+    // Tables last: TOML needs plain keys before them.
+    pub vm_defaults: VmDefaults,
+    pub file_sync: Vec<FileSync>,
+}
+
+impl Config {
+    pub const DEFAULT_BRIDGE: &str = "br-banger";
+    pub const DEFAULT_CIDR: &str = "172.30.0.0/24";
+    pub const DEFAULT_DNS_PORT: u16 = 42069;
+    pub const DEFAULT_IMAGE: &str = "debian-bookworm";
+    pub const DEFAULT_KERNEL: &str = "debian-6.1-cloud";
+    pub const MAX_TAP_POOL: u32 = 64;
+    pub const MAX_STOP_TIMEOUT_SECS: u64 = 600;
+
+    /// Every key at its default for `host`.
+    pub fn defaults(host: &HostInfo) -> Config {
+        let (state_dir, runtime_dir, cache_dir) = if host.is_root() {
+            (
+                PathBuf::from("/var/lib/banger"),
+                PathBuf::from("/run/banger"),
+                PathBuf::from("/var/cache/banger"),
+            )
+        } else {
+            let xdg = &host.xdg;
+            (
+                xdg.state_home
+                    .clone()
+                    .unwrap_or_else(|| host.home.join(".local/state"))
+                    .join("banger"),
+                xdg.runtime_dir
+                    .as_ref()
+                    .map(|d| d.join("banger"))
+                    .unwrap_or_else(|| PathBuf::from(format!("/tmp/banger-{}", host.uid))),
+                xdg.cache_home
+                    .clone()
+                    .unwrap_or_else(|| host.home.join(".cache"))
+                    .join("banger"),
+            )
+        };
+        Config {
+            state_dir,
+            runtime_dir,
+            cache_dir,
+            log_level: LogLevel::Info,
+            vmm: VmmChoice::Auto,
+            firecracker_bin: None,
+            qemu_bin: None,
+            jailer_bin: None,
+            root_disk: RootDiskStrategy::Overlay,
+            bridge_name: Self::DEFAULT_BRIDGE.to_string(),
+            bridge_cidr: Ipv4Cidr::parse(Self::DEFAULT_CIDR).unwrap_or_else(|e| {
+                unreachable!("built-in default {} is invalid: {e}", Self::DEFAULT_CIDR)
+            }),
+            tap_pool_size: 4,
+            dns_port: Self::DEFAULT_DNS_PORT,
+            default_image: Self::DEFAULT_IMAGE.to_string(),
+            default_kernel: Self::DEFAULT_KERNEL.to_string(),
+            stop_timeout_secs: 10,
+            vm_defaults: VmDefaults::for_host(host),
+            file_sync: Vec::new(),
+        }
+    }
+
+    /// Where the config file is for the current user (see [`Config::default_path_for`]).
+    pub fn default_path() -> PathBuf {
+        let home = std::env::var_os("HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/root"));
+        let mut host = HostInfo::new(1, 0, home, nix::unistd::getuid().as_raw());
+        host.xdg = XdgDirs::from_env();
+        Self::default_path_for(&host)
+    }
+
+    /// `/etc/banger/config.toml` for root when that file exists (a system install); otherwise
+    /// `$XDG_CONFIG_HOME/banger/config.toml`, else `~/.config/banger/config.toml`.
+    pub fn default_path_for(host: &HostInfo) -> PathBuf {
+        let system = Path::new(SYSTEM_CONFIG_PATH);
+        if host.is_root() && system.is_file() {
+            return system.to_path_buf();
+        }
+        host.xdg
+            .config_home
+            .clone()
+            .unwrap_or_else(|| host.home.join(".config"))
+            .join("banger/config.toml")
+    }
+
+    /// Reads `path`; a missing file gives [`Config::defaults`].
+    pub fn load(path: &Path, host: &HostInfo) -> Result<Config, ConfigError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Self::from_toml_str(&text, host, path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::defaults(host)),
+            Err(source) => Err(ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            }),
+        }
+    }
+
+    /// Parses config text; `origin` names the file in errors.
+    pub fn from_toml_str(
+        text: &str,
+        host: &HostInfo,
+        origin: &Path,
+    ) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| parse_error(origin, text, &e))?;
+        Checker { origin, host }.apply(raw, Self::defaults(host))
+    }
+
+    pub fn stop_timeout(&self) -> Duration {
+        Duration::from_secs(self.stop_timeout_secs)
+    }
+}
+
+/// "line 3 (`bogus = 1`): unknown field `bogus`, expected one of ...": the line's text names
+/// the key even when serde's message does not.
+fn parse_error(origin: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
+    let location = e
+        .span()
+        .map(|span| {
+            let start = span.start.min(text.len());
+            let line_no = text[..start].matches('\n').count() + 1;
+            let line = text.lines().nth(line_no - 1).unwrap_or("").trim();
+            format!("line {line_no} (`{line}`): ")
+        })
+        .unwrap_or_default();
+    ConfigError::Parse {
+        path: origin.to_path_buf(),
+        message: format!("{location}{}", e.message().trim()),
+    }
+}
+
+// The file as written. Scalars are kept as raw TOML values so that a wrong type is reported by
+// `Checker` with the key and value named, like every other bad value.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    state_dir: Option<Value>,
+    runtime_dir: Option<Value>,
+    cache_dir: Option<Value>,
+    log_level: Option<Value>,
+    vmm: Option<Value>,
+    firecracker_bin: Option<Value>,
+    qemu_bin: Option<Value>,
+    jailer_bin: Option<Value>,
+    root_disk: Option<Value>,
+    bridge_name: Option<Value>,
+    bridge_cidr: Option<Value>,
+    tap_pool_size: Option<Value>,
+    dns_port: Option<Value>,
+    default_image: Option<Value>,
+    default_kernel: Option<Value>,
+    stop_timeout_secs: Option<Value>,
+    vm_defaults: Option<RawVmDefaults>,
+    file_sync: Option<Vec<RawFileSync>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVmDefaults {
+    vcpu: Option<Value>,
+    memory_mib: Option<Value>,
+    work_disk_size: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFileSync {
+    host: Value,
+    guest: Value,
+    mode: Option<Value>,
+}
+
+/// Validates raw values against one file and host.
+struct Checker<'a> {
+    origin: &'a Path,
+    host: &'a HostInfo,
+}
+
+impl Checker<'_> {
+    fn invalid(&self, key: &str, value: impl Display, reason: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.origin.to_path_buf(),
+            key: key.to_string(),
+            value: value.to_string(),
+            reason: reason.into(),
+        }
+    }
+
+    fn string<'v>(&self, key: &str, v: &'v Value) -> Result<&'v str, ConfigError> {
+        v.as_str()
+            .ok_or_else(|| self.invalid(key, v, "expected a string"))
+    }
+
+    fn int(&self, key: &str, v: &Value, min: i64, max: i64) -> Result<i64, ConfigError> {
+        let n = v
+            .as_integer()
+            .ok_or_else(|| self.invalid(key, v, "expected an integer"))?;
+        if n < min || n > max {
+            return Err(self.invalid(key, v, format!("must be between {min} and {max}")));
+        }
+        Ok(n)
+    }
+
+    fn word<T: std::str::FromStr<Err = String>>(
+        &self,
+        key: &str,
+        v: &Value,
+    ) -> Result<T, ConfigError> {
+        self.string(key, v)?
+            .parse()
+            .map_err(|reason: String| self.invalid(key, v, reason))
+    }
+
+    /// `~` and `~/x` mean the owner's home; the result must be absolute, since the daemon's
+    /// working directory is not the user's.
+    fn abs_path(&self, key: &str, v: &Value) -> Result<PathBuf, ConfigError> {
+        let s = self.string(key, v)?;
+        let p = expand_home(s, &self.host.home);
+        if !p.is_absolute() {
+            return Err(self.invalid(key, v, "expected an absolute path or one starting with ~/"));
+        }
+        Ok(p)
+    }
+
+    fn apply(&self, raw: RawConfig, mut c: Config) -> Result<Config, ConfigError> {
+        if let Some(v) = &raw.state_dir {
+            c.state_dir = self.abs_path("state_dir", v)?;
+        }
+        if let Some(v) = &raw.runtime_dir {
+            c.runtime_dir = self.abs_path("runtime_dir", v)?;
+        }
+        if let Some(v) = &raw.cache_dir {
+            c.cache_dir = self.abs_path("cache_dir", v)?;
+        }
+        if let Some(v) = &raw.log_level {
+            c.log_level = self.word("log_level", v)?;
+        }
+        if let Some(v) = &raw.vmm {
+            c.vmm = self.word("vmm", v)?;
+        }
+        if let Some(v) = &raw.firecracker_bin {
+            c.firecracker_bin = Some(self.abs_path("firecracker_bin", v)?);
+        }
+        if let Some(v) = &raw.qemu_bin {
+            c.qemu_bin = Some(self.abs_path("qemu_bin", v)?);
+        }
+        if let Some(v) = &raw.jailer_bin {
+            c.jailer_bin = Some(self.abs_path("jailer_bin", v)?);
+        }
+        if let Some(v) = &raw.root_disk {
+            c.root_disk = self.word("root_disk", v)?;
+        }
+        if let Some(v) = &raw.bridge_name {
+            let s = self.string("bridge_name", v)?;
+            check_bridge_name(s).map_err(|reason| self.invalid("bridge_name", v, reason))?;
+            c.bridge_name = s.to_string();
+        }
+        if let Some(v) = &raw.bridge_cidr {
+            c.bridge_cidr = Ipv4Cidr::parse(self.string("bridge_cidr", v)?)
+                .map_err(|e| self.invalid("bridge_cidr", v, e.to_string()))?;
+        }
+        if let Some(v) = &raw.tap_pool_size {
+            c.tap_pool_size =
+                self.int("tap_pool_size", v, 0, i64::from(Config::MAX_TAP_POOL))? as u32;
+        }
+        if let Some(v) = &raw.dns_port {
+            c.dns_port = self.int("dns_port", v, 1, 65535)? as u16;
+        }
+        if let Some(v) = &raw.default_image {
+            c.default_image = self.artefact_name("default_image", v)?;
+        }
+        if let Some(v) = &raw.default_kernel {
+            c.default_kernel = self.artefact_name("default_kernel", v)?;
+        }
+        if let Some(v) = &raw.stop_timeout_secs {
+            let max = Config::MAX_STOP_TIMEOUT_SECS as i64;
+            c.stop_timeout_secs = self.int("stop_timeout_secs", v, 1, max)? as u64;
+        }
+        if let Some(d) = &raw.vm_defaults {
+            self.vm_defaults(d, &mut c.vm_defaults)?;
+        }
+        if let Some(entries) = &raw.file_sync {
+            c.file_sync = self.file_sync(entries)?;
+        }
+        Ok(c)
+    }
+
+    /// Image and kernel names become directory names under the state dir.
+    fn artefact_name(&self, key: &str, v: &Value) -> Result<String, ConfigError> {
+        let s = self.string(key, v)?;
+        let ok = !s.is_empty()
+            && s.len() <= 128
+            && s != "."
+            && s != ".."
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-:+".contains(c));
+        if !ok {
+            return Err(self.invalid(
+                key,
+                v,
+                "expected 1 to 128 characters of a-z, A-Z, 0-9, '.', '_', '-', ':', '+'",
+            ));
+        }
+        Ok(s.to_string())
+    }
+
+    fn vm_defaults(&self, raw: &RawVmDefaults, d: &mut VmDefaults) -> Result<(), ConfigError> {
+        if let Some(v) = &raw.vcpu {
+            d.vcpu = self.int("vm_defaults.vcpu", v, 1, i64::from(VmDefaults::MAX_VCPU))? as u32;
+        }
+        if let Some(v) = &raw.memory_mib {
+            let min = i64::from(VmDefaults::MIN_MEMORY_MIB);
+            d.memory_mib = self.int("vm_defaults.memory_mib", v, min, i64::from(u32::MAX))? as u32;
+        }
+        if let Some(v) = &raw.work_disk_size {
+            let key = "vm_defaults.work_disk_size";
+            let size = match v {
+                Value::String(s) => {
+                    ByteSize::parse(s).map_err(|e| self.invalid(key, v, e.to_string()))?
+                }
+                _ => return Err(self.invalid(key, v, "expected a size string like \"8G\"")),
+            };
+            if size < VmDefaults::MIN_WORK_DISK {
+                return Err(self.invalid(key, v, "must be at least 64M"));
+            }
+            d.work_disk_size = size;
+        }
+        Ok(())
+    }
+
+    fn file_sync(&self, entries: &[RawFileSync]) -> Result<Vec<FileSync>, ConfigError> {
+        let mut seen = HashSet::new();
+        let mut out = Vec::with_capacity(entries.len());
+        for (i, e) in entries.iter().enumerate() {
+            let key = |field: &str| format!("file_sync[{i}].{field}");
+
+            let host_key = key("host");
+            let host_raw = self.string(&host_key, &e.host)?;
+            let host = expand_home(host_raw, &self.host.home);
+            let home = &self.host.home;
+            if has_parent_component(&host) {
+                return Err(self.invalid(&host_key, &e.host, "'..' is not allowed"));
+            }
+            if !host.is_absolute() || !host.starts_with(home) || host == *home {
+                return Err(self.invalid(
+                    &host_key,
+                    &e.host,
+                    format!("must be a path under the home directory {}", home.display()),
+                ));
+            }
+
+            let guest_key = key("guest");
+            let guest_raw = self.string(&guest_key, &e.guest)?;
+            let rest = guest_raw
+                .strip_prefix("/root/")
+                .or_else(|| guest_raw.strip_prefix("~/"));
+            let Some(rest) = rest.filter(|r| !r.trim_matches('/').is_empty()) else {
+                return Err(self.invalid(
+                    &guest_key,
+                    &e.guest,
+                    "must be a path under /root/ or ~/",
+                ));
+            };
+            if has_parent_component(Path::new(rest)) {
+                return Err(self.invalid(&guest_key, &e.guest, "'..' is not allowed"));
+            }
+            // Both spellings name the same guest file when the guest user is root.
+            if !seen.insert(rest.trim_end_matches('/').to_string()) {
+                return Err(self.invalid(
+                    &guest_key,
+                    &e.guest,
+                    "another file_sync entry already writes this guest path",
+                ));
+            }
+
+            let mode = match &e.mode {
+                None => FileSync::DEFAULT_MODE,
+                Some(v) => {
+                    let mode_key = key("mode");
+                    parse_mode(self.string(&mode_key, v)?)
+                        .map_err(|r| self.invalid(&mode_key, v, r))?
+                }
+            };
+            out.push(FileSync {
+                host,
+                guest: PathBuf::from(guest_raw),
+                mode,
+            });
+        }
+        Ok(out)
+    }
+}
+
+fn expand_home(s: &str, home: &Path) -> PathBuf {
+    if s == "~" {
+        home.to_path_buf()
+    } else if let Some(rest) = s.strip_prefix("~/") {
+        home.join(rest)
+    } else {
+        PathBuf::from(s)
+    }
+}
+
+fn has_parent_component(p: &Path) -> bool {
+    p.components().any(|c| c == Component::ParentDir)
+}
+
+/// `br-banger` or `br-banger-<suffix>`, the suffix 1+ of `a-z0-9`, and at most 15 bytes in all:
+/// Linux interface names are limited to 15 bytes.
+fn check_bridge_name(s: &str) -> Result<(), String> {
+    const MAX_IFNAME: usize = 15;
+    let ok = match s.strip_prefix("br-banger") {
+        Some("") => true,
+        Some(rest) => rest.strip_prefix('-').is_some_and(|suffix| {
+            !suffix.is_empty()
+                && suffix
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        }),
+        None => false,
+    };
+    if !ok || s.len() > MAX_IFNAME {
+        return Err(format!(
+            "expected br-banger or br-banger-<1 to {} of a-z0-9> (interface names are at most {MAX_IFNAME} bytes)",
+            MAX_IFNAME - "br-banger-".len()
+        ));
+    }
+    Ok(())
+}
+
+/// An octal permission string: `0600`, `600`, `0o600`; no setuid, setgid or sticky bits.
+fn parse_mode(s: &str) -> Result<u32, String> {
+    let digits = s.strip_prefix("0o").unwrap_or(s);
+    let reason = "expected an octal mode string like \"0600\" (at most 0777)";
+    if digits.is_empty() || digits.len() > 4 || !digits.bytes().all(|b| (b'0'..=b'7').contains(&b))
+    {
+        return Err(reason.to_string());
+    }
+    let mode = u32::from_str_radix(digits, 8).map_err(|_| reason.to_string())?;
+    if mode > 0o777 {
+        return Err(reason.to_string());
+    }
+    Ok(mode)
+}
+
+#[cfg(test)]
+mod tests;

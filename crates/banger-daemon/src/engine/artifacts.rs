@@ -1,0 +1,236 @@
+//! Kernels and images the VMs boot from: import, register, list, show, delete.
+//!
+//! Both are copied into banger's state dir, so a VM's base can never change under it.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use banger_core::{ErrorCode, ImageRecord, KernelRecord, validate_artifact_name};
+use sha2::Digest;
+
+use super::{Engine, now};
+use crate::disks::sparse_copy;
+use crate::error::{OpError, OpResult};
+use crate::layout::create_private_dir;
+
+impl Engine {
+    /// Imports `dir/vmlinux` (an ELF kernel) and optional `dir/initrd.img` as kernel `name`.
+    pub async fn kernel_import(&self, name: &str, dir: &Path) -> OpResult<KernelRecord> {
+        validate_artifact_name("kernel", name).map_err(OpError::bad_request)?;
+        let src = dir.join("vmlinux");
+        check_magic(&src, 0, b"\x7fELF", "an ELF vmlinux")?;
+        let initrd_src = dir.join("initrd.img");
+        let has_initrd = initrd_src.is_file();
+        let _g = self.inner.artifact_lock.lock().await;
+        if self.store().get_kernel(name)?.is_some() {
+            return Err(OpError::new(
+                ErrorCode::AlreadyExists,
+                format!("a kernel named {name:?} already exists (banger kernel rm {name} first)"),
+            ));
+        }
+        let dest = self.layout().kernels_dir().join(name);
+        let staging = self.layout().kernels_dir().join(format!(".{name}.staging"));
+        let _ = std::fs::remove_dir_all(&staging);
+        let result = async {
+            create_private_dir(&staging).map_err(|e| io_fail(&staging, e))?;
+            copy_file(&src, &staging.join("vmlinux")).await?;
+            if has_initrd {
+                copy_file(&initrd_src, &staging.join("initrd.img")).await?;
+            }
+            let vmlinux = staging.join("vmlinux");
+            let (sha, version) = tokio::task::spawn_blocking(move || kernel_facts(&vmlinux))
+                .await
+                .expect("hash task panicked")?;
+            std::fs::rename(&staging, &dest).map_err(|e| io_fail(&dest, e))?;
+            let rec = KernelRecord {
+                name: name.to_string(),
+                vmlinux: dest.join("vmlinux"),
+                initrd: has_initrd.then(|| dest.join("initrd.img")),
+                version,
+                sha256: sha,
+                source: format!("import:{}", dir.display()),
+                created_at: now(),
+            };
+            if let Err(e) = self.store().insert_kernel(&rec) {
+                let _ = std::fs::remove_dir_all(&dest);
+                return Err(e.into());
+            }
+            Ok(rec)
+        }
+        .await;
+        let _ = std::fs::remove_dir_all(&staging);
+        result
+    }
+
+    pub async fn kernel_delete(&self, name: &str) -> OpResult<KernelRecord> {
+        let _g = self.inner.artifact_lock.lock().await;
+        let rec = self
+            .store()
+            .get_kernel(name)?
+            .ok_or_else(|| OpError::not_found("kernel", name))?;
+        let users = self.store().vms_using_kernel(name)?;
+        if !users.is_empty() {
+            return Err(OpError::busy(format!(
+                "kernel {name} is used by VM(s) {}: delete them first",
+                join_names(&users)
+            )));
+        }
+        self.store().delete_kernel(name)?;
+        let _ = std::fs::remove_dir_all(self.layout().kernels_dir().join(name));
+        Ok(rec)
+    }
+
+    /// Copies an ext4 root filesystem into banger's images dir and registers it as `name`.
+    pub async fn image_register(&self, name: &str, rootfs: &Path, kernel: Option<String>) -> OpResult<ImageRecord> {
+        validate_artifact_name("image", name).map_err(OpError::bad_request)?;
+        check_magic(rootfs, 1024 + 56, &[0x53, 0xef], "an ext2/3/4 filesystem image")?;
+        if let Some(k) = &kernel
+            && self.store().get_kernel(k)?.is_none()
+        {
+            return Err(OpError::not_found("kernel", k));
+        }
+        let _g = self.inner.artifact_lock.lock().await;
+        if self.store().get_image(name)?.is_some() {
+            return Err(OpError::new(
+                ErrorCode::AlreadyExists,
+                format!("an image named {name:?} already exists (banger image rm {name} first)"),
+            ));
+        }
+        let dir = self.layout().images_dir().join(name);
+        let staging = self.layout().images_dir().join(format!(".{name}.staging"));
+        let _ = std::fs::remove_dir_all(&staging);
+        let result = async {
+            create_private_dir(&staging).map_err(|e| io_fail(&staging, e))?;
+            copy_file(rootfs, &staging.join("rootfs.ext4")).await?;
+            make_read_only(&staging.join("rootfs.ext4"))?;
+            std::fs::rename(&staging, &dir).map_err(|e| io_fail(&dir, e))?;
+            let path = dir.join("rootfs.ext4");
+            let rec = ImageRecord {
+                name: name.to_string(),
+                size_bytes: std::fs::metadata(&path).map_err(|e| io_fail(&path, e))?.len(),
+                rootfs: path,
+                kernel,
+                source: format!("register:{}", rootfs.display()),
+                managed: true,
+                created_at: now(),
+            };
+            if let Err(e) = self.store().insert_image(&rec) {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e.into());
+            }
+            Ok(rec)
+        }
+        .await;
+        let _ = std::fs::remove_dir_all(&staging);
+        result
+    }
+
+    pub async fn image_delete(&self, name: &str, force: bool) -> OpResult<ImageRecord> {
+        let _g = self.inner.artifact_lock.lock().await;
+        let rec = self
+            .store()
+            .get_image(name)?
+            .ok_or_else(|| OpError::not_found("image", name))?;
+        let users = self.store().vms_using_image(name)?;
+        if !users.is_empty() {
+            // Even --force keeps a base image that VMs boot from: their root disks read it.
+            let hint = if force { "; --force cannot remove the base of existing VMs" } else { "" };
+            return Err(OpError::busy(format!(
+                "image {name} is used by VM(s) {}: delete them first{hint}",
+                join_names(&users)
+            )));
+        }
+        self.store().delete_image(name)?;
+        if rec.managed {
+            let _ = std::fs::remove_dir_all(self.layout().images_dir().join(name));
+        }
+        Ok(rec)
+    }
+}
+
+fn join_names(names: &[banger_core::VmName]) -> String {
+    names.iter().map(|n| n.as_str()).collect::<Vec<_>>().join(", ")
+}
+
+fn io_fail(path: &Path, e: std::io::Error) -> OpError {
+    OpError::failed(format!("{}: {e}", path.display()))
+}
+
+fn check_magic(path: &Path, offset: u64, magic: &[u8], what: &str) -> OpResult<()> {
+    use std::os::unix::fs::FileExt;
+    let meta = std::fs::metadata(path)
+        .map_err(|e| OpError::bad_request(format!("{}: {e}", path.display())))?;
+    if !meta.is_file() {
+        return Err(OpError::bad_request(format!("{} is not a regular file", path.display())));
+    }
+    let f = std::fs::File::open(path).map_err(|e| OpError::bad_request(format!("{}: {e}", path.display())))?;
+    let mut buf = vec![0u8; magic.len()];
+    if f.read_exact_at(&mut buf, offset).is_err() || buf != magic {
+        return Err(OpError::bad_request(format!("{} is not {what}", path.display())));
+    }
+    Ok(())
+}
+
+async fn copy_file(src: &Path, dst: &Path) -> OpResult<()> {
+    let (s, d): (PathBuf, PathBuf) = (src.to_path_buf(), dst.to_path_buf());
+    tokio::task::spawn_blocking(move || sparse_copy(&s, &d))
+        .await
+        .expect("copy task panicked")
+        .map_err(|e| OpError::failed(e.to_string()))
+}
+
+fn make_read_only(path: &Path) -> OpResult<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o400)).map_err(|e| io_fail(path, e))
+}
+
+/// sha256 of the kernel and the version from its `Linux version X ...` banner.
+fn kernel_facts(path: &Path) -> OpResult<(String, String)> {
+    let mut f = std::fs::File::open(path).map_err(|e| io_fail(path, e))?;
+    let mut hasher = sha2::Sha256::new();
+    let mut version = None;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut carry: Vec<u8> = Vec::new();
+    const BANNER: &[u8] = b"Linux version ";
+    loop {
+        let n = f.read(&mut buf).map_err(|e| io_fail(path, e))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        if version.is_none() {
+            carry.extend_from_slice(&buf[..n]);
+            if let Some(pos) = carry.windows(BANNER.len()).position(|w| w == BANNER) {
+                let rest = &carry[pos + BANNER.len()..];
+                if let Some(end) = rest.iter().position(|&b| b == b' ' || b == 0) {
+                    version = Some(String::from_utf8_lossy(&rest[..end]).into_owned());
+                }
+            }
+            if version.is_none() && carry.len() > 256 {
+                carry.drain(..carry.len() - 256);
+            }
+        }
+    }
+    Ok((
+        hex::encode(hasher.finalize()),
+        version.unwrap_or_else(|| "unknown".to_string()),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_version_from_banner() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("vmlinux");
+        let mut data = b"\x7fELF".to_vec();
+        data.extend(vec![0u8; 3 << 20]);
+        data.extend_from_slice(b"Linux version 6.1.0-28-cloud-amd64 (debian-kernel@lists.debian.org)");
+        std::fs::write(&p, &data).unwrap();
+        let (sha, version) = kernel_facts(&p).unwrap();
+        assert_eq!(version, "6.1.0-28-cloud-amd64");
+        assert_eq!(sha.len(), 64);
+    }
+}

@@ -1,0 +1,189 @@
+//! The VM lifecycle engine.
+//!
+//! All orchestration lives here: create, start (a pipeline of named steps, each with an undo),
+//! stop, kill, restart, delete, prune, set, and the reconciliation a restarted daemon runs.
+//! Locking: one async mutex per VM, held for a whole lifecycle operation; a global create lock
+//! held only while a name and an address are allocated, so creates run in parallel otherwise.
+
+mod artifacts;
+mod create;
+mod ops;
+mod reconcile;
+mod start;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use banger_config::Config;
+use banger_core::{VmId, VmRecord};
+use banger_store::Store;
+use banger_vmm::{Vmm, VmmHandle, VmmKind};
+
+use crate::error::{OpError, OpResult};
+use crate::layout::Layout;
+use crate::runner::CommandRunner;
+
+pub use reconcile::ReconcileReport;
+pub use start::START_STEPS;
+
+/// Chooses the VMM backend. Behind a trait so tests can hand the engine a fake Firecracker (or a
+/// broken provider) without touching config or PATH.
+#[async_trait::async_trait]
+pub trait VmmProvider: Send + Sync + std::fmt::Debug {
+    /// The backend new starts use; the error says what is missing and how to fix it.
+    async fn select(&self) -> Result<Arc<dyn Vmm>, String>;
+    /// The backend that owns an existing handle (for stop, kill and re-adoption).
+    fn for_kind(&self, kind: VmmKind) -> Option<Arc<dyn Vmm>>;
+}
+
+/// Whether a start step should fail; tests inject failures here. Production uses [`NoFaults`].
+pub trait StepHook: Send + Sync + std::fmt::Debug {
+    /// Called before (`after == false`) and after (`after == true`) each start step's work.
+    fn check(&self, vm: &VmRecord, step: &'static str, after: bool) -> Result<(), String>;
+}
+
+#[derive(Debug, Default)]
+pub struct NoFaults;
+
+impl StepHook for NoFaults {
+    fn check(&self, _: &VmRecord, _: &'static str, _: bool) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// A running VM's in-memory state: mirrors its handles file.
+#[derive(Debug, Clone)]
+struct Live {
+    handle: VmmHandle,
+    run_dir: PathBuf,
+    /// Distinguishes this run from a later one, so a stale exit watcher does nothing.
+    generation: u64,
+}
+
+/// The lifecycle engine. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    store: Store,
+    config: Arc<Config>,
+    layout: Layout,
+    vmms: Arc<dyn VmmProvider>,
+    runner: Arc<dyn CommandRunner>,
+    hook: Arc<dyn StepHook>,
+    vm_locks: Mutex<HashMap<VmId, Arc<tokio::sync::Mutex<()>>>>,
+    create_lock: tokio::sync::Mutex<()>,
+    artifact_lock: tokio::sync::Mutex<()>,
+    live: Mutex<HashMap<VmId, Live>>,
+    generation: std::sync::atomic::AtomicU64,
+}
+
+impl Engine {
+    pub fn new(
+        store: Store,
+        config: Arc<Config>,
+        layout: Layout,
+        vmms: Arc<dyn VmmProvider>,
+        runner: Arc<dyn CommandRunner>,
+        hook: Arc<dyn StepHook>,
+    ) -> Self {
+        Engine {
+            inner: Arc::new(Inner {
+                store,
+                config,
+                layout,
+                vmms,
+                runner,
+                hook,
+                vm_locks: Mutex::new(HashMap::new()),
+                create_lock: tokio::sync::Mutex::new(()),
+                artifact_lock: tokio::sync::Mutex::new(()),
+                live: Mutex::new(HashMap::new()),
+                generation: std::sync::atomic::AtomicU64::new(1),
+            }),
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.inner.layout
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// The pid of a running VM's VMM, if the daemon holds it.
+    pub fn vmm_pid(&self, id: &VmId) -> Option<i32> {
+        self.live().get(id).map(|l| l.handle.pid)
+    }
+
+    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<VmId, Live>> {
+        self.inner.live.lock().expect("live map poisoned")
+    }
+
+    fn vm_lock(&self, id: &VmId) -> Arc<tokio::sync::Mutex<()>> {
+        self.inner
+            .vm_locks
+            .lock()
+            .expect("lock map poisoned")
+            .entry(id.clone())
+            .or_default()
+            .clone()
+    }
+
+    /// Finds a VM by name or id, locks it, and re-reads it under the lock (it may have changed
+    /// or vanished while we waited).
+    async fn lock_vm(
+        &self,
+        name_or_id: &str,
+    ) -> OpResult<(tokio::sync::OwnedMutexGuard<()>, VmRecord)> {
+        let vm = self.find_vm(name_or_id)?;
+        let guard = self.vm_lock(&vm.id).lock_owned().await;
+        match self.inner.store.get_vm(vm.id.as_str())? {
+            Some(vm) => Ok((guard, vm)),
+            None => Err(OpError::not_found("VM", name_or_id)),
+        }
+    }
+
+    pub fn find_vm(&self, name_or_id: &str) -> OpResult<VmRecord> {
+        if name_or_id.is_empty() {
+            return Err(OpError::bad_request("a VM name or id is required"));
+        }
+        self.inner
+            .store
+            .get_vm(name_or_id)?
+            .ok_or_else(|| OpError::not_found("VM", name_or_id))
+    }
+
+    fn save(&self, vm: &mut VmRecord) -> OpResult<()> {
+        vm.updated_at = now();
+        self.inner.store.update_vm(vm)?;
+        Ok(())
+    }
+
+    fn next_generation(&self) -> u64 {
+        self.inner
+            .generation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+pub(crate) fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Joins cleanup errors into one line; every cleanup step runs even when an earlier one failed.
+pub(crate) fn join_errors(errors: &[String]) -> String {
+    errors.join("; ")
+}

@@ -1,0 +1,299 @@
+//! Stop, kill, restart, delete, prune, set, show, logs — and the teardown they share.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use banger_core::{ErrorCode, VmId, VmRecord, VmState};
+use banger_protocol::{Logs, VmDetails};
+use banger_vmm::Vmm;
+use tracing::info;
+
+use super::{Engine, Live, join_errors};
+use crate::error::{OpError, OpResult};
+use crate::handles::Handles;
+use crate::progress::OpCtx;
+
+/// Signals `vm kill` accepts. A closed list: the daemon never forwards arbitrary numbers.
+const SIGNALS: &[(&str, i32)] = &[
+    ("KILL", libc::SIGKILL),
+    ("TERM", libc::SIGTERM),
+    ("INT", libc::SIGINT),
+    ("HUP", libc::SIGHUP),
+    ("QUIT", libc::SIGQUIT),
+];
+
+impl Engine {
+    pub async fn start(&self, name: &str, ctx: &OpCtx<'_>) -> OpResult<VmRecord> {
+        let (_guard, mut vm) = self.lock_vm(name).await?;
+        self.start_locked(&mut vm, ctx).await?;
+        Ok(vm)
+    }
+
+    pub async fn stop(&self, name: &str, timeout: Option<u64>, ctx: &OpCtx<'_>) -> OpResult<VmRecord> {
+        let (_guard, mut vm) = self.lock_vm(name).await?;
+        self.stop_locked(&mut vm, timeout, ctx).await?;
+        Ok(vm)
+    }
+
+    pub async fn restart(&self, name: &str, timeout: Option<u64>, ctx: &OpCtx<'_>) -> OpResult<VmRecord> {
+        let (_guard, mut vm) = self.lock_vm(name).await?;
+        if vm.state == VmState::Running {
+            self.stop_locked(&mut vm, timeout, ctx).await?;
+        }
+        self.start_locked(&mut vm, ctx).await?;
+        Ok(vm)
+    }
+
+    async fn stop_locked(&self, vm: &mut VmRecord, timeout: Option<u64>, ctx: &OpCtx<'_>) -> OpResult<()> {
+        if vm.state != VmState::Running {
+            return Err(OpError::new(
+                ErrorCode::NotRunning,
+                format!("VM {} is not running (state: {})", vm.name, vm.state),
+            ));
+        }
+        let timeout = Duration::from_secs(timeout.unwrap_or(self.config().stop_timeout_secs));
+        vm.state = VmState::Stopping;
+        self.save(vm)?;
+        let live = self.live_or_handles(&vm.id);
+        let vmm = live.as_ref().and_then(|l| self.inner.vmms.for_kind(l.handle.kind));
+        if let (Some(l), Some(v)) = (&live, &vmm) {
+            ctx.progress.stage("shutdown", Some(format!("waiting up to {}s for the guest", timeout.as_secs())));
+            match v.shutdown(&l.handle, timeout).await {
+                Ok(true) => {}
+                Ok(false) => ctx.progress.warn(format!(
+                    "VM {} did not shut down within {}s; killing it",
+                    vm.name,
+                    timeout.as_secs()
+                )),
+                Err(e) => ctx.progress.warn(format!("graceful shutdown of {} failed ({e}); killing it", vm.name)),
+            }
+        }
+        ctx.progress.stage("cleanup", None);
+        let errors = self.teardown(&vm.id, live.as_ref(), vmm).await;
+        self.finish_stop(vm, errors)
+    }
+
+    /// Ends a stop or kill: `stopped`, with cleanup errors (if any) kept in `last_error`.
+    fn finish_stop(&self, vm: &mut VmRecord, errors: Vec<String>) -> OpResult<()> {
+        vm.state = VmState::Stopped;
+        vm.last_error = (!errors.is_empty()).then(|| format!("cleanup errors: {}", join_errors(&errors)));
+        self.save(vm)?;
+        info!(vm = %vm.name, "VM stopped");
+        match &vm.last_error {
+            Some(e) => Err(OpError::failed(format!("VM {} stopped, but {e}", vm.name))),
+            None => Ok(()),
+        }
+    }
+
+    pub async fn kill(&self, name: &str, signal: Option<&str>, ctx: &OpCtx<'_>) -> OpResult<VmRecord> {
+        let sig_name = signal.unwrap_or("KILL").trim_start_matches("SIG").to_ascii_uppercase();
+        let Some(&(_, signo)) = SIGNALS.iter().find(|(n, _)| *n == sig_name) else {
+            return Err(OpError::bad_request(format!(
+                "unsupported signal {:?}: use one of KILL, TERM, INT, HUP, QUIT",
+                signal.unwrap_or_default()
+            )));
+        };
+        let (_guard, mut vm) = self.lock_vm(name).await?;
+        if !vm.state.may_have_vmm() {
+            return Err(OpError::new(
+                ErrorCode::NotRunning,
+                format!("VM {} is not running (state: {})", vm.name, vm.state),
+            ));
+        }
+        let live = self.live_or_handles(&vm.id);
+        let vmm = live.as_ref().and_then(|l| self.inner.vmms.for_kind(l.handle.kind));
+        if let (Some(l), Some(v)) = (&live, &vmm)
+            && signo != libc::SIGKILL
+            && v.is_alive(&l.handle)
+        {
+            ctx.progress.stage("signal", Some(sig_name.clone()));
+            // is_alive checked pid and start time: the signal goes to our VMM, never a stranger.
+            // SAFETY: kill(2) with a pid we verified and a signal from the allow-list.
+            unsafe { libc::kill(l.handle.pid, signo) };
+            let _ = tokio::time::timeout(Duration::from_secs(5), v.wait_exit(&l.handle)).await;
+        }
+        ctx.progress.stage("cleanup", None);
+        let errors = self.teardown(&vm.id, live.as_ref(), vmm).await;
+        self.finish_stop(&mut vm, errors)?;
+        Ok(vm)
+    }
+
+    pub async fn delete(&self, name: &str, force: bool, ctx: &OpCtx<'_>) -> OpResult<VmRecord> {
+        let (_guard, vm) = self.lock_vm(name).await?;
+        self.delete_locked(vm, force, ctx).await
+    }
+
+    async fn delete_locked(&self, mut vm: VmRecord, force: bool, ctx: &OpCtx<'_>) -> OpResult<VmRecord> {
+        if vm.state.may_have_vmm() {
+            if !force {
+                return Err(OpError::busy(format!(
+                    "VM {} is {}: stop it first, or delete with --force",
+                    vm.name, vm.state
+                )));
+            }
+            let live = self.live_or_handles(&vm.id);
+            let vmm = live.as_ref().and_then(|l| self.inner.vmms.for_kind(l.handle.kind));
+            ctx.progress.stage("kill", None);
+            let errors = self.teardown(&vm.id, live.as_ref(), vmm).await;
+            if !errors.is_empty() {
+                vm.state = VmState::Error;
+                vm.last_error = Some(format!("delete: cleanup errors: {}", join_errors(&errors)));
+                self.save(&mut vm)?;
+                return Err(OpError::failed(format!(
+                    "deleting VM {}: {}; it is kept so nothing is lost track of",
+                    vm.name,
+                    vm.last_error.as_deref().unwrap_or_default()
+                )));
+            }
+        }
+        ctx.progress.stage("remove_disks", None);
+        let dir = self.layout().vm_dir(&vm.id);
+        if let Err(e) = std::fs::remove_dir_all(&dir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            return Err(OpError::failed(format!("deleting VM {}: removing {}: {e}", vm.name, dir.display())));
+        }
+        self.store().delete_vm(&vm.id)?;
+        self.inner.vm_locks.lock().expect("poisoned").remove(&vm.id);
+        info!(vm = %vm.name, "VM deleted");
+        Ok(vm)
+    }
+
+    /// Deletes every VM that is not running. Each is locked in turn; one that started meanwhile
+    /// is skipped.
+    pub async fn prune(&self, ctx: &OpCtx<'_>) -> OpResult<Vec<String>> {
+        let mut removed = Vec::new();
+        for vm in self.store().list_vms()? {
+            if vm.state.may_have_vmm() {
+                continue;
+            }
+            let (_guard, vm) = match self.lock_vm(vm.id.as_str()).await {
+                Ok(x) => x,
+                Err(e) if e.code == ErrorCode::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            if vm.state.may_have_vmm() {
+                continue;
+            }
+            let name = vm.name.to_string();
+            self.delete_locked(vm, false, ctx).await?;
+            removed.push(name);
+        }
+        Ok(removed)
+    }
+
+    pub async fn set(&self, name: &str, vcpu: Option<u32>, memory_mib: Option<u32>) -> OpResult<VmRecord> {
+        if vcpu.is_none() && memory_mib.is_none() {
+            return Err(OpError::bad_request("nothing to set: give --vcpu and/or --memory"));
+        }
+        validate_shape(vcpu, memory_mib)?;
+        let (_guard, mut vm) = self.lock_vm(name).await?;
+        if vm.state.may_have_vmm() {
+            return Err(OpError::busy(format!(
+                "VM {} is {}: stop it before changing vcpu or memory",
+                vm.name, vm.state
+            )));
+        }
+        if let Some(v) = vcpu {
+            vm.vcpu = v;
+        }
+        if let Some(m) = memory_mib {
+            vm.memory_mib = m;
+        }
+        self.save(&mut vm)?;
+        Ok(vm)
+    }
+
+    pub fn show(&self, name: &str) -> OpResult<VmDetails> {
+        let vm = self.find_vm(name)?;
+        Ok(VmDetails {
+            pid: self.vmm_pid(&vm.id),
+            dir: self.layout().vm_dir(&vm.id),
+            log_file: self.layout().vmm_log(&vm.id),
+            vm,
+        })
+    }
+
+    pub fn logs(&self, name: &str, lines: Option<usize>) -> OpResult<Logs> {
+        let vm = self.find_vm(name)?;
+        let path = self.layout().vmm_log(&vm.id);
+        let text = match std::fs::read(&path) {
+            Ok(b) => String::from_utf8_lossy(&b).into_owned(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(OpError::failed(format!("reading {}: {e}", path.display()))),
+        };
+        let text = match lines {
+            Some(n) => {
+                let all: Vec<&str> = text.lines().collect();
+                let mut t = all[all.len().saturating_sub(n)..].join("\n");
+                if !t.is_empty() {
+                    t.push('\n');
+                }
+                t
+            }
+            None => text,
+        };
+        Ok(Logs { path, text })
+    }
+
+    /// The live entry, or — after a daemon restart that could not re-adopt — what the handles
+    /// file says.
+    fn live_or_handles(&self, id: &VmId) -> Option<Live> {
+        if let Some(l) = self.live().get(id) {
+            return Some(l.clone());
+        }
+        let h = Handles::read(&self.layout().handles_file(id)).ok()??;
+        Some(Live {
+            handle: h.vmm?,
+            run_dir: h.run_dir,
+            generation: 0,
+        })
+    }
+
+    /// Releases everything a run holds: the VMM process, the runtime dir, the handles file, the
+    /// live entry. Every step runs; the errors are returned joined by the caller.
+    pub(super) async fn teardown(
+        &self,
+        id: &VmId,
+        live: Option<&Live>,
+        vmm: Option<Arc<dyn Vmm>>,
+    ) -> Vec<String> {
+        let mut errors = Vec::new();
+        self.live().remove(id);
+        if let (Some(l), Some(v)) = (live, &vmm)
+            && let Err(e) = v.kill(&l.handle).await
+        {
+            errors.push(e.to_string());
+        }
+        let run_dir = live
+            .map(|l| l.run_dir.clone())
+            .unwrap_or_else(|| self.layout().vm_run_dir(id));
+        if let Err(e) = std::fs::remove_dir_all(&run_dir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            errors.push(format!("removing {}: {e}", run_dir.display()));
+        }
+        let handles = self.layout().handles_file(id);
+        if let Err(e) = Handles::remove(&handles) {
+            errors.push(format!("removing {}: {e}", handles.display()));
+        }
+        errors
+    }
+}
+
+/// Checks vcpu and memory against what a microVM can have.
+pub(super) fn validate_shape(vcpu: Option<u32>, memory_mib: Option<u32>) -> OpResult<()> {
+    if let Some(v) = vcpu
+        && !(1..=32).contains(&v)
+    {
+        return Err(OpError::bad_request(format!("invalid vcpu count {v}: use 1 to 32")));
+    }
+    if let Some(m) = memory_mib
+        && !(128..=1024 * 1024).contains(&m)
+    {
+        return Err(OpError::bad_request(format!(
+            "invalid memory size {m} MiB: use 128 MiB to 1 TiB"
+        )));
+    }
+    Ok(())
+}

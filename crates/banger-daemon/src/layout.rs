@@ -1,0 +1,103 @@
+//! Where banger keeps things on disk.
+//!
+//! State (survives reboots): `<state_dir>/banger.db`, `<state_dir>/vms/<id>/` (disks, VMM log,
+//! handles), `<state_dir>/kernels/`, `<state_dir>/images/`, `<state_dir>/bangerd.log`.
+//! Runtime (sockets, gone at reboot): `<runtime_dir>/bangerd.sock`, `<runtime_dir>/vms/<id>/`.
+
+use std::path::{Path, PathBuf};
+
+use banger_core::VmId;
+
+#[derive(Debug, Clone)]
+pub struct Layout {
+    pub state_dir: PathBuf,
+    pub runtime_dir: PathBuf,
+}
+
+impl Layout {
+    pub fn new(state_dir: PathBuf, runtime_dir: PathBuf) -> Self {
+        Layout {
+            state_dir,
+            runtime_dir,
+        }
+    }
+
+    pub fn db(&self) -> PathBuf {
+        self.state_dir.join("banger.db")
+    }
+
+    pub fn log_file(&self) -> PathBuf {
+        self.state_dir.join("bangerd.log")
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.runtime_dir.join("bangerd.sock")
+    }
+
+    pub fn pid_file(&self) -> PathBuf {
+        self.runtime_dir.join("bangerd.pid")
+    }
+
+    pub fn vms_dir(&self) -> PathBuf {
+        self.state_dir.join("vms")
+    }
+
+    pub fn vm_dir(&self, id: &VmId) -> PathBuf {
+        self.vms_dir().join(id.as_str())
+    }
+
+    pub fn vm_run_dir(&self, id: &VmId) -> PathBuf {
+        self.runtime_dir.join("vms").join(id.as_str())
+    }
+
+    pub fn vm_run_root(&self) -> PathBuf {
+        self.runtime_dir.join("vms")
+    }
+
+    pub fn handles_file(&self, id: &VmId) -> PathBuf {
+        self.vm_dir(id).join("handles.json")
+    }
+
+    pub fn vmm_log(&self, id: &VmId) -> PathBuf {
+        self.vm_dir(id).join("vmm.log")
+    }
+
+    pub fn work_disk(&self, id: &VmId) -> PathBuf {
+        self.vm_dir(id).join("work.ext4")
+    }
+
+    pub fn root_disk(&self, id: &VmId) -> PathBuf {
+        self.vm_dir(id).join("root.ext4")
+    }
+
+    pub fn kernels_dir(&self) -> PathBuf {
+        self.state_dir.join("kernels")
+    }
+
+    pub fn images_dir(&self) -> PathBuf {
+        self.state_dir.join("images")
+    }
+
+    /// Creates the top-level directories with owner-only permissions.
+    pub fn ensure(&self) -> std::io::Result<()> {
+        for dir in [
+            &self.state_dir,
+            &self.runtime_dir,
+            &self.vms_dir(),
+            &self.vm_run_root(),
+            &self.kernels_dir(),
+            &self.images_dir(),
+        ] {
+            create_private_dir(dir)?;
+        }
+        Ok(())
+    }
+}
+
+/// `mkdir -p` then chmod 0700 on the leaf: runtime and state dirs hold sockets and disks that
+/// nobody else may read.
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}

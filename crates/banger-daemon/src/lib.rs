@@ -1,0 +1,131 @@
+//! `bangerd`, the banger daemon.
+//!
+//! It owns the state store and all orchestration: the lifecycle engine ([`engine`]), the
+//! protocol server ([`server`]) and the choice of VMM ([`vmms`]). It runs as the owner user; the
+//! privileged steps it will need go through the root helper, never through a shell.
+
+pub mod disks;
+pub mod engine;
+pub mod error;
+pub mod handles;
+pub mod layout;
+pub mod logging;
+pub mod progress;
+pub mod runner;
+pub mod server;
+pub mod vmms;
+
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use banger_config::Config;
+use banger_store::Store;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::engine::{Engine, NoFaults};
+use crate::layout::Layout;
+use crate::runner::RealRunner;
+use crate::server::Daemon;
+use crate::vmms::ConfigVmmProvider;
+
+pub fn layout_for(config: &Config) -> Layout {
+    Layout::new(config.state_dir.clone(), config.runtime_dir.clone())
+}
+
+/// Holds the daemon's single-instance lock (an flock on `<runtime_dir>/bangerd.lock`) for the
+/// life of the process.
+#[derive(Debug)]
+pub struct InstanceLock {
+    _file: std::fs::File,
+}
+
+impl InstanceLock {
+    pub fn acquire(layout: &Layout) -> anyhow::Result<Self> {
+        let path = layout.runtime_dir.join("bangerd.lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        // SAFETY: flock on an fd we own.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc != 0 {
+            let pid = std::fs::read_to_string(layout.pid_file()).unwrap_or_default();
+            bail!(
+                "another bangerd is already running (pid {}) for {}",
+                pid.trim(),
+                layout.runtime_dir.display()
+            );
+        }
+        std::fs::write(layout.pid_file(), std::process::id().to_string())
+            .with_context(|| format!("writing {}", layout.pid_file().display()))?;
+        Ok(InstanceLock { _file: file })
+    }
+}
+
+/// Runs the daemon until SIGTERM/SIGINT or a `daemon.shutdown` request. VMs keep running: their
+/// VMMs live in their own sessions, and the next daemon re-adopts them.
+pub async fn run(config: Config, log_file: PathBuf) -> anyhow::Result<()> {
+    let layout = layout_for(&config);
+    let _lock = InstanceLock::acquire(&layout)?;
+    let store = Store::open(layout.db()).context("opening the state store")?;
+    let config = Arc::new(config);
+    let engine = Engine::new(
+        store,
+        config.clone(),
+        layout.clone(),
+        Arc::new(ConfigVmmProvider::new(&config)),
+        Arc::new(RealRunner),
+        Arc::new(NoFaults),
+    );
+    let reconcile = engine.reconcile().await;
+
+    let socket = layout.socket();
+    match std::fs::remove_file(&socket) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("removing stale socket {}", socket.display()));
+        }
+        _ => {}
+    }
+    // umask 077 (set in main) makes the socket 0600 from the moment it exists.
+    let listener = tokio::net::UnixListener::bind(&socket)
+        .with_context(|| format!("binding {}", socket.display()))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("chmod {}", socket.display()))?;
+    }
+    let daemon = Arc::new(Daemon {
+        engine,
+        started: Instant::now(),
+        shutdown: CancellationToken::new(),
+        reconcile,
+        log_file,
+    });
+    info!(socket = %socket.display(), pid = std::process::id(), "bangerd listening");
+
+    let shutdown = daemon.shutdown.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        info!("signal received; shutting down (VMs keep running)");
+        shutdown.cancel();
+    });
+    server::serve(listener, daemon).await;
+    let _ = std::fs::remove_file(&socket);
+    let _ = std::fs::remove_file(layout.pid_file());
+    info!("bangerd stopped");
+    Ok(())
+}

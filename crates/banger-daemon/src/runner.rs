@@ -1,0 +1,126 @@
+//! External programs, behind a trait.
+//!
+//! Every program the daemon runs (mkfs.ext4 today; more with networking) goes through
+//! [`CommandRunner`] as an argv vector, never a shell line, so tests can record and fail calls.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+/// A command as argv: program plus arguments. Never interpreted by a shell.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cmd {
+    pub program: PathBuf,
+    pub args: Vec<OsString>,
+}
+
+impl Cmd {
+    pub fn new(program: impl Into<PathBuf>) -> Self {
+        Cmd {
+            program: program.into(),
+            args: Vec::new(),
+        }
+    }
+
+    pub fn arg(mut self, a: impl Into<OsString>) -> Self {
+        self.args.push(a.into());
+        self
+    }
+
+    pub fn display(&self) -> String {
+        let mut s = self.program.display().to_string();
+        for a in &self.args {
+            s.push(' ');
+            s.push_str(&a.to_string_lossy());
+        }
+        s
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("running {cmd}: {source}")]
+    Spawn {
+        cmd: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{cmd} exited with {status}: {stderr}")]
+    Failed {
+        cmd: String,
+        status: String,
+        stderr: String,
+    },
+}
+
+/// Runs commands to completion.
+#[async_trait::async_trait]
+pub trait CommandRunner: Send + Sync + std::fmt::Debug {
+    /// Runs `cmd`; returns its stdout, or an error carrying its stderr when it fails.
+    async fn run(&self, cmd: &Cmd) -> Result<Vec<u8>, RunError>;
+}
+
+/// The real runner: `tokio::process`, stdin closed, output captured.
+#[derive(Debug, Default)]
+pub struct RealRunner;
+
+#[async_trait::async_trait]
+impl CommandRunner for RealRunner {
+    async fn run(&self, cmd: &Cmd) -> Result<Vec<u8>, RunError> {
+        // Programs such as mkfs.ext4 live in /usr/sbin, which an unprivileged PATH often lacks.
+        let program = match cmd.program.to_str() {
+            Some(p) if !p.contains('/') => crate::vmms::find_in_path(p).unwrap_or_else(|| cmd.program.clone()),
+            _ => cmd.program.clone(),
+        };
+        let out = tokio::process::Command::new(&program)
+            .args(&cmd.args)
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .output()
+            .await
+            .map_err(|source| RunError::Spawn {
+                cmd: cmd.display(),
+                source,
+            })?;
+        if out.status.success() {
+            Ok(out.stdout)
+        } else {
+            Err(RunError::Failed {
+                cmd: cmd.display(),
+                status: out.status.to_string(),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            })
+        }
+    }
+}
+
+/// A runner for tests: records every command and fails the ones whose program name matches.
+#[derive(Debug, Default)]
+pub struct RecordingRunner {
+    pub calls: Mutex<Vec<Cmd>>,
+    pub fail_program: Mutex<Option<String>>,
+    /// Delegate to the real runner after recording (for commands that must really happen).
+    pub passthrough: bool,
+}
+
+#[async_trait::async_trait]
+impl CommandRunner for RecordingRunner {
+    async fn run(&self, cmd: &Cmd) -> Result<Vec<u8>, RunError> {
+        self.calls.lock().expect("poisoned").push(cmd.clone());
+        let fail = self.fail_program.lock().expect("poisoned").clone();
+        if let Some(p) = fail
+            && cmd.program.file_name().is_some_and(|n| n.to_string_lossy() == p)
+        {
+            return Err(RunError::Failed {
+                cmd: cmd.display(),
+                status: "exit status: 1".into(),
+                stderr: "injected failure".into(),
+            });
+        }
+        if self.passthrough {
+            RealRunner.run(cmd).await
+        } else {
+            Ok(Vec::new())
+        }
+    }
+}

@@ -1,0 +1,587 @@
+//! The CLI ↔ daemon protocol.
+//!
+//! One connection carries one request. The client writes a single JSON line:
+//! `{"v":1,"op_id":"op-1a2b3c4d","method":"vm.create","params":{...}}`; the daemon answers with
+//! zero or more `progress` frames and exactly one `result` or `error` frame, one JSON object per
+//! line, then closes. Closing the connection early cancels the request.
+//!
+//! [`Request`] is the closed set of methods (one enum for the whole boundary, so the dispatcher
+//! is an exhaustive `match`); [`decode_request`] turns a line into it, mapping every failure to
+//! the stable [`ErrorCode`] the client will see.
+
+use std::path::PathBuf;
+
+use banger_core::{ByteSize, ErrorCode, ImageRecord, KernelRecord, OpId, VmRecord};
+use serde::{Deserialize, Serialize};
+
+/// The protocol version this build speaks. Bumped on any incompatible change.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Longest request line the daemon reads; longer ones get a `bad_request` answer.
+pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
+
+/// Parameters that name one VM (by name or id).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmRef {
+    pub vm: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmCreateParams {
+    /// A DNS label; generated when absent.
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub image: Option<String>,
+    #[serde(default)]
+    pub kernel: Option<String>,
+    #[serde(default)]
+    pub vcpu: Option<u32>,
+    #[serde(default)]
+    pub memory_mib: Option<u32>,
+    #[serde(default)]
+    pub work_disk_size: Option<ByteSize>,
+    #[serde(default)]
+    pub nat: bool,
+    #[serde(default)]
+    pub no_start: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmStopParams {
+    pub vm: String,
+    /// Seconds to wait for a graceful shutdown before killing; config default when absent.
+    #[serde(default)]
+    pub timeout_secs: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmKillParams {
+    pub vm: String,
+    /// Signal name (`KILL`, `TERM`, `INT`, `HUP`, `QUIT`); `KILL` when absent.
+    #[serde(default)]
+    pub signal: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmDeleteParams {
+    pub vm: String,
+    /// Delete a running VM (stopping it first).
+    #[serde(default)]
+    pub force: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmSetParams {
+    pub vm: String,
+    #[serde(default)]
+    pub vcpu: Option<u32>,
+    #[serde(default)]
+    pub memory_mib: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmLogsParams {
+    pub vm: String,
+    /// Last N lines; all when absent.
+    #[serde(default)]
+    pub lines: Option<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageRegisterParams {
+    pub name: String,
+    /// An existing ext4 root filesystem; it is never written.
+    pub rootfs: PathBuf,
+    #[serde(default)]
+    pub kernel: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KernelImportParams {
+    pub name: String,
+    /// A directory holding `vmlinux` and optionally `initrd.img`.
+    pub dir: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NameParams {
+    pub name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NameForceParams {
+    pub name: String,
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// Every method the daemon serves. The wire form is `{"method": "...", "params": {...}}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "method", content = "params", deny_unknown_fields)]
+pub enum Request {
+    #[serde(rename = "ping")]
+    Ping,
+    #[serde(rename = "daemon.status")]
+    DaemonStatus,
+    #[serde(rename = "daemon.shutdown")]
+    DaemonShutdown,
+    #[serde(rename = "vm.create")]
+    VmCreate(VmCreateParams),
+    #[serde(rename = "vm.start")]
+    VmStart(VmRef),
+    #[serde(rename = "vm.stop")]
+    VmStop(VmStopParams),
+    #[serde(rename = "vm.restart")]
+    VmRestart(VmStopParams),
+    #[serde(rename = "vm.kill")]
+    VmKill(VmKillParams),
+    #[serde(rename = "vm.delete")]
+    VmDelete(VmDeleteParams),
+    #[serde(rename = "vm.prune")]
+    VmPrune,
+    #[serde(rename = "vm.list")]
+    VmList,
+    #[serde(rename = "vm.show")]
+    VmShow(VmRef),
+    #[serde(rename = "vm.set")]
+    VmSet(VmSetParams),
+    #[serde(rename = "vm.logs")]
+    VmLogs(VmLogsParams),
+    #[serde(rename = "image.register")]
+    ImageRegister(ImageRegisterParams),
+    #[serde(rename = "image.list")]
+    ImageList,
+    #[serde(rename = "image.show")]
+    ImageShow(NameParams),
+    #[serde(rename = "image.delete")]
+    ImageDelete(NameForceParams),
+    #[serde(rename = "kernel.import")]
+    KernelImport(KernelImportParams),
+    #[serde(rename = "kernel.list")]
+    KernelList,
+    #[serde(rename = "kernel.show")]
+    KernelShow(NameParams),
+    #[serde(rename = "kernel.delete")]
+    KernelDelete(NameParams),
+}
+
+/// The method names, in the order of [`Request`]. A test checks this list against the enum.
+pub const METHODS: &[&str] = &[
+    "ping",
+    "daemon.status",
+    "daemon.shutdown",
+    "vm.create",
+    "vm.start",
+    "vm.stop",
+    "vm.restart",
+    "vm.kill",
+    "vm.delete",
+    "vm.prune",
+    "vm.list",
+    "vm.show",
+    "vm.set",
+    "vm.logs",
+    "image.register",
+    "image.list",
+    "image.show",
+    "image.delete",
+    "kernel.import",
+    "kernel.list",
+    "kernel.show",
+    "kernel.delete",
+];
+
+impl Request {
+    pub fn method(&self) -> &'static str {
+        match self {
+            Request::Ping => "ping",
+            Request::DaemonStatus => "daemon.status",
+            Request::DaemonShutdown => "daemon.shutdown",
+            Request::VmCreate(_) => "vm.create",
+            Request::VmStart(_) => "vm.start",
+            Request::VmStop(_) => "vm.stop",
+            Request::VmRestart(_) => "vm.restart",
+            Request::VmKill(_) => "vm.kill",
+            Request::VmDelete(_) => "vm.delete",
+            Request::VmPrune => "vm.prune",
+            Request::VmList => "vm.list",
+            Request::VmShow(_) => "vm.show",
+            Request::VmSet(_) => "vm.set",
+            Request::VmLogs(_) => "vm.logs",
+            Request::ImageRegister(_) => "image.register",
+            Request::ImageList => "image.list",
+            Request::ImageShow(_) => "image.show",
+            Request::ImageDelete(_) => "image.delete",
+            Request::KernelImport(_) => "kernel.import",
+            Request::KernelList => "kernel.list",
+            Request::KernelShow(_) => "kernel.show",
+            Request::KernelDelete(_) => "kernel.delete",
+        }
+    }
+}
+
+/// The request line as sent by a client.
+#[derive(Debug, Clone, Serialize)]
+pub struct Envelope<'a> {
+    pub v: u32,
+    pub op_id: &'a OpId,
+    #[serde(flatten)]
+    pub request: &'a Request,
+}
+
+impl Envelope<'_> {
+    pub fn to_line(&self) -> String {
+        let mut s = serde_json::to_string(self).expect("requests always serialize");
+        s.push('\n');
+        s
+    }
+}
+
+/// A request the daemon could not accept, with the code and message to answer it with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub op_id: OpId,
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+/// Decodes one request line. Always yields an op id to answer with: the client's when it sent a
+/// usable one, a fresh one otherwise.
+pub fn decode_request(line: &[u8]) -> Result<(OpId, Request), Rejection> {
+    let reject = |op_id: OpId, code, message: String| Rejection {
+        op_id,
+        code,
+        message,
+    };
+    let value: serde_json::Value = match serde_json::from_slice(line) {
+        Ok(v) => v,
+        Err(e) => {
+            return Err(reject(
+                OpId::generate(),
+                ErrorCode::BadRequest,
+                format!("malformed request: not JSON ({e})"),
+            ));
+        }
+    };
+    let serde_json::Value::Object(mut obj) = value else {
+        return Err(reject(
+            OpId::generate(),
+            ErrorCode::BadRequest,
+            "malformed request: expected a JSON object".into(),
+        ));
+    };
+    let op_id = match obj.remove("op_id") {
+        None | Some(serde_json::Value::Null) => OpId::generate(),
+        Some(serde_json::Value::String(s)) => match OpId::from_client(&s) {
+            Some(id) => id,
+            None => {
+                return Err(reject(
+                    OpId::generate(),
+                    ErrorCode::BadRequest,
+                    format!("invalid op_id {s:?}: use 1-64 characters of a-z, A-Z, 0-9, - and _"),
+                ));
+            }
+        },
+        Some(other) => {
+            return Err(reject(
+                OpId::generate(),
+                ErrorCode::BadRequest,
+                format!("invalid op_id {other}: expected a string"),
+            ));
+        }
+    };
+    match obj.remove("v") {
+        Some(serde_json::Value::Number(n)) if n.as_u64() == Some(PROTOCOL_VERSION as u64) => {}
+        Some(v) => {
+            return Err(reject(
+                op_id,
+                ErrorCode::BadVersion,
+                format!(
+                    "protocol version {v} is not supported: this daemon speaks version {PROTOCOL_VERSION}; restart the daemon after upgrading (banger daemon stop)"
+                ),
+            ));
+        }
+        None => {
+            return Err(reject(
+                op_id,
+                ErrorCode::BadVersion,
+                format!("request has no protocol version \"v\" (this daemon speaks {PROTOCOL_VERSION})"),
+            ));
+        }
+    }
+    let method = match obj.get("method") {
+        Some(serde_json::Value::String(m)) => m.clone(),
+        _ => {
+            return Err(reject(
+                op_id,
+                ErrorCode::BadRequest,
+                "malformed request: \"method\" must be a string".into(),
+            ));
+        }
+    };
+    if !METHODS.contains(&method.as_str()) {
+        return Err(reject(
+            op_id,
+            ErrorCode::UnknownMethod,
+            format!("unknown method {method:?}"),
+        ));
+    }
+    if let Some(key) = obj.keys().find(|k| *k != "method" && *k != "params") {
+        return Err(reject(
+            op_id,
+            ErrorCode::BadRequest,
+            format!("malformed request: unknown field {key:?}"),
+        ));
+    }
+    // Methods without parameters accept an absent, null or empty params object.
+    if matches!(obj.get("params"), Some(serde_json::Value::Null)) {
+        obj.remove("params");
+    }
+    let unit_method = serde_json::from_value::<Request>(serde_json::json!({ "method": method })).is_ok();
+    if unit_method {
+        match obj.remove("params") {
+            None => {}
+            Some(serde_json::Value::Object(m)) if m.is_empty() => {}
+            Some(_) => {
+                return Err(reject(
+                    op_id,
+                    ErrorCode::BadRequest,
+                    format!("method {method} takes no parameters"),
+                ));
+            }
+        }
+    }
+    match serde_json::from_value::<Request>(serde_json::Value::Object(obj)) {
+        Ok(req) => Ok((op_id, req)),
+        Err(e) => Err(reject(
+            op_id,
+            ErrorCode::BadRequest,
+            format!("invalid parameters for {method}: {e}"),
+        )),
+    }
+}
+
+/// One line from the daemon.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Frame {
+    /// A stage of a long operation began (or reports progress).
+    Progress {
+        op_id: OpId,
+        stage: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        detail: Option<String>,
+    },
+    /// A warning the user should see; the operation goes on.
+    Warning { op_id: OpId, message: String },
+    /// The operation succeeded; `result` is method-specific.
+    Result {
+        op_id: OpId,
+        result: serde_json::Value,
+    },
+    /// The operation failed.
+    Error {
+        op_id: OpId,
+        code: ErrorCode,
+        message: String,
+    },
+}
+
+impl Frame {
+    pub fn to_line(&self) -> String {
+        let mut s = serde_json::to_string(self).expect("frames always serialize");
+        s.push('\n');
+        s
+    }
+
+    pub fn is_final(&self) -> bool {
+        matches!(self, Frame::Result { .. } | Frame::Error { .. })
+    }
+}
+
+/// `daemon.status` result.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DaemonStatus {
+    pub version: String,
+    pub protocol: u32,
+    pub pid: u32,
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub log_file: PathBuf,
+    pub vmm: String,
+    pub vms_total: usize,
+    pub vms_running: usize,
+    pub uptime_secs: u64,
+}
+
+/// `vm.list` result.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmList {
+    pub vms: Vec<VmRecord>,
+}
+
+/// `vm.show` result: the record plus live details.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmDetails {
+    #[serde(flatten)]
+    pub vm: VmRecord,
+    pub pid: Option<i32>,
+    pub dir: PathBuf,
+    pub log_file: PathBuf,
+}
+
+/// `vm.prune` / `vm.delete` result.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Removed {
+    pub removed: Vec<String>,
+}
+
+/// `vm.logs` result.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Logs {
+    pub path: PathBuf,
+    pub text: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageList {
+    pub images: Vec<ImageRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelList {
+    pub kernels: Vec<KernelRecord>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(v: serde_json::Value) -> Vec<u8> {
+        serde_json::to_vec(&v).unwrap()
+    }
+
+    #[test]
+    fn methods_list_matches_enum() {
+        // Every listed method decodes to a variant whose method() is that name.
+        for m in METHODS {
+            let (_, req) = match decode_request(&line(serde_json::json!({"v":1,"method":m}))) {
+                Ok(r) => r,
+                Err(rej) => {
+                    assert_eq!(rej.code, ErrorCode::BadRequest, "{m}: {}", rej.message);
+                    continue;
+                }
+            };
+            assert_eq!(req.method(), *m);
+        }
+        let mut sorted = METHODS.to_vec();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted.len(), METHODS.len());
+    }
+
+    #[test]
+    fn round_trips_through_envelope() {
+        let op = OpId::generate();
+        let req = Request::VmCreate(VmCreateParams {
+            name: Some("box".into()),
+            vcpu: Some(2),
+            work_disk_size: Some(ByteSize::gib(4)),
+            ..Default::default()
+        });
+        let text = Envelope {
+            v: PROTOCOL_VERSION,
+            op_id: &op,
+            request: &req,
+        }
+        .to_line();
+        let (op2, req2) = decode_request(text.trim_end().as_bytes()).unwrap();
+        assert_eq!(op, op2);
+        assert_eq!(req, req2);
+        let ping = Envelope {
+            v: 1,
+            op_id: &op,
+            request: &Request::Ping,
+        }
+        .to_line();
+        assert_eq!(decode_request(ping.as_bytes()).unwrap().1, Request::Ping);
+    }
+
+    #[test]
+    fn rejections_have_stable_codes() {
+        let cases = [
+            (b"not json".to_vec(), ErrorCode::BadRequest),
+            (b"[1,2]".to_vec(), ErrorCode::BadRequest),
+            (line(serde_json::json!({"method":"ping"})), ErrorCode::BadVersion),
+            (line(serde_json::json!({"v":99,"method":"ping"})), ErrorCode::BadVersion),
+            (line(serde_json::json!({"v":1,"method":"vm.fly"})), ErrorCode::UnknownMethod),
+            (line(serde_json::json!({"v":1,"method":7})), ErrorCode::BadRequest),
+            (line(serde_json::json!({"v":1,"method":"vm.start"})), ErrorCode::BadRequest),
+            (
+                line(serde_json::json!({"v":1,"method":"vm.start","params":{"vm":"a","x":1}})),
+                ErrorCode::BadRequest,
+            ),
+            (
+                line(serde_json::json!({"v":1,"method":"ping","params":{"x":1}})),
+                ErrorCode::BadRequest,
+            ),
+            (
+                line(serde_json::json!({"v":1,"method":"ping","extra":true})),
+                ErrorCode::BadRequest,
+            ),
+            (
+                line(serde_json::json!({"v":1,"op_id":"bad id!","method":"ping"})),
+                ErrorCode::BadRequest,
+            ),
+        ];
+        for (input, code) in cases {
+            let rej = decode_request(&input).unwrap_err();
+            assert_eq!(rej.code, code, "{}: {}", String::from_utf8_lossy(&input), rej.message);
+            assert!(!rej.message.is_empty());
+        }
+    }
+
+    #[test]
+    fn client_op_id_is_kept_in_rejections() {
+        let rej = decode_request(&line(serde_json::json!({"v":1,"op_id":"op-abc","method":"nope"})))
+            .unwrap_err();
+        assert_eq!(rej.op_id.as_str(), "op-abc");
+    }
+
+    #[test]
+    fn frames_round_trip() {
+        let op = OpId::generate();
+        let frames = [
+            Frame::Progress {
+                op_id: op.clone(),
+                stage: "vmm_boot".into(),
+                detail: None,
+            },
+            Frame::Error {
+                op_id: op.clone(),
+                code: ErrorCode::NotFound,
+                message: "no VM named x".into(),
+            },
+            Frame::Result {
+                op_id: op,
+                result: serde_json::json!({"ok": true}),
+            },
+        ];
+        for f in frames {
+            let back: Frame = serde_json::from_str(f.to_line().trim_end()).unwrap();
+            assert_eq!(back, f);
+        }
+    }
+}

@@ -1,1 +1,0 @@
-//! Firecracker backend (to be written).

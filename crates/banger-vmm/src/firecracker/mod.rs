@@ -1,0 +1,821 @@
+//! The Firecracker backend: one `firecracker` process per VM, configured over its API socket.
+//!
+//! The process is launched by [`crate::process::spawn_detached`] in its own session, so it
+//! survives a daemon restart; everything the daemon needs to find it again is in the
+//! [`VmmHandle`]. The guest's root filesystem is assembled by banger's initramfs, so no drive is
+//! ever Firecracker's root device.
+
+pub mod client;
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use nix::unistd::AccessFlags;
+
+pub use client::FirecrackerClient;
+use client::{
+    ActionType, BootSource, Drive, MachineConfiguration, NetworkInterface, SnapshotCreateParams,
+    SnapshotLoadParams, Vsock,
+};
+
+use crate::process::{self, DetachedCommand};
+use crate::{LaunchSpec, Vmm, VmmError, VmmHandle, VmmKind};
+
+/// The API socket's file name inside the VM's run directory.
+pub const API_SOCKET_NAME: &str = "fc.sock";
+
+/// The oldest Firecracker banger works with.
+pub const MIN_VERSION: Version = Version::new(1, 5, 0);
+
+/// The longest Unix socket path (`sun_path` holds 108 bytes including the terminating NUL).
+pub const MAX_SOCKET_PATH: usize = 107;
+
+/// The guest interface banger configures.
+const IFACE_ID: &str = "eth0";
+
+/// Lines of the VMM log quoted in error reports.
+const LOG_TAIL_LINES: usize = 20;
+
+/// A `major.minor.patch` version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Version {
+    pub major: u32,
+    pub minor: u32,
+    pub patch: u32,
+}
+
+impl Version {
+    pub const fn new(major: u32, minor: u32, patch: u32) -> Self {
+        Version {
+            major,
+            minor,
+            patch,
+        }
+    }
+}
+
+impl std::fmt::Display for Version {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}.{}", self.major, self.minor, self.patch)
+    }
+}
+
+/// Parses the first line of `firecracker --version`, `Firecracker v1.16.1` (a pre-release or
+/// build suffix such as `-dev` and any text after the version are tolerated).
+pub fn parse_version_output(output: &str) -> Option<Version> {
+    let line = output.lines().find(|l| !l.trim().is_empty())?;
+    let mut words = line.split_whitespace();
+    if words.next()? != "Firecracker" {
+        return None;
+    }
+    let word = words.next()?;
+    let digits = word.strip_prefix('v').unwrap_or(word);
+    // Cut a "-dev" / "+build" suffix off the patch number.
+    let core = digits.split(['-', '+']).next().unwrap_or(digits);
+    let mut parts = core.split('.');
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    let patch = parts.next()?.parse().ok()?;
+    if parts.next().is_some() {
+        return None;
+    }
+    Some(Version::new(major, minor, patch))
+}
+
+/// The Firecracker backend.
+#[derive(Debug, Clone)]
+pub struct Firecracker {
+    bin: PathBuf,
+    env: Vec<(OsString, OsString)>,
+    socket_timeout: Duration,
+    api_timeout: Duration,
+    snapshot_timeout: Duration,
+    kill_timeout: Duration,
+}
+
+impl Firecracker {
+    /// A backend running the Firecracker binary at `bin`, which must be an executable file.
+    pub fn new(bin: PathBuf) -> Result<Self, VmmError> {
+        let meta = std::fs::metadata(&bin).map_err(|e| VmmError::Binary {
+            path: bin.clone(),
+            reason: e.to_string(),
+        })?;
+        if !meta.is_file() {
+            return Err(VmmError::Binary {
+                path: bin,
+                reason: "not a regular file".into(),
+            });
+        }
+        if let Err(e) = nix::unistd::access(&bin, AccessFlags::X_OK) {
+            return Err(VmmError::Binary {
+                path: bin,
+                reason: format!("not executable: {e}"),
+            });
+        }
+        Ok(Firecracker {
+            bin,
+            env: Vec::new(),
+            socket_timeout: Duration::from_secs(5),
+            api_timeout: client::DEFAULT_TIMEOUT,
+            snapshot_timeout: Duration::from_secs(300),
+            kill_timeout: Duration::from_secs(5),
+        })
+    }
+
+    /// Adds an environment variable for every process this backend runs (the VMM and
+    /// `--version`).
+    pub fn with_env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// How long `spawn` waits for the API socket to answer (default 5 s).
+    pub fn with_socket_timeout(mut self, timeout: Duration) -> Self {
+        self.socket_timeout = timeout;
+        self
+    }
+
+    pub fn bin(&self) -> &Path {
+        &self.bin
+    }
+
+    /// Runs `<bin> --version` and refuses versions older than [`MIN_VERSION`].
+    pub async fn check_version(&self) -> Result<Version, VmmError> {
+        let run = tokio::process::Command::new(&self.bin)
+            .arg("--version")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .output();
+        let output = tokio::time::timeout(Duration::from_secs(5), run)
+            .await
+            .map_err(|_| VmmError::Binary {
+                path: self.bin.clone(),
+                reason: "--version did not finish within 5s".into(),
+            })?
+            .map_err(|source| VmmError::Spawn {
+                program: self.bin.clone(),
+                source,
+            })?;
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        if !output.status.success() {
+            return Err(VmmError::Binary {
+                path: self.bin.clone(),
+                reason: format!(
+                    "--version failed with {}: {}",
+                    output.status,
+                    String::from_utf8_lossy(&output.stderr).trim()
+                ),
+            });
+        }
+        let version = parse_version_output(&stdout).ok_or_else(|| VmmError::Binary {
+            path: self.bin.clone(),
+            reason: format!(
+                "unexpected --version output {:?} (expected \"Firecracker vX.Y.Z\")",
+                stdout.lines().next().unwrap_or("")
+            ),
+        })?;
+        if version < MIN_VERSION {
+            return Err(VmmError::TooOld {
+                program: "Firecracker",
+                found: version.to_string(),
+                path: self.bin.clone(),
+                min: MIN_VERSION.to_string(),
+            });
+        }
+        Ok(version)
+    }
+
+    /// An API client for the VMM behind `handle`.
+    pub fn client(&self, handle: &VmmHandle) -> FirecrackerClient {
+        FirecrackerClient::new(handle.control_socket.clone()).with_timeout(self.api_timeout)
+    }
+
+    /// Pauses the guest's vCPUs.
+    pub async fn pause(&self, handle: &VmmHandle) -> Result<(), VmmError> {
+        check_kind(handle)?;
+        self.client(handle).pause().await
+    }
+
+    /// Resumes a paused guest.
+    pub async fn resume(&self, handle: &VmmHandle) -> Result<(), VmmError> {
+        check_kind(handle)?;
+        self.client(handle).resume().await
+    }
+
+    /// Writes a snapshot of a paused guest.
+    pub async fn snapshot_create(
+        &self,
+        handle: &VmmHandle,
+        params: &SnapshotCreateParams,
+    ) -> Result<(), VmmError> {
+        check_kind(handle)?;
+        self.client(handle)
+            .with_timeout(self.snapshot_timeout)
+            .create_snapshot(params)
+            .await
+    }
+
+    /// Loads a snapshot into a freshly spawned, unconfigured VMM (instead of `configure` and
+    /// `boot`).
+    pub async fn snapshot_load(
+        &self,
+        handle: &VmmHandle,
+        params: &SnapshotLoadParams,
+    ) -> Result<(), VmmError> {
+        check_kind(handle)?;
+        self.client(handle)
+            .with_timeout(self.snapshot_timeout)
+            .load_snapshot(params)
+            .await
+    }
+
+    /// Polls until the API socket accepts a connection and `GET /` answers.
+    async fn wait_ready(&self, spawned: process::Spawned, socket: &Path) -> Result<(), Waited> {
+        let deadline = tokio::time::Instant::now() + self.socket_timeout;
+        let probe = FirecrackerClient::new(socket.to_path_buf())
+            .with_timeout(self.socket_timeout.min(Duration::from_millis(500)));
+        loop {
+            if !process::is_alive(spawned.pid, spawned.start_time) {
+                return Err(Waited::Exited);
+            }
+            // Connect first: it fails fast until Firecracker has bound the socket.
+            if tokio::net::UnixStream::connect(socket).await.is_ok()
+                && probe.instance_info().await.is_ok()
+            {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Waited::Timeout);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn kill_pid(&self, pid: i32, start_time: u64) -> Result<(), VmmError> {
+        if !process::signal_process(pid, start_time, Signal::SIGKILL)? {
+            return Ok(());
+        }
+        if process::wait_gone(pid, start_time, self.kill_timeout).await {
+            Ok(())
+        } else {
+            Err(VmmError::Signal {
+                pid,
+                reason: format!("still running {:?} after SIGKILL", self.kill_timeout),
+            })
+        }
+    }
+}
+
+enum Waited {
+    Exited,
+    Timeout,
+}
+
+fn check_kind(handle: &VmmHandle) -> Result<(), VmmError> {
+    if handle.kind == VmmKind::Firecracker {
+        Ok(())
+    } else {
+        Err(VmmError::Spec(format!(
+            "handle of VMM process {} is a {} handle, not a firecracker one",
+            handle.pid,
+            handle.kind.as_str()
+        )))
+    }
+}
+
+/// Firecracker's `--id`: 1 to 64 characters of `[A-Za-z0-9-]`.
+fn check_instance_id(id: &str) -> Result<(), VmmError> {
+    if !id.is_empty()
+        && id.len() <= 64
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    {
+        Ok(())
+    } else {
+        Err(VmmError::Spec(format!(
+            "VM id {id:?} is not a valid Firecracker instance id (1-64 of A-Z, a-z, 0-9, -)"
+        )))
+    }
+}
+
+fn check_socket_path(what: &str, path: &Path) -> Result<(), VmmError> {
+    let len = path.as_os_str().len();
+    if len > MAX_SOCKET_PATH {
+        return Err(VmmError::Spec(format!(
+            "{what} {} is {len} bytes long; Unix socket paths are limited to {MAX_SOCKET_PATH} bytes",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Removes a Unix socket left at `path` by an earlier VMM (Firecracker's bind would fail on it).
+/// Anything else at that path is left alone and reported.
+fn remove_stale_socket(path: &Path) -> Result<(), VmmError> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(VmmError::Io {
+            path: path.to_path_buf(),
+            source,
+        }),
+        Ok(meta) if meta.file_type().is_socket() => {
+            std::fs::remove_file(path).map_err(|source| VmmError::Io {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+        Ok(_) => Err(VmmError::Spec(format!(
+            "{} exists and is not a socket; refusing to replace it with the VM's socket",
+            path.display()
+        ))),
+    }
+}
+
+fn check_utf8(what: &str, path: &Path) -> Result<(), VmmError> {
+    if path.to_str().is_none() {
+        return Err(VmmError::Spec(format!(
+            "{what} {} is not valid UTF-8 and cannot be sent to Firecracker",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+fn is_valid_mac(mac: &str) -> bool {
+    let parts: Vec<&str> = mac.split(':').collect();
+    parts.len() == 6
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// Checks everything `configure` sends, so a bad spec fails before the VMM is half configured.
+fn validate_spec(spec: &LaunchSpec) -> Result<(), VmmError> {
+    if !(1..=32).contains(&spec.vcpu) {
+        return Err(VmmError::Spec(format!(
+            "vcpu count {} for VM {} is outside Firecracker's 1-32",
+            spec.vcpu, spec.vm_id
+        )));
+    }
+    if spec.memory_mib == 0 {
+        return Err(VmmError::Spec(format!(
+            "memory size 0 MiB for VM {}",
+            spec.vm_id
+        )));
+    }
+    check_utf8("kernel", &spec.kernel)?;
+    if let Some(initrd) = &spec.initrd {
+        check_utf8("initrd", initrd)?;
+    }
+    let mut seen = std::collections::HashSet::new();
+    for drive in &spec.drives {
+        if !client::is_valid_id(&drive.id) {
+            return Err(VmmError::Spec(format!(
+                "drive id {:?} must be non-empty and use only A-Z, a-z, 0-9 and _",
+                drive.id
+            )));
+        }
+        if !seen.insert(drive.id.as_str()) {
+            return Err(VmmError::Spec(format!(
+                "drive id {:?} is used twice",
+                drive.id
+            )));
+        }
+        check_utf8(&format!("drive {} path", drive.id), &drive.path)?;
+    }
+    if let Some(net) = &spec.net {
+        if net.tap.is_empty() || net.tap.len() > 15 || net.tap.contains(['/', ' ', '\0']) {
+            return Err(VmmError::Spec(format!(
+                "tap name {:?} is not a valid interface name",
+                net.tap
+            )));
+        }
+        if !is_valid_mac(&net.mac) {
+            return Err(VmmError::Spec(format!(
+                "guest MAC {:?} is not of the form aa:bb:cc:dd:ee:ff",
+                net.mac
+            )));
+        }
+    }
+    if let Some(vsock) = &spec.vsock {
+        if vsock.guest_cid < 3 {
+            return Err(VmmError::Spec(format!(
+                "vsock guest CID {} is reserved (must be 3 or more)",
+                vsock.guest_cid
+            )));
+        }
+        check_utf8("vsock socket", &vsock.uds_path)?;
+        check_socket_path("vsock socket path", &vsock.uds_path)?;
+    }
+    Ok(())
+}
+
+#[async_trait::async_trait]
+impl Vmm for Firecracker {
+    fn kind(&self) -> VmmKind {
+        VmmKind::Firecracker
+    }
+
+    async fn spawn(&self, spec: &LaunchSpec) -> Result<VmmHandle, VmmError> {
+        check_instance_id(&spec.vm_id)?;
+        let socket = spec.run_dir.join(API_SOCKET_NAME);
+        check_socket_path("Firecracker API socket path", &socket)?;
+
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&spec.run_dir)
+                .map_err(|source| VmmError::Io {
+                    path: spec.run_dir.clone(),
+                    source,
+                })?;
+        }
+        // A socket left by a previous run would make Firecracker's bind fail.
+        remove_stale_socket(&socket)?;
+
+        let spawned = process::spawn_detached(&DetachedCommand {
+            program: self.bin.clone(),
+            args: vec![
+                "--api-sock".into(),
+                socket.clone().into_os_string(),
+                "--id".into(),
+                spec.vm_id.clone().into(),
+            ],
+            env: self.env.clone(),
+            log_path: spec.log_path.clone(),
+        })?;
+        tracing::debug!(pid = spawned.pid, vm_id = %spec.vm_id, socket = %socket.display(), "firecracker spawned");
+
+        match self.wait_ready(spawned, &socket).await {
+            Ok(()) => Ok(VmmHandle {
+                kind: VmmKind::Firecracker,
+                pid: spawned.pid,
+                start_time: spawned.start_time,
+                control_socket: socket,
+                log_path: spec.log_path.clone(),
+            }),
+            Err(Waited::Exited) => Err(VmmError::Exited {
+                pid: spawned.pid,
+                log_tail: process::tail_file(&spec.log_path, LOG_TAIL_LINES),
+            }),
+            Err(Waited::Timeout) => {
+                // The contract is that a failed spawn leaves no process behind.
+                if let Err(e) = self.kill_pid(spawned.pid, spawned.start_time).await {
+                    tracing::warn!(pid = spawned.pid, error = %e, "killing unresponsive firecracker failed");
+                }
+                Err(VmmError::SocketTimeout {
+                    socket,
+                    timeout: self.socket_timeout,
+                    log_tail: process::tail_file(&spec.log_path, LOG_TAIL_LINES),
+                })
+            }
+        }
+    }
+
+    async fn configure(&self, handle: &VmmHandle, spec: &LaunchSpec) -> Result<(), VmmError> {
+        check_kind(handle)?;
+        validate_spec(spec)?;
+        let api = self.client(handle);
+
+        api.put_machine_config(&MachineConfiguration {
+            vcpu_count: spec.vcpu,
+            mem_size_mib: spec.memory_mib,
+            smt: Some(false),
+            track_dirty_pages: None,
+            cpu_template: None,
+            huge_pages: None,
+        })
+        .await?;
+        api.put_boot_source(&BootSource {
+            kernel_image_path: spec.kernel.clone(),
+            initrd_path: spec.initrd.clone(),
+            boot_args: Some(spec.boot_args.clone()),
+        })
+        .await?;
+        // Attach order decides the guest device names (/dev/vda, /dev/vdb, ...).
+        for drive in &spec.drives {
+            api.put_drive(&Drive {
+                drive_id: drive.id.clone(),
+                // banger's initramfs mounts the root itself.
+                is_root_device: false,
+                partuuid: None,
+                cache_type: None,
+                is_read_only: Some(drive.read_only),
+                path_on_host: Some(drive.path.clone()),
+                rate_limiter: None,
+                io_engine: None,
+                socket: None,
+            })
+            .await?;
+        }
+        if let Some(net) = &spec.net {
+            api.put_network_interface(&NetworkInterface {
+                iface_id: IFACE_ID.into(),
+                host_dev_name: net.tap.clone(),
+                guest_mac: Some(net.mac.clone()),
+                mtu: None,
+                rx_rate_limiter: None,
+                tx_rate_limiter: None,
+            })
+            .await?;
+        }
+        if let Some(vsock) = &spec.vsock {
+            remove_stale_socket(&vsock.uds_path)?;
+            api.put_vsock(&Vsock {
+                guest_cid: vsock.guest_cid,
+                uds_path: vsock.uds_path.clone(),
+                vsock_id: None,
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn boot(&self, handle: &VmmHandle) -> Result<(), VmmError> {
+        check_kind(handle)?;
+        self.client(handle).action(ActionType::InstanceStart).await
+    }
+
+    fn is_alive(&self, handle: &VmmHandle) -> bool {
+        process::is_alive(handle.pid, handle.start_time)
+    }
+
+    async fn shutdown(&self, handle: &VmmHandle, timeout: Duration) -> Result<bool, VmmError> {
+        check_kind(handle)?;
+        if !self.is_alive(handle) {
+            return Ok(true);
+        }
+        // A guest reboot (which Ctrl-Alt-Del triggers) ends the Firecracker process.
+        if let Err(e) = self.client(handle).action(ActionType::SendCtrlAltDel).await {
+            // The process may have exited between the check and the request; a transport error
+            // (refused or reset connection) may mean it is exiting right now.
+            let grace = match e {
+                VmmError::Transport { .. } => timeout.min(Duration::from_millis(500)),
+                _ => Duration::ZERO,
+            };
+            if process::wait_gone(handle.pid, handle.start_time, grace).await {
+                return Ok(true);
+            }
+            return Err(e);
+        }
+        Ok(process::wait_gone(handle.pid, handle.start_time, timeout).await)
+    }
+
+    async fn kill(&self, handle: &VmmHandle) -> Result<(), VmmError> {
+        check_kind(handle)?;
+        self.kill_pid(handle.pid, handle.start_time).await
+    }
+
+    async fn wait_exit(&self, handle: &VmmHandle) {
+        process::wait_exit(handle.pid, handle.start_time).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{DriveSpec, NetSpec, VsockSpec};
+
+    #[test]
+    fn parses_version_lines() {
+        assert_eq!(
+            parse_version_output("Firecracker v1.16.1\n"),
+            Some(Version::new(1, 16, 1))
+        );
+        assert_eq!(
+            parse_version_output(
+                "Firecracker v1.5.0\n\nSupported snapshot data format versions: v1.0.0\n"
+            ),
+            Some(Version::new(1, 5, 0))
+        );
+        assert_eq!(
+            parse_version_output("Firecracker v1.14.0-dev extra words"),
+            Some(Version::new(1, 14, 0))
+        );
+        assert_eq!(
+            parse_version_output("Firecracker 1.7.2"),
+            Some(Version::new(1, 7, 2))
+        );
+        assert_eq!(parse_version_output(""), None);
+        assert_eq!(parse_version_output("firecracker v1.2.3"), None);
+        assert_eq!(parse_version_output("Firecracker vX.Y.Z"), None);
+        assert_eq!(parse_version_output("Firecracker v1.2"), None);
+        assert_eq!(parse_version_output("Firecracker v1.2.3.4"), None);
+        assert_eq!(parse_version_output("QEMU emulator version 8.2.2"), None);
+    }
+
+    #[test]
+    fn versions_order_numerically() {
+        assert!(Version::new(1, 16, 1) > MIN_VERSION);
+        assert!(Version::new(1, 4, 9) < MIN_VERSION);
+        assert!(Version::new(2, 0, 0) > Version::new(1, 99, 99));
+        assert_eq!(Version::new(1, 5, 0).to_string(), "1.5.0");
+    }
+
+    #[test]
+    fn too_old_message_names_version_path_and_minimum() {
+        let err = VmmError::TooOld {
+            program: "Firecracker",
+            found: "1.4.0".into(),
+            path: "/path/to/bin".into(),
+            min: MIN_VERSION.to_string(),
+        };
+        assert_eq!(
+            err.to_string(),
+            "Firecracker 1.4.0 at /path/to/bin is too old: banger needs 1.5.0 or newer"
+        );
+    }
+
+    #[test]
+    fn new_checks_the_binary() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("firecracker");
+        let err = Firecracker::new(missing.clone()).unwrap_err();
+        assert!(
+            err.to_string().contains(&*missing.to_string_lossy()),
+            "{err}"
+        );
+
+        std::fs::write(&missing, "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&missing, std::fs::Permissions::from_mode(0o644)).unwrap();
+        // root can "execute" nothing without an x bit either, so this holds for any user.
+        let err = Firecracker::new(missing.clone()).unwrap_err();
+        assert!(err.to_string().contains("not executable"), "{err}");
+
+        std::fs::set_permissions(&missing, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(Firecracker::new(missing.clone()).unwrap().bin(), missing);
+
+        let err = Firecracker::new(dir.path().to_path_buf()).unwrap_err();
+        assert!(err.to_string().contains("not a regular file"), "{err}");
+    }
+
+    fn spec() -> LaunchSpec {
+        LaunchSpec {
+            vm_id: "0123456789ab".into(),
+            run_dir: "/run/banger/0123456789ab".into(),
+            log_path: "/tmp/fc.log".into(),
+            vcpu: 2,
+            memory_mib: 1024,
+            kernel: "/k".into(),
+            initrd: None,
+            boot_args: "console=ttyS0".into(),
+            drives: vec![DriveSpec {
+                id: "root".into(),
+                path: "/r".into(),
+                read_only: true,
+            }],
+            net: Some(NetSpec {
+                tap: "tap-fc0".into(),
+                mac: "06:00:0a:00:00:02".into(),
+            }),
+            vsock: Some(VsockSpec {
+                guest_cid: 3,
+                uds_path: "/run/banger/0123456789ab/v.sock".into(),
+            }),
+        }
+    }
+
+    #[test]
+    fn spec_validation() {
+        validate_spec(&spec()).unwrap();
+
+        let bad = |f: &dyn Fn(&mut LaunchSpec), needle: &str| {
+            let mut s = spec();
+            f(&mut s);
+            let err = validate_spec(&s).unwrap_err();
+            assert!(err.to_string().contains(needle), "{err} lacks {needle}");
+        };
+        bad(&|s| s.drives[0].id = "ro/ot".into(), "\"ro/ot\"");
+        bad(&|s| s.drives[0].id = String::new(), "drive id \"\"");
+        bad(
+            &|s| s.drives.push(s.drives[0].clone()),
+            "\"root\" is used twice",
+        );
+        bad(&|s| s.vcpu = 0, "vcpu count 0");
+        bad(&|s| s.vcpu = 33, "vcpu count 33");
+        bad(&|s| s.memory_mib = 0, "memory size 0");
+        bad(
+            &|s| s.net.as_mut().unwrap().mac = "06:00:0a:00:00".into(),
+            "06:00:0a:00:00",
+        );
+        bad(
+            &|s| s.net.as_mut().unwrap().tap = "a".repeat(16),
+            "tap name",
+        );
+        bad(&|s| s.vsock.as_mut().unwrap().guest_cid = 2, "CID 2");
+        bad(
+            &|s| s.vsock.as_mut().unwrap().uds_path = PathBuf::from("/").join("x".repeat(120)),
+            "limited to 107 bytes",
+        );
+    }
+
+    #[test]
+    fn instance_ids_and_macs() {
+        check_instance_id("0123456789ab").unwrap();
+        check_instance_id("my-vm-1").unwrap();
+        assert!(check_instance_id("").is_err());
+        assert!(check_instance_id("a b").is_err());
+        assert!(check_instance_id(&"a".repeat(65)).is_err());
+        assert!(is_valid_mac("AA:bb:00:11:22:33"));
+        assert!(!is_valid_mac("aa:bb:00:11:22:3"));
+        assert!(!is_valid_mac("aa-bb-00-11-22-33"));
+    }
+
+    #[test]
+    fn socket_path_limit_is_107_bytes() {
+        let ok = PathBuf::from(format!("/{}", "a".repeat(106)));
+        assert_eq!(ok.as_os_str().len(), 107);
+        check_socket_path("socket", &ok).unwrap();
+        let long = PathBuf::from(format!("/{}", "a".repeat(107)));
+        let err = check_socket_path("socket", &long).unwrap_err();
+        assert!(err.to_string().contains(&*long.to_string_lossy()), "{err}");
+    }
+
+    #[tokio::test]
+    async fn handles_of_other_backends_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("fc");
+        std::fs::write(&bin, "#!/bin/sh\n").unwrap();
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let fc = Firecracker::new(bin).unwrap();
+        let handle = VmmHandle {
+            kind: VmmKind::QemuKvm,
+            pid: 1,
+            start_time: 1,
+            control_socket: dir.path().join("qmp.sock"),
+            log_path: dir.path().join("log"),
+        };
+        let err = fc.boot(&handle).await.unwrap_err();
+        assert!(err.to_string().contains("qemu-kvm"), "{err}");
+    }
+
+    /// A handle for a plain `sh` process whose API socket does not exist.
+    async fn sh_handle(dir: &Path, script: &str) -> VmmHandle {
+        let spawned = process::spawn_detached(&DetachedCommand {
+            program: "/bin/sh".into(),
+            args: vec!["-c".into(), script.into()],
+            env: Vec::new(),
+            log_path: dir.join("log"),
+        })
+        .unwrap();
+        VmmHandle {
+            kind: VmmKind::Firecracker,
+            pid: spawned.pid,
+            start_time: spawned.start_time,
+            control_socket: dir.join("absent.sock"),
+            log_path: dir.join("log"),
+        }
+    }
+
+    #[tokio::test]
+    async fn shutdown_counts_a_process_exiting_meanwhile_as_exited() {
+        let dir = tempfile::tempdir().unwrap();
+        let fc = Firecracker::new("/bin/sh".into()).unwrap();
+        let handle = sh_handle(dir.path(), "sleep 0.2").await;
+        // The request fails (no socket) while the process is still alive; it exits within the
+        // grace period.
+        assert!(fc.shutdown(&handle, Duration::from_secs(5)).await.unwrap());
+        assert!(!fc.is_alive(&handle));
+    }
+
+    #[tokio::test]
+    async fn shutdown_reports_the_api_failure_of_a_live_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let fc = Firecracker::new("/bin/sh".into()).unwrap();
+        let handle = sh_handle(dir.path(), "sleep 5").await;
+        let err = fc
+            .shutdown(&handle, Duration::from_millis(100))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, VmmError::Transport { .. }), "{err:?}");
+        assert!(err.to_string().contains("absent.sock"), "{err}");
+        fc.kill(&handle).await.unwrap();
+        assert!(!fc.is_alive(&handle));
+    }
+
+    #[test]
+    fn only_stale_sockets_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("v.sock");
+        remove_stale_socket(&sock).unwrap();
+        drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+        assert!(sock.exists());
+        remove_stale_socket(&sock).unwrap();
+        assert!(!sock.exists());
+
+        let file = dir.path().join("precious");
+        std::fs::write(&file, "data").unwrap();
+        let err = remove_stale_socket(&file).unwrap_err();
+        assert!(err.to_string().contains("precious"), "{err}");
+        assert!(file.exists());
+    }
+}
