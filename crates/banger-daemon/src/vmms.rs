@@ -69,8 +69,11 @@ impl VmmProvider for ConfigVmmProvider {
                 if let Some(fc) = self.firecracker.lock().expect("poisoned").clone() {
                     return Some(fc);
                 }
-                let fc = Arc::new(Firecracker::new(self.firecracker_path()?).ok()?);
-                Some(fc)
+                let fc = self
+                    .firecracker_path()
+                    .and_then(|p| Firecracker::new(p).ok())
+                    .unwrap_or_else(Firecracker::control_only);
+                Some(Arc::new(fc))
             }
             VmmKind::QemuKvm | VmmKind::QemuTcg => None,
         }

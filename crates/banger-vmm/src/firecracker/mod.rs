@@ -124,6 +124,20 @@ impl Firecracker {
         })
     }
 
+    /// A backend that can only control VMMs already running (stop, kill, inspect), for a
+    /// daemon that finds live VMs after the Firecracker binary was removed or moved. Spawning
+    /// with it fails with a clear error.
+    pub fn control_only() -> Self {
+        Firecracker {
+            bin: PathBuf::from("/nonexistent/firecracker (no binary configured)"),
+            env: Vec::new(),
+            socket_timeout: Duration::from_secs(5),
+            api_timeout: client::DEFAULT_TIMEOUT,
+            snapshot_timeout: Duration::from_secs(300),
+            kill_timeout: Duration::from_secs(5),
+        }
+    }
+
     /// Adds an environment variable for every process this backend runs (the VMM and
     /// `--version`).
     pub fn with_env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Self {

@@ -169,6 +169,16 @@ impl Fixture {
     }
 }
 
+impl Drop for Fixture {
+    /// VMMs are detached by design, so a test that fails before its `kill` would leak its fake;
+    /// kill whatever still runs from this fixture's directory.
+    fn drop(&mut self) {
+        for pid in self.processes() {
+            let _ = process::signal(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}
+
 /// Waits until `handle`'s process has left /proc entirely (reaped, not a zombie).
 async fn assert_reaped(handle: &VmmHandle) {
     let deadline = std::time::Instant::now() + Duration::from_secs(5);

@@ -516,6 +516,12 @@ fn version_flag_and_override() {
         String::from_utf8_lossy(&out.stdout).trim(),
         "Firecracker v1.4.0"
     );
+    // A leading `v` in the override is not doubled.
+    let out = run_bin(&["--version"], &[("FAKE_FIRECRACKER_VERSION", "v1.4.0")]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "Firecracker v1.4.0"
+    );
 }
 
 #[test]
