@@ -25,8 +25,10 @@ impl VmId {
 
     /// Parses an id as stored or typed; `None` unless it is exactly 12 lowercase hex digits.
     pub fn parse(s: &str) -> Option<Self> {
-        (s.len() == Self::LEN && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
-            .then(|| VmId(s.to_string()))
+        (s.len() == Self::LEN
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+        .then(|| VmId(s.to_string()))
     }
 
     pub fn as_str(&self) -> &str {
@@ -53,8 +55,11 @@ impl OpId {
 
     /// Accepts a client-supplied id if it is short and printable ASCII (it ends up in logs).
     pub fn from_client(s: &str) -> Option<Self> {
-        (!s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'))
-            .then(|| OpId(s.to_string()))
+        (!s.is_empty()
+            && s.len() <= 64
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'))
+        .then(|| OpId(s.to_string()))
     }
 
     pub fn as_str(&self) -> &str {

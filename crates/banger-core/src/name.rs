@@ -110,14 +110,20 @@ mod tests {
     #[test]
     fn rejects_bad_names_with_reason() {
         assert_eq!(VmName::parse(""), Err(NameError::Empty));
-        assert!(matches!(VmName::parse(&"a".repeat(64)), Err(NameError::TooLong(_))));
+        assert!(matches!(
+            VmName::parse(&"a".repeat(64)),
+            Err(NameError::TooLong(_))
+        ));
         assert!(matches!(
             VmName::parse("Bad_Name"),
             Err(NameError::BadChar { ch: 'B', .. })
         ));
         assert!(matches!(VmName::parse("-x"), Err(NameError::Hyphen(_))));
         assert!(matches!(VmName::parse("x-"), Err(NameError::Hyphen(_))));
-        assert!(matches!(VmName::parse("a.b"), Err(NameError::BadChar { ch: '.', .. })));
+        assert!(matches!(
+            VmName::parse("a.b"),
+            Err(NameError::BadChar { ch: '.', .. })
+        ));
         let msg = VmName::parse("Bad_Name").unwrap_err().to_string();
         assert!(msg.contains("Bad_Name"), "{msg}");
     }
@@ -141,9 +147,12 @@ mod tests {
 /// digit. Dots are allowed (`debian-6.1-cloud`); `..` and `/` can never appear, so a name is
 /// always safe as a directory name.
 pub fn validate_artifact_name(kind: &str, s: &str) -> Result<(), String> {
-    let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-');
+    let ok_char =
+        |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-');
     if s.is_empty() || s.len() > 64 {
-        return Err(format!("invalid {kind} name {s:?}: it needs 1 to 64 characters"));
+        return Err(format!(
+            "invalid {kind} name {s:?}: it needs 1 to 64 characters"
+        ));
     }
     if let Some(c) = s.chars().find(|c| !ok_char(*c)) {
         return Err(format!(

@@ -4,7 +4,9 @@ use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SizeError {
-    #[error("invalid size {0:?}: expected a number with an optional unit (K, M, G, T, KiB, MiB, GiB, TiB; a bare number means MiB)")]
+    #[error(
+        "invalid size {0:?}: expected a number with an optional unit (K, M, G, T, KiB, MiB, GiB, TiB; a bare number means MiB)"
+    )]
     Syntax(String),
     #[error("invalid size {0:?}: too large")]
     Overflow(String),
@@ -40,14 +42,14 @@ impl ByteSize {
     /// these are disk and memory sizes, where nobody means 10^9.
     pub fn parse(s: &str) -> Result<Self, SizeError> {
         let t = s.trim();
-        let split = t
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(t.len());
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
         let (num, unit) = t.split_at(split);
         if num.is_empty() {
             return Err(SizeError::Syntax(s.to_string()));
         }
-        let n: u64 = num.parse().map_err(|_| SizeError::Overflow(s.to_string()))?;
+        let n: u64 = num
+            .parse()
+            .map_err(|_| SizeError::Overflow(s.to_string()))?;
         let mult = match unit.trim().to_ascii_lowercase().as_str() {
             "" | "m" | "mb" | "mib" => Self::MIB,
             "b" => 1,
@@ -104,7 +106,10 @@ mod tests {
         for bad in ["", "G", "4X", "-1", "4.5G", "99999999999999999999"] {
             assert!(ByteSize::parse(bad).is_err(), "{bad}");
         }
-        assert!(matches!(ByteSize::parse("99999999999T"), Err(SizeError::Overflow(_))));
+        assert!(matches!(
+            ByteSize::parse("99999999999T"),
+            Err(SizeError::Overflow(_))
+        ));
     }
 
     #[test]

@@ -46,7 +46,10 @@ impl VmState {
 
     /// States in which a VMM process may exist and must be accounted for.
     pub fn may_have_vmm(self) -> bool {
-        matches!(self, VmState::Starting | VmState::Running | VmState::Stopping)
+        matches!(
+            self,
+            VmState::Starting | VmState::Running | VmState::Stopping
+        )
     }
 }
 

@@ -30,14 +30,18 @@ pub enum DiskError {
         #[source]
         source: RunError,
     },
-    #[error("reflink copy of {src} to {dst} failed ({source}); the image and the state dir must be on one XFS or btrfs filesystem, or set root_disk = \"overlay\" or \"copy\"")]
+    #[error(
+        "reflink copy of {src} to {dst} failed ({source}); the image and the state dir must be on one XFS or btrfs filesystem, or set root_disk = \"overlay\" or \"copy\""
+    )]
     Reflink {
         src: PathBuf,
         dst: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("root_disk = \"dm-snapshot\" needs device-mapper, which this daemon cannot use here; set root_disk = \"overlay\"")]
+    #[error(
+        "root_disk = \"dm-snapshot\" needs device-mapper, which this daemon cannot use here; set root_disk = \"overlay\""
+    )]
     DmUnavailable,
 }
 
@@ -90,7 +94,9 @@ pub async fn create_root_disk(
     dst: &Path,
 ) -> Result<(), DiskError> {
     match strategy {
-        RootDiskStrategy::Overlay => create_ext4(runner, dst, OVERLAY_UPPER_SIZE, "banger-upper").await,
+        RootDiskStrategy::Overlay => {
+            create_ext4(runner, dst, OVERLAY_UPPER_SIZE, "banger-upper").await
+        }
         RootDiskStrategy::Reflink => {
             let (src, dst) = (image.to_path_buf(), dst.to_path_buf());
             tokio::task::spawn_blocking(move || reflink(&src, &dst))
@@ -109,7 +115,12 @@ pub async fn create_root_disk(
 
 /// The drives a VM boots with, in attach order (`/dev/vda`, `/dev/vdb`, ...). The guest init
 /// finds them by this order.
-pub fn drives(strategy: RootDiskStrategy, image: &Path, root: &Path, work: &Path) -> Vec<DriveSpec> {
+pub fn drives(
+    strategy: RootDiskStrategy,
+    image: &Path,
+    root: &Path,
+    work: &Path,
+) -> Vec<DriveSpec> {
     let mut v = Vec::new();
     if strategy == RootDiskStrategy::Overlay {
         v.push(DriveSpec {
@@ -174,7 +185,12 @@ pub fn sparse_copy(src: &Path, dst: &Path) -> Result<(), DiskError> {
     result
 }
 
-fn sparse_copy_inner(s: &std::fs::File, src: &Path, d: &std::fs::File, dst: &Path) -> Result<(), DiskError> {
+fn sparse_copy_inner(
+    s: &std::fs::File,
+    src: &Path,
+    d: &std::fs::File,
+    dst: &Path,
+) -> Result<(), DiskError> {
     use std::os::unix::fs::FileExt;
     let len = s.metadata().map_err(io_err(src))?.len();
     d.set_len(len).map_err(io_err(dst))?;
@@ -230,10 +246,16 @@ mod tests {
         sparse_copy(&src, &dst).unwrap();
         assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(&dst).unwrap());
         let blocks = std::fs::metadata(&dst).unwrap().blocks();
-        assert!(blocks * 512 < 4 << 20, "copy is not sparse: {blocks} blocks");
+        assert!(
+            blocks * 512 < 4 << 20,
+            "copy is not sparse: {blocks} blocks"
+        );
         // Refuses to overwrite.
         assert!(sparse_copy(&src, &dst).is_err());
-        assert!(dst.exists(), "a refused copy must not delete the existing file");
+        assert!(
+            dst.exists(),
+            "a refused copy must not delete the existing file"
+        );
     }
 
     #[tokio::test]
@@ -244,13 +266,21 @@ mod tests {
         }
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("work.ext4");
-        create_ext4(&RealRunner, &p, ByteSize::gib(8), "banger-work").await.unwrap();
+        create_ext4(&RealRunner, &p, ByteSize::gib(8), "banger-work")
+            .await
+            .unwrap();
         let meta = std::fs::metadata(&p).unwrap();
         assert_eq!(meta.len(), 8 << 30);
-        assert!(meta.blocks() * 512 < 256 << 20, "work disk should be sparse");
+        assert!(
+            meta.blocks() * 512 < 256 << 20,
+            "work disk should be sparse"
+        );
         let mut magic = [0u8; 2];
         use std::os::unix::fs::FileExt;
-        std::fs::File::open(&p).unwrap().read_exact_at(&mut magic, 1024 + 56).unwrap();
+        std::fs::File::open(&p)
+            .unwrap()
+            .read_exact_at(&mut magic, 1024 + 56)
+            .unwrap();
         assert_eq!(magic, [0x53, 0xef], "ext4 superblock magic");
     }
 
@@ -260,12 +290,19 @@ mod tests {
         let p = dir.path().join("work.ext4");
         let runner = RecordingRunner::default();
         *runner.fail_program.lock().unwrap() = Some("mkfs.ext4".into());
-        let err = create_ext4(&runner, &p, ByteSize::mib(64), "x").await.unwrap_err();
+        let err = create_ext4(&runner, &p, ByteSize::mib(64), "x")
+            .await
+            .unwrap_err();
         assert!(err.to_string().contains("work.ext4"), "{err}");
         assert!(!p.exists());
         let calls = runner.calls.lock().unwrap();
         assert_eq!(calls.len(), 1);
-        assert!(calls[0].args.iter().any(|a| a == "lazy_itable_init=1,lazy_journal_init=1,root_owner=0:0"));
+        assert!(
+            calls[0]
+                .args
+                .iter()
+                .any(|a| a == "lazy_itable_init=1,lazy_journal_init=1,root_owner=0:0")
+        );
     }
 
     #[test]
@@ -279,7 +316,12 @@ mod tests {
         assert_eq!(d.len(), 3);
         assert!(d[0].read_only && d[0].path == Path::new("/i"));
         assert!(!d[1].read_only && !d[2].read_only);
-        let d = drives(RootDiskStrategy::Copy, Path::new("/i"), Path::new("/r"), Path::new("/w"));
+        let d = drives(
+            RootDiskStrategy::Copy,
+            Path::new("/i"),
+            Path::new("/r"),
+            Path::new("/w"),
+        );
         assert_eq!(d.len(), 2);
         assert!(d.iter().all(|x| x.path != Path::new("/i")));
     }

@@ -8,11 +8,15 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
 /// Installs the global subscriber. Keep the returned guard alive: it flushes the file writer.
-pub fn init(log_file: &Path, level: &str) -> anyhow::Result<tracing_appender::non_blocking::WorkerGuard> {
+pub fn init(
+    log_file: &Path,
+    level: &str,
+) -> anyhow::Result<tracing_appender::non_blocking::WorkerGuard> {
     let filter = match std::env::var("BANGER_LOG") {
         Ok(v) if !v.trim().is_empty() => EnvFilter::try_new(v.trim())
             .map_err(|e| anyhow::anyhow!("invalid BANGER_LOG value {v:?}: {e}"))?,
-        _ => EnvFilter::try_new(level).map_err(|e| anyhow::anyhow!("invalid log_level {level:?}: {e}"))?,
+        _ => EnvFilter::try_new(level)
+            .map_err(|e| anyhow::anyhow!("invalid log_level {level:?}: {e}"))?,
     };
     let dir = log_file.parent().unwrap_or(Path::new("."));
     let name = log_file

@@ -33,14 +33,20 @@ fn main() -> ExitCode {
 
 fn real_main(args: Args) -> anyhow::Result<ExitCode> {
     let host = HostInfo::detect().context("detecting the host")?;
-    let path = args.config.unwrap_or_else(|| Config::default_path_for(&host));
+    let path = args
+        .config
+        .unwrap_or_else(|| Config::default_path_for(&host));
     let config = Config::load(&path, &host)?;
     let layout = banger_daemon::layout_for(&config);
     if args.check_migrations {
         let status = check_migrations(layout.db())?;
         match &status {
-            MigrationStatus::UpToDate { version } => println!("up to date (schema version {version})"),
-            MigrationStatus::WouldMigrate { from, to } => println!("would migrate from version {from} to {to}"),
+            MigrationStatus::UpToDate { version } => {
+                println!("up to date (schema version {version})")
+            }
+            MigrationStatus::WouldMigrate { from, to } => {
+                println!("would migrate from version {from} to {to}")
+            }
             MigrationStatus::TooNew { found, supported } => println!(
                 "store schema version {found} is newer than this binary supports ({supported}): upgrade banger"
             ),
@@ -50,9 +56,13 @@ fn real_main(args: Args) -> anyhow::Result<ExitCode> {
     // Everything the daemon creates (sockets, disks, logs) is owner-only from the start.
     // SAFETY: umask only changes this process's file mode mask.
     unsafe { libc::umask(0o077) };
-    layout
-        .ensure()
-        .with_context(|| format!("creating {} and {}", layout.state_dir.display(), layout.runtime_dir.display()))?;
+    layout.ensure().with_context(|| {
+        format!(
+            "creating {} and {}",
+            layout.state_dir.display(),
+            layout.runtime_dir.display()
+        )
+    })?;
     let log_file = layout.log_file();
     let _guard = banger_daemon::logging::init(&log_file, config.log_level.as_str())?;
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -69,7 +69,9 @@ impl CommandRunner for RealRunner {
     async fn run(&self, cmd: &Cmd) -> Result<Vec<u8>, RunError> {
         // Programs such as mkfs.ext4 live in /usr/sbin, which an unprivileged PATH often lacks.
         let program = match cmd.program.to_str() {
-            Some(p) if !p.contains('/') => crate::vmms::find_in_path(p).unwrap_or_else(|| cmd.program.clone()),
+            Some(p) if !p.contains('/') => {
+                crate::vmms::find_in_path(p).unwrap_or_else(|| cmd.program.clone())
+            }
             _ => cmd.program.clone(),
         };
         let out = tokio::process::Command::new(&program)
@@ -109,7 +111,10 @@ impl CommandRunner for RecordingRunner {
         self.calls.lock().expect("poisoned").push(cmd.clone());
         let fail = self.fail_program.lock().expect("poisoned").clone();
         if let Some(p) = fail
-            && cmd.program.file_name().is_some_and(|n| n.to_string_lossy() == p)
+            && cmd
+                .program
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy() == p)
         {
             return Err(RunError::Failed {
                 cmd: cmd.display(),

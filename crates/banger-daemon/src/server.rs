@@ -9,8 +9,8 @@ use std::time::Instant;
 
 use banger_core::{ErrorCode, OpId};
 use banger_protocol::{
-    DaemonStatus, Frame, ImageList, KernelList, MAX_REQUEST_BYTES, PROTOCOL_VERSION, Rejection, Removed,
-    Request, VmList, decode_request,
+    DaemonStatus, Frame, ImageList, KernelList, MAX_REQUEST_BYTES, PROTOCOL_VERSION, Rejection,
+    Removed, Request, VmList, decode_request,
 };
 use banger_store::Store;
 use serde::Serialize;
@@ -57,7 +57,9 @@ enum LineError {
     Io(std::io::Error),
 }
 
-async fn read_request_line(reader: &mut BufReader<tokio::net::unix::OwnedReadHalf>) -> Result<Option<Vec<u8>>, LineError> {
+async fn read_request_line(
+    reader: &mut BufReader<tokio::net::unix::OwnedReadHalf>,
+) -> Result<Option<Vec<u8>>, LineError> {
     let mut buf = Vec::new();
     let n = (&mut *reader)
         .take(MAX_REQUEST_BYTES as u64 + 1)
@@ -75,7 +77,10 @@ async fn read_request_line(reader: &mut BufReader<tokio::net::unix::OwnedReadHal
     Ok(Some(buf))
 }
 
-async fn write_frame(w: &mut tokio::net::unix::OwnedWriteHalf, frame: &Frame) -> std::io::Result<()> {
+async fn write_frame(
+    w: &mut tokio::net::unix::OwnedWriteHalf,
+    frame: &Frame,
+) -> std::io::Result<()> {
     w.write_all(frame.to_line().as_bytes()).await
 }
 
@@ -106,9 +111,21 @@ async fn handle_connection(stream: UnixStream, daemon: Arc<Daemon>) {
     };
     let (op_id, request) = match decode_request(&line) {
         Ok(x) => x,
-        Err(Rejection { op_id, code, message }) => {
+        Err(Rejection {
+            op_id,
+            code,
+            message,
+        }) => {
             warn!(%op_id, %code, %message, "request rejected");
-            let _ = write_frame(&mut wr, &Frame::Error { op_id, code, message }).await;
+            let _ = write_frame(
+                &mut wr,
+                &Frame::Error {
+                    op_id,
+                    code,
+                    message,
+                },
+            )
+            .await;
             return;
         }
     };
@@ -194,7 +211,11 @@ async fn run_request(
         }
         Err(OpError { code, message }) => {
             warn!(%code, %message, elapsed_ms = started.elapsed().as_millis() as u64, "failed");
-            Frame::Error { op_id, code, message }
+            Frame::Error {
+                op_id,
+                code,
+                message,
+            }
         }
     };
     let _ = tx.send(frame);
@@ -205,7 +226,11 @@ fn json<T: Serialize>(v: T) -> OpResult<serde_json::Value> {
 }
 
 /// The one place a request becomes an engine call: an exhaustive match over the protocol enum.
-async fn dispatch(daemon: &Daemon, request: Request, ctx: &OpCtx<'_>) -> OpResult<serde_json::Value> {
+async fn dispatch(
+    daemon: &Daemon,
+    request: Request,
+    ctx: &OpCtx<'_>,
+) -> OpResult<serde_json::Value> {
     let e = &daemon.engine;
     match request {
         Request::Ping => json(serde_json::json!({"pong": true, "protocol": PROTOCOL_VERSION})),

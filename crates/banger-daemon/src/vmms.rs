@@ -38,7 +38,8 @@ impl ConfigVmmProvider {
             return Ok(fc);
         }
         let bin = self.firecracker_path().ok_or_else(|| {
-            "Firecracker was not found: install it in PATH or set firecracker_bin in the config".to_string()
+            "Firecracker was not found: install it in PATH or set firecracker_bin in the config"
+                .to_string()
         })?;
         let fc = Firecracker::new(bin).map_err(|e| e.to_string())?;
         fc.check_version().await.map_err(|e| e.to_string())?;

@@ -317,7 +317,9 @@ pub fn decode_request(line: &[u8]) -> Result<(OpId, Request), Rejection> {
             return Err(reject(
                 op_id,
                 ErrorCode::BadVersion,
-                format!("request has no protocol version \"v\" (this daemon speaks {PROTOCOL_VERSION})"),
+                format!(
+                    "request has no protocol version \"v\" (this daemon speaks {PROTOCOL_VERSION})"
+                ),
             ));
         }
     }
@@ -349,7 +351,8 @@ pub fn decode_request(line: &[u8]) -> Result<(OpId, Request), Rejection> {
     if matches!(obj.get("params"), Some(serde_json::Value::Null)) {
         obj.remove("params");
     }
-    let unit_method = serde_json::from_value::<Request>(serde_json::json!({ "method": method })).is_ok();
+    let unit_method =
+        serde_json::from_value::<Request>(serde_json::json!({ "method": method })).is_ok();
     if unit_method {
         match obj.remove("params") {
             None => {}
@@ -524,11 +527,26 @@ mod tests {
         let cases = [
             (b"not json".to_vec(), ErrorCode::BadRequest),
             (b"[1,2]".to_vec(), ErrorCode::BadRequest),
-            (line(serde_json::json!({"method":"ping"})), ErrorCode::BadVersion),
-            (line(serde_json::json!({"v":99,"method":"ping"})), ErrorCode::BadVersion),
-            (line(serde_json::json!({"v":1,"method":"vm.fly"})), ErrorCode::UnknownMethod),
-            (line(serde_json::json!({"v":1,"method":7})), ErrorCode::BadRequest),
-            (line(serde_json::json!({"v":1,"method":"vm.start"})), ErrorCode::BadRequest),
+            (
+                line(serde_json::json!({"method":"ping"})),
+                ErrorCode::BadVersion,
+            ),
+            (
+                line(serde_json::json!({"v":99,"method":"ping"})),
+                ErrorCode::BadVersion,
+            ),
+            (
+                line(serde_json::json!({"v":1,"method":"vm.fly"})),
+                ErrorCode::UnknownMethod,
+            ),
+            (
+                line(serde_json::json!({"v":1,"method":7})),
+                ErrorCode::BadRequest,
+            ),
+            (
+                line(serde_json::json!({"v":1,"method":"vm.start"})),
+                ErrorCode::BadRequest,
+            ),
             (
                 line(serde_json::json!({"v":1,"method":"vm.start","params":{"vm":"a","x":1}})),
                 ErrorCode::BadRequest,
@@ -548,15 +566,23 @@ mod tests {
         ];
         for (input, code) in cases {
             let rej = decode_request(&input).unwrap_err();
-            assert_eq!(rej.code, code, "{}: {}", String::from_utf8_lossy(&input), rej.message);
+            assert_eq!(
+                rej.code,
+                code,
+                "{}: {}",
+                String::from_utf8_lossy(&input),
+                rej.message
+            );
             assert!(!rej.message.is_empty());
         }
     }
 
     #[test]
     fn client_op_id_is_kept_in_rejections() {
-        let rej = decode_request(&line(serde_json::json!({"v":1,"op_id":"op-abc","method":"nope"})))
-            .unwrap_err();
+        let rej = decode_request(&line(
+            serde_json::json!({"v":1,"op_id":"op-abc","method":"nope"}),
+        ))
+        .unwrap_err();
         assert_eq!(rej.op_id.as_str(), "op-abc");
     }
 

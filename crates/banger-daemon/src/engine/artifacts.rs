@@ -81,9 +81,19 @@ impl Engine {
     }
 
     /// Copies an ext4 root filesystem into banger's images dir and registers it as `name`.
-    pub async fn image_register(&self, name: &str, rootfs: &Path, kernel: Option<String>) -> OpResult<ImageRecord> {
+    pub async fn image_register(
+        &self,
+        name: &str,
+        rootfs: &Path,
+        kernel: Option<String>,
+    ) -> OpResult<ImageRecord> {
         validate_artifact_name("image", name).map_err(OpError::bad_request)?;
-        check_magic(rootfs, 1024 + 56, &[0x53, 0xef], "an ext2/3/4 filesystem image")?;
+        check_magic(
+            rootfs,
+            1024 + 56,
+            &[0x53, 0xef],
+            "an ext2/3/4 filesystem image",
+        )?;
         if let Some(k) = &kernel
             && self.store().get_kernel(k)?.is_none()
         {
@@ -107,7 +117,9 @@ impl Engine {
             let path = dir.join("rootfs.ext4");
             let rec = ImageRecord {
                 name: name.to_string(),
-                size_bytes: std::fs::metadata(&path).map_err(|e| io_fail(&path, e))?.len(),
+                size_bytes: std::fs::metadata(&path)
+                    .map_err(|e| io_fail(&path, e))?
+                    .len(),
                 rootfs: path,
                 kernel,
                 source: format!("register:{}", rootfs.display()),
@@ -134,7 +146,11 @@ impl Engine {
         let users = self.store().vms_using_image(name)?;
         if !users.is_empty() {
             // Even --force keeps a base image that VMs boot from: their root disks read it.
-            let hint = if force { "; --force cannot remove the base of existing VMs" } else { "" };
+            let hint = if force {
+                "; --force cannot remove the base of existing VMs"
+            } else {
+                ""
+            };
             return Err(OpError::busy(format!(
                 "image {name} is used by VM(s) {}: delete them first{hint}",
                 join_names(&users)
@@ -149,7 +165,11 @@ impl Engine {
 }
 
 fn join_names(names: &[banger_core::VmName]) -> String {
-    names.iter().map(|n| n.as_str()).collect::<Vec<_>>().join(", ")
+    names
+        .iter()
+        .map(|n| n.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn io_fail(path: &Path, e: std::io::Error) -> OpError {
@@ -161,12 +181,19 @@ fn check_magic(path: &Path, offset: u64, magic: &[u8], what: &str) -> OpResult<(
     let meta = std::fs::metadata(path)
         .map_err(|e| OpError::bad_request(format!("{}: {e}", path.display())))?;
     if !meta.is_file() {
-        return Err(OpError::bad_request(format!("{} is not a regular file", path.display())));
+        return Err(OpError::bad_request(format!(
+            "{} is not a regular file",
+            path.display()
+        )));
     }
-    let f = std::fs::File::open(path).map_err(|e| OpError::bad_request(format!("{}: {e}", path.display())))?;
+    let f = std::fs::File::open(path)
+        .map_err(|e| OpError::bad_request(format!("{}: {e}", path.display())))?;
     let mut buf = vec![0u8; magic.len()];
     if f.read_exact_at(&mut buf, offset).is_err() || buf != magic {
-        return Err(OpError::bad_request(format!("{} is not {what}", path.display())));
+        return Err(OpError::bad_request(format!(
+            "{} is not {what}",
+            path.display()
+        )));
     }
     Ok(())
 }
@@ -181,7 +208,8 @@ async fn copy_file(src: &Path, dst: &Path) -> OpResult<()> {
 
 fn make_read_only(path: &Path) -> OpResult<()> {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o400)).map_err(|e| io_fail(path, e))
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o400))
+        .map_err(|e| io_fail(path, e))
 }
 
 /// sha256 of the kernel and the version from its `Linux version X ...` banner.
@@ -227,7 +255,9 @@ mod tests {
         let p = dir.path().join("vmlinux");
         let mut data = b"\x7fELF".to_vec();
         data.extend(vec![0u8; 3 << 20]);
-        data.extend_from_slice(b"Linux version 6.1.0-28-cloud-amd64 (debian-kernel@lists.debian.org)");
+        data.extend_from_slice(
+            b"Linux version 6.1.0-28-cloud-amd64 (debian-kernel@lists.debian.org)",
+        );
         std::fs::write(&p, &data).unwrap();
         let (sha, version) = kernel_facts(&p).unwrap();
         assert_eq!(version, "6.1.0-28-cloud-amd64");

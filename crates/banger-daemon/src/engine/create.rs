@@ -30,7 +30,10 @@ impl Engine {
                 "invalid work disk size {work_disk_size}: the minimum is {MIN_WORK_DISK}"
             )));
         }
-        let image_name = p.image.clone().unwrap_or_else(|| self.config().default_image.clone());
+        let image_name = p
+            .image
+            .clone()
+            .unwrap_or_else(|| self.config().default_image.clone());
         let image = self
             .store()
             .get_image(&image_name)?
@@ -99,14 +102,23 @@ impl Engine {
         Ok(vm)
     }
 
-    async fn build_disks(&self, vm: &VmRecord, image: &std::path::Path, ctx: &OpCtx<'_>) -> OpResult<()> {
+    async fn build_disks(
+        &self,
+        vm: &VmRecord,
+        image: &std::path::Path,
+        ctx: &OpCtx<'_>,
+    ) -> OpResult<()> {
         let layout = self.layout();
         let dir = layout.vm_dir(&vm.id);
-        create_private_dir(&dir).map_err(|e| OpError::failed(format!("creating {}: {e}", dir.display())))?;
+        create_private_dir(&dir)
+            .map_err(|e| OpError::failed(format!("creating {}: {e}", dir.display())))?;
         if ctx.cancel.is_cancelled() {
             return Err(OpError::failed("create cancelled: the client went away"));
         }
-        ctx.progress.stage("root_disk", Some(self.config().root_disk.as_str().to_string()));
+        ctx.progress.stage(
+            "root_disk",
+            Some(self.config().root_disk.as_str().to_string()),
+        );
         disks::create_root_disk(
             self.inner.runner.as_ref(),
             self.config().root_disk,
@@ -118,7 +130,8 @@ impl Engine {
         if ctx.cancel.is_cancelled() {
             return Err(OpError::failed("create cancelled: the client went away"));
         }
-        ctx.progress.stage("work_disk", Some(vm.work_disk_size.to_string()));
+        ctx.progress
+            .stage("work_disk", Some(vm.work_disk_size.to_string()));
         disks::create_ext4(
             self.inner.runner.as_ref(),
             &layout.work_disk(&vm.id),
@@ -137,13 +150,16 @@ impl Engine {
                 return Ok(n);
             }
         }
-        Err(OpError::failed("could not generate an unused VM name; pass --name"))
+        Err(OpError::failed(
+            "could not generate an unused VM name; pass --name",
+        ))
     }
 
     /// The lowest free address of the bridge network. Called under the create lock; an address
     /// stays held by its VM until delete.
     fn allocate_ip(&self) -> OpResult<Ipv4Addr> {
-        let used: std::collections::HashSet<Ipv4Addr> = self.store().used_ips()?.into_iter().collect();
+        let used: std::collections::HashSet<Ipv4Addr> =
+            self.store().used_ips()?.into_iter().collect();
         let cidr = &self.config().bridge_cidr;
         cidr.hosts().find(|ip| !used.contains(ip)).ok_or_else(|| {
             OpError::failed(format!(

@@ -29,13 +29,23 @@ impl Engine {
         Ok(vm)
     }
 
-    pub async fn stop(&self, name: &str, timeout: Option<u64>, ctx: &OpCtx<'_>) -> OpResult<VmRecord> {
+    pub async fn stop(
+        &self,
+        name: &str,
+        timeout: Option<u64>,
+        ctx: &OpCtx<'_>,
+    ) -> OpResult<VmRecord> {
         let (_guard, mut vm) = self.lock_vm(name).await?;
         self.stop_locked(&mut vm, timeout, ctx).await?;
         Ok(vm)
     }
 
-    pub async fn restart(&self, name: &str, timeout: Option<u64>, ctx: &OpCtx<'_>) -> OpResult<VmRecord> {
+    pub async fn restart(
+        &self,
+        name: &str,
+        timeout: Option<u64>,
+        ctx: &OpCtx<'_>,
+    ) -> OpResult<VmRecord> {
         let (_guard, mut vm) = self.lock_vm(name).await?;
         if vm.state == VmState::Running {
             self.stop_locked(&mut vm, timeout, ctx).await?;
@@ -44,7 +54,12 @@ impl Engine {
         Ok(vm)
     }
 
-    async fn stop_locked(&self, vm: &mut VmRecord, timeout: Option<u64>, ctx: &OpCtx<'_>) -> OpResult<()> {
+    async fn stop_locked(
+        &self,
+        vm: &mut VmRecord,
+        timeout: Option<u64>,
+        ctx: &OpCtx<'_>,
+    ) -> OpResult<()> {
         if vm.state != VmState::Running {
             return Err(OpError::new(
                 ErrorCode::NotRunning,
@@ -55,9 +70,17 @@ impl Engine {
         vm.state = VmState::Stopping;
         self.save(vm)?;
         let live = self.live_or_handles(&vm.id);
-        let vmm = live.as_ref().and_then(|l| self.inner.vmms.for_kind(l.handle.kind));
+        let vmm = live
+            .as_ref()
+            .and_then(|l| self.inner.vmms.for_kind(l.handle.kind));
         if let (Some(l), Some(v)) = (&live, &vmm) {
-            ctx.progress.stage("shutdown", Some(format!("waiting up to {}s for the guest", timeout.as_secs())));
+            ctx.progress.stage(
+                "shutdown",
+                Some(format!(
+                    "waiting up to {}s for the guest",
+                    timeout.as_secs()
+                )),
+            );
             match v.shutdown(&l.handle, timeout).await {
                 Ok(true) => {}
                 Ok(false) => ctx.progress.warn(format!(
@@ -65,7 +88,10 @@ impl Engine {
                     vm.name,
                     timeout.as_secs()
                 )),
-                Err(e) => ctx.progress.warn(format!("graceful shutdown of {} failed ({e}); killing it", vm.name)),
+                Err(e) => ctx.progress.warn(format!(
+                    "graceful shutdown of {} failed ({e}); killing it",
+                    vm.name
+                )),
             }
         }
         ctx.progress.stage("cleanup", None);
@@ -76,7 +102,8 @@ impl Engine {
     /// Ends a stop or kill: `stopped`, with cleanup errors (if any) kept in `last_error`.
     fn finish_stop(&self, vm: &mut VmRecord, errors: Vec<String>) -> OpResult<()> {
         vm.state = VmState::Stopped;
-        vm.last_error = (!errors.is_empty()).then(|| format!("cleanup errors: {}", join_errors(&errors)));
+        vm.last_error =
+            (!errors.is_empty()).then(|| format!("cleanup errors: {}", join_errors(&errors)));
         self.save(vm)?;
         info!(vm = %vm.name, "VM stopped");
         match &vm.last_error {
@@ -85,8 +112,16 @@ impl Engine {
         }
     }
 
-    pub async fn kill(&self, name: &str, signal: Option<&str>, ctx: &OpCtx<'_>) -> OpResult<VmRecord> {
-        let sig_name = signal.unwrap_or("KILL").trim_start_matches("SIG").to_ascii_uppercase();
+    pub async fn kill(
+        &self,
+        name: &str,
+        signal: Option<&str>,
+        ctx: &OpCtx<'_>,
+    ) -> OpResult<VmRecord> {
+        let sig_name = signal
+            .unwrap_or("KILL")
+            .trim_start_matches("SIG")
+            .to_ascii_uppercase();
         let Some(&(_, signo)) = SIGNALS.iter().find(|(n, _)| *n == sig_name) else {
             return Err(OpError::bad_request(format!(
                 "unsupported signal {:?}: use one of KILL, TERM, INT, HUP, QUIT",
@@ -101,7 +136,9 @@ impl Engine {
             ));
         }
         let live = self.live_or_handles(&vm.id);
-        let vmm = live.as_ref().and_then(|l| self.inner.vmms.for_kind(l.handle.kind));
+        let vmm = live
+            .as_ref()
+            .and_then(|l| self.inner.vmms.for_kind(l.handle.kind));
         if let (Some(l), Some(v)) = (&live, &vmm)
             && signo != libc::SIGKILL
             && v.is_alive(&l.handle)
@@ -123,7 +160,12 @@ impl Engine {
         self.delete_locked(vm, force, ctx).await
     }
 
-    async fn delete_locked(&self, mut vm: VmRecord, force: bool, ctx: &OpCtx<'_>) -> OpResult<VmRecord> {
+    async fn delete_locked(
+        &self,
+        mut vm: VmRecord,
+        force: bool,
+        ctx: &OpCtx<'_>,
+    ) -> OpResult<VmRecord> {
         if vm.state.may_have_vmm() {
             if !force {
                 return Err(OpError::busy(format!(
@@ -132,7 +174,9 @@ impl Engine {
                 )));
             }
             let live = self.live_or_handles(&vm.id);
-            let vmm = live.as_ref().and_then(|l| self.inner.vmms.for_kind(l.handle.kind));
+            let vmm = live
+                .as_ref()
+                .and_then(|l| self.inner.vmms.for_kind(l.handle.kind));
             ctx.progress.stage("kill", None);
             let errors = self.teardown(&vm.id, live.as_ref(), vmm).await;
             if !errors.is_empty() {
@@ -151,7 +195,11 @@ impl Engine {
         if let Err(e) = std::fs::remove_dir_all(&dir)
             && e.kind() != std::io::ErrorKind::NotFound
         {
-            return Err(OpError::failed(format!("deleting VM {}: removing {}: {e}", vm.name, dir.display())));
+            return Err(OpError::failed(format!(
+                "deleting VM {}: removing {}: {e}",
+                vm.name,
+                dir.display()
+            )));
         }
         self.store().delete_vm(&vm.id)?;
         self.inner.vm_locks.lock().expect("poisoned").remove(&vm.id);
@@ -182,9 +230,16 @@ impl Engine {
         Ok(removed)
     }
 
-    pub async fn set(&self, name: &str, vcpu: Option<u32>, memory_mib: Option<u32>) -> OpResult<VmRecord> {
+    pub async fn set(
+        &self,
+        name: &str,
+        vcpu: Option<u32>,
+        memory_mib: Option<u32>,
+    ) -> OpResult<VmRecord> {
         if vcpu.is_none() && memory_mib.is_none() {
-            return Err(OpError::bad_request("nothing to set: give --vcpu and/or --memory"));
+            return Err(OpError::bad_request(
+                "nothing to set: give --vcpu and/or --memory",
+            ));
         }
         validate_shape(vcpu, memory_mib)?;
         let (_guard, mut vm) = self.lock_vm(name).await?;
@@ -286,7 +341,9 @@ pub(super) fn validate_shape(vcpu: Option<u32>, memory_mib: Option<u32>) -> OpRe
     if let Some(v) = vcpu
         && !(1..=32).contains(&v)
     {
-        return Err(OpError::bad_request(format!("invalid vcpu count {v}: use 1 to 32")));
+        return Err(OpError::bad_request(format!(
+            "invalid vcpu count {v}: use 1 to 32"
+        )));
     }
     if let Some(m) = memory_mib
         && !(128..=1024 * 1024).contains(&m)

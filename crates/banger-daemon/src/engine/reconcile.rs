@@ -37,7 +37,9 @@ impl Engine {
             let handles = match Handles::read(&handles_path) {
                 Ok(h) => h,
                 Err(e) => {
-                    report.actions.push(format!("VM {}: {e}; treating its VMM as gone", vm.name));
+                    report
+                        .actions
+                        .push(format!("VM {}: {e}; treating its VMM as gone", vm.name));
                     None
                 }
             };
@@ -65,9 +67,10 @@ impl Engine {
                     live.handle.clone(),
                     live.generation,
                 );
-                report
-                    .actions
-                    .push(format!("VM {}: re-adopted running VMM pid {}", vm.name, live.handle.pid));
+                report.actions.push(format!(
+                    "VM {}: re-adopted running VMM pid {}",
+                    vm.name, live.handle.pid
+                ));
                 continue;
             }
             let was = vm.state;
@@ -81,10 +84,14 @@ impl Engine {
             if !errors.is_empty() {
                 note.push_str(&format!("; cleanup errors: {}", join_errors(&errors)));
             }
-            report.actions.push(format!("VM {}: marked stopped: {note}", vm.name));
+            report
+                .actions
+                .push(format!("VM {}: marked stopped: {note}", vm.name));
             vm.last_error = Some(note);
             if let Err(e) = self.save(&mut vm) {
-                report.actions.push(format!("VM {}: could not save: {e}", vm.name));
+                report
+                    .actions
+                    .push(format!("VM {}: could not save: {e}", vm.name));
             }
         }
         self.remove_orphan_run_dirs(&mut report);
@@ -106,9 +113,10 @@ impl Engine {
                 continue;
             }
             match std::fs::remove_dir_all(entry.path()) {
-                Ok(()) => report
-                    .actions
-                    .push(format!("removed stale runtime dir {}", entry.path().display())),
+                Ok(()) => report.actions.push(format!(
+                    "removed stale runtime dir {}",
+                    entry.path().display()
+                )),
                 Err(e) => {
                     warn!(path = %entry.path().display(), error = %e, "could not remove stale runtime dir")
                 }

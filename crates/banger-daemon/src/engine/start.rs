@@ -99,7 +99,8 @@ impl Engine {
             ctx.progress.stage(step, None);
             let result = async {
                 self.inner.hook.check(vm, step, false)?;
-                self.run_step(step, vm, &mut attempt, &mut rollback, ctx).await?;
+                self.run_step(step, vm, &mut attempt, &mut rollback, ctx)
+                    .await?;
                 self.inner.hook.check(vm, step, true)
             };
             // Steps are not abandoned half-way (a dropped spawn could orphan a process); a
@@ -154,12 +155,16 @@ impl Engine {
                     .store()
                     .get_kernel(&vm.kernel)
                     .map_err(|e| e.to_string())?
-                    .ok_or_else(|| format!("kernel {:?} is not installed (banger kernel ls)", vm.kernel))?;
+                    .ok_or_else(|| {
+                        format!("kernel {:?} is not installed (banger kernel ls)", vm.kernel)
+                    })?;
                 let image = self
                     .store()
                     .get_image(&vm.image)
                     .map_err(|e| e.to_string())?
-                    .ok_or_else(|| format!("image {:?} is not installed (banger image ls)", vm.image))?;
+                    .ok_or_else(|| {
+                        format!("image {:?} is not installed (banger image ls)", vm.image)
+                    })?;
                 for p in [&kernel.vmlinux, &image.rootfs] {
                     if !p.is_file() {
                         return Err(format!("{} is missing", p.display()));
@@ -172,7 +177,10 @@ impl Engine {
                 }
                 for p in [layout.work_disk(&vm.id), layout.root_disk(&vm.id)] {
                     if !p.is_file() {
-                        return Err(format!("disk {} is missing; delete and recreate the VM", p.display()));
+                        return Err(format!(
+                            "disk {} is missing; delete and recreate the VM",
+                            p.display()
+                        ));
                     }
                 }
                 let vmm = self.inner.vmms.select().await?;
@@ -212,7 +220,8 @@ impl Engine {
                 if dir.exists() {
                     // Leftover of a run that died with its daemon: nothing in it is live, or
                     // reconcile would have re-adopted the VM.
-                    std::fs::remove_dir_all(&dir).map_err(|e| format!("clearing {}: {e}", dir.display()))?;
+                    std::fs::remove_dir_all(&dir)
+                        .map_err(|e| format!("clearing {}: {e}", dir.display()))?;
                 }
                 create_private_dir(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))
             }
@@ -242,7 +251,11 @@ impl Engine {
                     if let Err(e) = Handles::remove(&undo_handles) {
                         errors.push(format!("removing {}: {e}", undo_handles.display()));
                     }
-                    if errors.is_empty() { Ok(()) } else { Err(join_errors(&errors)) }
+                    if errors.is_empty() {
+                        Ok(())
+                    } else {
+                        Err(join_errors(&errors))
+                    }
                 });
                 let handle = vmm.spawn(&spec).await.map_err(|e| e.to_string())?;
                 *slot.lock().expect("poisoned") = Some(handle.clone());

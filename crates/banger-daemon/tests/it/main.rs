@@ -1,0 +1,6 @@
+//! bangerd's integration tests: the real daemon binary, the real CLI, the fake Firecracker.
+
+mod engine_faults;
+mod lifecycle;
+mod protocol;
+mod recovery;

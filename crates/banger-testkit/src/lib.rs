@@ -1,0 +1,399 @@
+//! Test infrastructure shared by banger's integration tests and benchmarks.
+//!
+//! [`TestEnv`] is a throw-away banger installation in a temp dir: its own config, state and
+//! runtime dirs, the fake Firecracker as VMM, a control file to inject VMM failures, and helpers
+//! to run `bangerd` and `banger` against it. Dropping it stops the daemon and kills every
+//! process that still references the temp dir, so a failed test leaks nothing.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use banger_core::OpId;
+use banger_protocol::{Envelope, Frame, PROTOCOL_VERSION, Request};
+
+/// The directory holding the workspace's built binaries (`target/debug`), derived from the
+/// running test executable (`target/debug/deps/it-…`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir
+}
+
+/// A workspace binary, failing loudly (not skipping) when it was not built: CI runs
+/// `cargo test --workspace`, which builds every binary.
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.is_file(),
+        "{} is missing: build it first (cargo build --workspace)",
+        p.display()
+    );
+    p
+}
+
+/// Whether a program is installed (PATH plus the sbin dirs).
+pub fn have_program(name: &str) -> bool {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
+        .any(|d| d.join(name).is_file())
+}
+
+/// One answer from the daemon: every frame, the final one last.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub frames: Vec<Frame>,
+}
+
+impl Reply {
+    pub fn last(&self) -> &Frame {
+        self.frames.last().expect("at least one frame")
+    }
+
+    /// The result value, panicking with the error if the request failed.
+    pub fn ok(&self) -> serde_json::Value {
+        match self.last() {
+            Frame::Result { result, .. } => result.clone(),
+            other => panic!("expected a result, got {other:?}"),
+        }
+    }
+
+    /// The error code and message, panicking if the request succeeded.
+    pub fn err(&self) -> (banger_core::ErrorCode, String) {
+        match self.last() {
+            Frame::Error { code, message, .. } => (*code, message.clone()),
+            other => panic!("expected an error, got {other:?}"),
+        }
+    }
+
+    pub fn stages(&self) -> Vec<String> {
+        self.frames
+            .iter()
+            .filter_map(|f| match f {
+                Frame::Progress { stage, .. } => Some(stage.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+/// Sends raw bytes as a request and reads frames until the final one or EOF.
+pub fn raw_request(socket: &Path, bytes: &[u8]) -> std::io::Result<Vec<Frame>> {
+    let mut s = UnixStream::connect(socket)?;
+    s.set_read_timeout(Some(Duration::from_secs(120)))?;
+    s.write_all(bytes)?;
+    let mut frames = Vec::new();
+    for line in BufReader::new(s).lines() {
+        let line = line?;
+        let f: Frame = serde_json::from_str(&line)
+            .map_err(|e| std::io::Error::other(format!("bad frame {line:?}: {e}")))?;
+        let last = f.is_final();
+        frames.push(f);
+        if last {
+            break;
+        }
+    }
+    Ok(frames)
+}
+
+/// Sends a typed request.
+pub fn request(socket: &Path, req: &Request) -> Reply {
+    let op = OpId::generate();
+    let line = Envelope {
+        v: PROTOCOL_VERSION,
+        op_id: &op,
+        request: req,
+    }
+    .to_line();
+    let frames = raw_request(socket, line.as_bytes()).expect("daemon request");
+    assert!(!frames.is_empty(), "no answer to {req:?}");
+    Reply { frames }
+}
+
+/// A banger installation in a temp dir.
+#[derive(Debug)]
+pub struct TestEnv {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    /// The fake Firecracker's control file (see the fake-firecracker crate).
+    pub control: PathBuf,
+    /// Where the fake records every API call.
+    pub record: PathBuf,
+    daemon: Option<Child>,
+}
+
+impl TestEnv {
+    /// A new environment using the fake Firecracker, with `extra` appended to its config.
+    pub fn new(extra: &str) -> TestEnv {
+        let dir = tempfile::Builder::new()
+            .prefix("bgt")
+            .tempdir_in(
+                std::env::var_os("BANGER_TEST_TMP")
+                    .map(PathBuf::from)
+                    .unwrap_or_else(std::env::temp_dir),
+            )
+            .expect("tempdir");
+        let root = dir.path();
+        let config = root.join("config.toml");
+        let text = format!(
+            "state_dir = \"{s}\"\nruntime_dir = \"{r}\"\ncache_dir = \"{c}\"\nvmm = \"firecracker\"\nfirecracker_bin = \"{fc}\"\nlog_level = \"debug\"\nstop_timeout_secs = 5\n\n[vm_defaults]\nvcpu = 1\nmemory_mib = 256\nwork_disk_size = \"256M\"\n{extra}",
+            s = root.join("state").display(),
+            r = root.join("run").display(),
+            c = root.join("cache").display(),
+            fc = bin("fake-firecracker").display(),
+        );
+        std::fs::write(&config, text).expect("write config");
+        TestEnv {
+            control: root.join("fc-control.json"),
+            record: root.join("fc-calls.jsonl"),
+            config,
+            dir,
+            daemon: None,
+        }
+    }
+
+    pub fn root(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.root().join("state")
+    }
+
+    pub fn runtime_dir(&self) -> PathBuf {
+        self.root().join("run")
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.runtime_dir().join("bangerd.sock")
+    }
+
+    /// Writes the fake Firecracker's control file (read at each API call).
+    pub fn set_control(&self, json: serde_json::Value) {
+        let mut v = json;
+        if v.get("record").is_none() {
+            v["record"] = serde_json::Value::String(self.record.display().to_string());
+        }
+        std::fs::write(&self.control, serde_json::to_vec(&v).unwrap()).expect("write control");
+    }
+
+    /// A `bangerd` command for this environment (not started).
+    pub fn daemon_command(&self) -> Command {
+        let mut c = Command::new(bin("bangerd"));
+        c.env("BANGER_CONFIG", &self.config)
+            .env("FAKE_FIRECRACKER_CONTROL", &self.control)
+            .env("FAKE_FIRECRACKER_RECORD", &self.record)
+            .env_remove("BANGER_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        c
+    }
+
+    /// Starts the daemon and waits until it answers `ping`.
+    pub fn start_daemon(&mut self) {
+        assert!(self.daemon.is_none(), "daemon already started");
+        let child = self.daemon_command().spawn().expect("spawn bangerd");
+        self.daemon = Some(child);
+        self.wait_ready();
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(frames) = raw_request(&self.socket(), b"{\"v\":1,\"method\":\"ping\"}\n")
+                && matches!(frames.last(), Some(Frame::Result { .. }))
+            {
+                return;
+            }
+            if let Some(child) = self.daemon.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                panic!("bangerd exited with {status}; log:\n{}", self.daemon_log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "bangerd did not come up; log:\n{}",
+                self.daemon_log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills the daemon with SIGKILL (VMs keep running) and reaps it.
+    pub fn kill_daemon(&mut self) {
+        if let Some(mut child) = self.daemon.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Asks the daemon to stop and waits for it.
+    pub fn stop_daemon(&mut self) {
+        if let Some(mut child) = self.daemon.take() {
+            let _ = raw_request(
+                &self.socket(),
+                b"{\"v\":1,\"method\":\"daemon.shutdown\"}\n",
+            );
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn daemon_log(&self) -> String {
+        std::fs::read_to_string(self.state_dir().join("bangerd.log")).unwrap_or_default()
+    }
+
+    pub fn request(&self, req: &Request) -> Reply {
+        request(&self.socket(), req)
+    }
+
+    /// Runs the `banger` CLI against this environment.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(bin("banger"))
+            .args(args)
+            .env("BANGER_CONFIG", &self.config)
+            .env("FAKE_FIRECRACKER_CONTROL", &self.control)
+            .env("FAKE_FIRECRACKER_RECORD", &self.record)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run banger")
+    }
+
+    /// Creates a dummy kernel dir (ELF magic and a version banner: enough for the fake VMM) and
+    /// a real, small ext4 root filesystem, and registers both as the config's defaults.
+    pub fn seed_artifacts(&self) {
+        let kdir = self.root().join("kernel-src");
+        std::fs::create_dir_all(&kdir).unwrap();
+        let mut vmlinux = b"\x7fELF\x02\x01\x01".to_vec();
+        vmlinux.resize(4096, 0);
+        vmlinux.extend_from_slice(b"Linux version 6.1.0-test (banger@test) #1 SMP\0");
+        std::fs::write(kdir.join("vmlinux"), vmlinux).unwrap();
+        std::fs::write(kdir.join("initrd.img"), b"070701fake-initrd").unwrap();
+        let rootfs = self.root().join("rootfs.ext4");
+        make_ext4(&rootfs, 32);
+        self.request(&Request::KernelImport(
+            banger_protocol::KernelImportParams {
+                name: "debian-6.1-cloud".into(),
+                dir: kdir,
+            },
+        ))
+        .ok();
+        self.request(&Request::ImageRegister(
+            banger_protocol::ImageRegisterParams {
+                name: "debian-bookworm".into(),
+                rootfs,
+                kernel: None,
+            },
+        ))
+        .ok();
+    }
+
+    /// Processes (other than the daemon) whose command line mentions this environment: after
+    /// a test has deleted or stopped everything, there must be none.
+    pub fn stray_processes(&self) -> Vec<(i32, String)> {
+        let daemon_pid = self.daemon.as_ref().map(|c| c.id() as i32);
+        processes_mentioning(self.root())
+            .into_iter()
+            .filter(|(pid, _)| Some(*pid) != daemon_pid)
+            .collect()
+    }
+
+    /// Files left under the runtime dir's per-VM area and the state dir's VM area.
+    pub fn vm_leftovers(&self) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for d in [self.runtime_dir().join("vms"), self.state_dir().join("vms")] {
+            if let Ok(rd) = std::fs::read_dir(&d) {
+                out.extend(rd.flatten().map(|e| e.path()));
+            }
+        }
+        out
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        self.kill_daemon();
+        for (pid, _) in processes_mentioning(self.root()) {
+            // SAFETY: kill(2) on processes whose command line names our private temp dir.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
+/// Makes a real ext4 image of `mib` MiB with a marker file, without root (mkfs.ext4 -d).
+pub fn make_ext4(path: &Path, mib: u64) {
+    let src = path.with_extension("d");
+    std::fs::create_dir_all(src.join("etc")).unwrap();
+    std::fs::write(src.join("etc/hostname"), "image\n").unwrap();
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(mib << 20).unwrap();
+    drop(f);
+    let mkfs = ["/usr/sbin/mkfs.ext4", "/sbin/mkfs.ext4"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .unwrap_or("mkfs.ext4");
+    let out = Command::new(mkfs)
+        .args(["-F", "-q", "-d"])
+        .arg(&src)
+        .arg(path)
+        .output()
+        .expect("run mkfs.ext4");
+    assert!(
+        out.status.success(),
+        "mkfs.ext4: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Pids and command lines of processes whose argv mentions `needle`.
+pub fn processes_mentioning(needle: &Path) -> Vec<(i32, String)> {
+    let needle = needle.to_string_lossy().into_owned();
+    let me = std::process::id() as i32;
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(raw) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&raw).replace('\0', " ");
+        if cmd.contains(&needle) {
+            // Zombies have an empty cmdline, so anything here is really running.
+            out.push((pid, cmd.trim().to_string()));
+        }
+    }
+    out
+}
+
+/// Whether a process exists and is not a zombie.
+pub fn pid_alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => s
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z"),
+        Err(_) => false,
+    }
+}
