@@ -11,7 +11,7 @@ use banger_config::RootDiskStrategy;
 use banger_core::ByteSize;
 use banger_vmm::DriveSpec;
 
-use crate::runner::{Cmd, CommandRunner, RunError};
+use banger_sys::{Cmd, CommandRunner, RunError};
 
 /// Size of the sparse upper disk of the `overlay` strategy. It costs nothing until written.
 pub const OVERLAY_UPPER_SIZE: ByteSize = ByteSize(8 * ByteSize::GIB);
@@ -228,7 +228,7 @@ fn sparse_copy_inner(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::runner::{RealRunner, RecordingRunner};
+    use banger_sys::{RealRunner, RecordingRunner};
     use std::os::unix::fs::MetadataExt;
 
     #[test]

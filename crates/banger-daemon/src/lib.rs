@@ -11,7 +11,6 @@ pub mod handles;
 pub mod layout;
 pub mod logging;
 pub mod progress;
-pub mod runner;
 pub mod server;
 pub mod vmms;
 
@@ -28,9 +27,9 @@ use tracing::info;
 
 use crate::engine::{Engine, NoFaults};
 use crate::layout::Layout;
-use crate::runner::RealRunner;
 use crate::server::Daemon;
 use crate::vmms::ConfigVmmProvider;
+use banger_sys::RealRunner;
 
 pub fn layout_for(config: &Config) -> Layout {
     Layout::new(config.state_dir.clone(), config.runtime_dir.clone())

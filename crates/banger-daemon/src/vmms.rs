@@ -100,18 +100,4 @@ pub fn kvm_usable() -> bool {
     dev_ok && cpu_ok && !Path::new("/sys/module/kvm_pvm").exists()
 }
 
-/// Looks a program up in PATH, then in the sbin directories a non-login PATH often lacks.
-pub fn find_in_path(program: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/local/sbin", "/usr/sbin", "/sbin"].map(PathBuf::from))
-        .map(|d| d.join(program))
-        .find(|c| is_executable(c))
-}
-
-fn is_executable(p: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(p)
-        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        .unwrap_or(false)
-}
+pub use banger_sys::find_in_path;

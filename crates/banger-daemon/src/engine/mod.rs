@@ -22,7 +22,7 @@ use banger_vmm::{Vmm, VmmHandle, VmmKind};
 
 use crate::error::{OpError, OpResult};
 use crate::layout::Layout;
-use crate::runner::CommandRunner;
+use banger_sys::CommandRunner;
 
 pub use reconcile::ReconcileReport;
 pub use start::START_STEPS;

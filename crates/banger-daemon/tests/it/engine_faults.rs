@@ -8,10 +8,10 @@ use banger_core::{VmRecord, VmState};
 use banger_daemon::engine::{Engine, START_STEPS, StepHook};
 use banger_daemon::layout::Layout;
 use banger_daemon::progress::{NoProgress, OpCtx};
-use banger_daemon::runner::RealRunner;
 use banger_daemon::vmms::ConfigVmmProvider;
 use banger_protocol::{Request, VmCreateParams, VmRef};
 use banger_store::Store;
+use banger_sys::RealRunner;
 use banger_testkit::{TestEnv, make_ext4};
 
 #[derive(Debug)]

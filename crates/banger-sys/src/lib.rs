@@ -1,17 +1,35 @@
 //! External programs, behind a trait.
 //!
-//! Every program the daemon runs (mkfs.ext4 today; more with networking) goes through
-//! [`CommandRunner`] as an argv vector, never a shell line, so tests can record and fail calls.
+//! Every program banger runs (mkfs.ext4, ip, nft, ssh-keygen...) goes through [`CommandRunner`]
+//! as an argv vector, never a shell line, so tests can record calls and inject failures.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::sync::Mutex;
+
+/// Looks a program up in PATH, then in the sbin directories a non-login PATH often lacks.
+pub fn find_in_path(program: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/local/sbin", "/usr/sbin", "/sbin"].map(PathBuf::from))
+        .map(|d| d.join(program))
+        .find(|c| is_executable(c))
+}
+
+fn is_executable(p: &std::path::Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p)
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
+}
 
 /// A command as argv: program plus arguments. Never interpreted by a shell.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cmd {
     pub program: PathBuf,
     pub args: Vec<OsString>,
+    /// Bytes fed to the program's stdin (closed when `None`).
+    pub stdin: Option<Vec<u8>>,
 }
 
 impl Cmd {
@@ -19,11 +37,26 @@ impl Cmd {
         Cmd {
             program: program.into(),
             args: Vec::new(),
+            stdin: None,
         }
     }
 
     pub fn arg(mut self, a: impl Into<OsString>) -> Self {
         self.args.push(a.into());
+        self
+    }
+
+    pub fn args<I, A>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = A>,
+        A: Into<OsString>,
+    {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    pub fn stdin(mut self, data: impl Into<Vec<u8>>) -> Self {
+        self.stdin = Some(data.into());
         self
     }
 
@@ -69,21 +102,30 @@ impl CommandRunner for RealRunner {
     async fn run(&self, cmd: &Cmd) -> Result<Vec<u8>, RunError> {
         // Programs such as mkfs.ext4 live in /usr/sbin, which an unprivileged PATH often lacks.
         let program = match cmd.program.to_str() {
-            Some(p) if !p.contains('/') => {
-                crate::vmms::find_in_path(p).unwrap_or_else(|| cmd.program.clone())
-            }
+            Some(p) if !p.contains('/') => find_in_path(p).unwrap_or_else(|| cmd.program.clone()),
             _ => cmd.program.clone(),
         };
-        let out = tokio::process::Command::new(&program)
+        let spawn_err = |source| RunError::Spawn {
+            cmd: cmd.display(),
+            source,
+        };
+        let mut child = tokio::process::Command::new(&program)
             .args(&cmd.args)
-            .stdin(std::process::Stdio::null())
+            .stdin(if cmd.stdin.is_some() {
+                std::process::Stdio::piped()
+            } else {
+                std::process::Stdio::null()
+            })
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
             .kill_on_drop(true)
-            .output()
-            .await
-            .map_err(|source| RunError::Spawn {
-                cmd: cmd.display(),
-                source,
-            })?;
+            .spawn()
+            .map_err(spawn_err)?;
+        if let (Some(data), Some(mut stdin)) = (cmd.stdin.clone(), child.stdin.take()) {
+            use tokio::io::AsyncWriteExt;
+            stdin.write_all(&data).await.map_err(spawn_err)?;
+        }
+        let out = child.wait_with_output().await.map_err(spawn_err)?;
         if out.status.success() {
             Ok(out.stdout)
         } else {
