@@ -125,6 +125,16 @@ word_enum!(
     }
 );
 
+word_enum!(
+    /// Whether VMs get a network interface on banger's bridge.
+    NetworkMode {
+        /// A tap on the bridge, a fixed IPv4 address, ssh access (needs root or the helper).
+        Bridge = "bridge",
+        /// No network device at all: an offline sandbox, reachable only through its console.
+        None = "none",
+    }
+);
+
 /// Resources a VM gets when `vm create` does not say.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct VmDefaults {
@@ -194,7 +204,15 @@ pub struct Config {
     pub qemu_bin: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub jailer_bin: Option<PathBuf>,
+    /// The static guest agent put into banger's initramfs as `/init`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_bin: Option<PathBuf>,
     pub root_disk: RootDiskStrategy,
+    pub network: NetworkMode,
+    /// Debian mirror for the default kernel and image.
+    pub debian_mirror: String,
+    /// How long a start waits for the guest to answer ssh.
+    pub boot_timeout_secs: u64,
     pub bridge_name: String,
     pub bridge_cidr: Ipv4Cidr,
     pub tap_pool_size: u32,
@@ -209,6 +227,7 @@ pub struct Config {
 
 impl Config {
     pub const DEFAULT_BRIDGE: &str = "br-banger";
+    pub const DEFAULT_MIRROR: &str = "http://deb.debian.org/debian";
     pub const DEFAULT_CIDR: &str = "172.30.0.0/24";
     pub const DEFAULT_DNS_PORT: u16 = 42069;
     pub const DEFAULT_IMAGE: &str = "debian-bookworm";
@@ -250,7 +269,11 @@ impl Config {
             firecracker_bin: None,
             qemu_bin: None,
             jailer_bin: None,
+            agent_bin: None,
             root_disk: RootDiskStrategy::Overlay,
+            network: NetworkMode::Bridge,
+            debian_mirror: Self::DEFAULT_MIRROR.to_string(),
+            boot_timeout_secs: 180,
             bridge_name: Self::DEFAULT_BRIDGE.to_string(),
             bridge_cidr: Ipv4Cidr::parse(Self::DEFAULT_CIDR).unwrap_or_else(|e| {
                 unreachable!("built-in default {} is invalid: {e}", Self::DEFAULT_CIDR)
@@ -347,7 +370,11 @@ struct RawConfig {
     firecracker_bin: Option<Value>,
     qemu_bin: Option<Value>,
     jailer_bin: Option<Value>,
+    agent_bin: Option<Value>,
     root_disk: Option<Value>,
+    network: Option<Value>,
+    debian_mirror: Option<Value>,
+    boot_timeout_secs: Option<Value>,
     bridge_name: Option<Value>,
     bridge_cidr: Option<Value>,
     tap_pool_size: Option<Value>,
@@ -452,8 +479,30 @@ impl Checker<'_> {
         if let Some(v) = &raw.jailer_bin {
             c.jailer_bin = Some(self.abs_path("jailer_bin", v)?);
         }
+        if let Some(v) = &raw.agent_bin {
+            c.agent_bin = Some(self.abs_path("agent_bin", v)?);
+        }
         if let Some(v) = &raw.root_disk {
             c.root_disk = self.word("root_disk", v)?;
+        }
+        if let Some(v) = &raw.network {
+            c.network = self.word("network", v)?;
+        }
+        if let Some(v) = &raw.debian_mirror {
+            let s = self.string("debian_mirror", v)?;
+            if !(s.starts_with("http://") || s.starts_with("https://"))
+                || s.contains(char::is_whitespace)
+            {
+                return Err(self.invalid(
+                    "debian_mirror",
+                    v,
+                    "expected an http:// or https:// URL",
+                ));
+            }
+            c.debian_mirror = s.trim_end_matches('/').to_string();
+        }
+        if let Some(v) = &raw.boot_timeout_secs {
+            c.boot_timeout_secs = self.int("boot_timeout_secs", v, 5, 3600)? as u64;
         }
         if let Some(v) = &raw.bridge_name {
             let s = self.string("bridge_name", v)?;

@@ -12,6 +12,7 @@ pub mod layout;
 pub mod logging;
 pub mod progress;
 pub mod server;
+pub mod ssh;
 pub mod vmms;
 
 use std::os::fd::AsRawFd;
@@ -125,7 +126,7 @@ pub async fn run(config: Config, log_file: PathBuf) -> anyhow::Result<()> {
         info!("signal received; shutting down (VMs keep running)");
         shutdown.cancel();
     });
-    server::serve(listener, daemon).await;
+    server::serve(listener, daemon, std::time::Duration::from_secs(15)).await;
     let _ = std::fs::remove_file(&socket);
     let _ = std::fs::remove_file(layout.pid_file());
     info!("bangerd stopped");

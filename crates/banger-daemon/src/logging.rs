@@ -7,6 +7,13 @@ use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
+/// Logs go to stderr too when someone watches it (`bangerd` run by hand). Started in the
+/// background by the CLI, stderr is a file kept for start-up failures, and the log file has it all.
+fn stderr_is_terminal() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal()
+}
+
 /// Installs the global subscriber. Keep the returned guard alive: it flushes the file writer.
 pub fn init(
     log_file: &Path,
@@ -32,11 +39,11 @@ pub fn init(
                 .with_ansi(false)
                 .with_target(false),
         )
-        .with(
+        .with(stderr_is_terminal().then(|| {
             tracing_subscriber::fmt::layer()
                 .with_writer(std::io::stderr)
-                .with_target(false),
-        )
+                .with_target(false)
+        }))
         .try_init()
         .map_err(|e| anyhow::anyhow!("installing the logger: {e}"))?;
     Ok(guard)

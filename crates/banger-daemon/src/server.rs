@@ -34,13 +34,15 @@ pub struct Daemon {
     pub log_file: std::path::PathBuf,
 }
 
-/// Serves until `daemon.shutdown` is cancelled. Requests in flight finish on their own tasks.
-pub async fn serve(listener: UnixListener, daemon: Arc<Daemon>) {
+/// Serves until `daemon.shutdown` is cancelled, then gives requests in flight up to `grace` to
+/// finish and answer (the `daemon.shutdown` request itself among them).
+pub async fn serve(listener: UnixListener, daemon: Arc<Daemon>, grace: std::time::Duration) {
+    let tracker = tokio_util::task::TaskTracker::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    tokio::spawn(handle_connection(stream, daemon.clone()));
+                    tracker.spawn(handle_connection(stream, daemon.clone()));
                 }
                 Err(e) => {
                     warn!(error = %e, "accept failed");
@@ -49,6 +51,11 @@ pub async fn serve(listener: UnixListener, daemon: Arc<Daemon>) {
             },
             _ = daemon.shutdown.cancelled() => break,
         }
+    }
+    drop(listener);
+    tracker.close();
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        warn!("requests still running after {grace:?}; exiting anyway");
     }
 }
 

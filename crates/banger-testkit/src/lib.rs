@@ -142,7 +142,7 @@ impl TestEnv {
         let root = dir.path();
         let config = root.join("config.toml");
         let text = format!(
-            "state_dir = \"{s}\"\nruntime_dir = \"{r}\"\ncache_dir = \"{c}\"\nvmm = \"firecracker\"\nfirecracker_bin = \"{fc}\"\nlog_level = \"debug\"\nstop_timeout_secs = 5\n\n[vm_defaults]\nvcpu = 1\nmemory_mib = 256\nwork_disk_size = \"256M\"\n{extra}",
+            "state_dir = \"{s}\"\nruntime_dir = \"{r}\"\ncache_dir = \"{c}\"\nvmm = \"firecracker\"\nnetwork = \"none\"\nfirecracker_bin = \"{fc}\"\nlog_level = \"debug\"\nstop_timeout_secs = 5\n\n[vm_defaults]\nvcpu = 1\nmemory_mib = 256\nwork_disk_size = \"256M\"\n{extra}",
             s = root.join("state").display(),
             r = root.join("run").display(),
             c = root.join("cache").display(),

@@ -28,7 +28,8 @@ fn bad_names_are_bad_requests_in_daemon_and_cli() {
         assert_eq!(msg.lines().count(), 1, "{msg}");
         assert!(msg.contains("invalid VM name"), "{msg}");
 
-        let out = env.cli(&["vm", "create", "--name", bad]);
+        let flag = format!("--name={bad}");
+        let out = env.cli(&["vm", "create", &flag]);
         assert_eq!(out.status.code(), Some(2), "cli {bad:?}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(err.trim().lines().count(), 1, "one line: {err}");

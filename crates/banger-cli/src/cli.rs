@@ -1,0 +1,317 @@
+//! The command line, as clap derive types, and the value parsers that check input before any
+//! daemon contact.
+
+use std::path::PathBuf;
+
+use banger_core::{ByteSize, VmName, validate_artifact_name};
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "banger",
+    version,
+    about = "One-command dev sandboxes on Firecracker microVMs",
+    propagate_version = true
+)]
+pub struct Cli {
+    /// Config file; passed on to bangerd when banger starts it.
+    #[arg(long, env = "BANGER_CONFIG", global = true, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create, run and inspect sandbox VMs.
+    #[command(subcommand)]
+    Vm(VmCmd),
+    /// Root filesystem images VMs are built on.
+    #[command(subcommand)]
+    Image(ImageCmd),
+    /// Kernels VMs boot.
+    #[command(subcommand)]
+    Kernel(KernelCmd),
+    /// The bangerd background daemon.
+    #[command(subcommand)]
+    Daemon(DaemonCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VmCmd {
+    /// Create a VM and (unless --no-start) boot it.
+    Create(CreateArgs),
+    /// Boot a stopped VM.
+    Start { name: VmName },
+    /// Shut a VM down gracefully, killing it after the timeout.
+    Stop(StopArgs),
+    /// Stop then start a VM.
+    Restart(StopArgs),
+    /// Send a signal to a VM's VMM process (KILL by default).
+    Kill {
+        name: VmName,
+        /// KILL, TERM, INT, HUP or QUIT.
+        #[arg(long, short = 's')]
+        signal: Option<String>,
+    },
+    /// Delete VMs and their disks.
+    #[command(visible_alias = "delete")]
+    Rm {
+        #[arg(required = true, value_name = "NAME")]
+        names: Vec<VmName>,
+        /// Delete running VMs too (they are stopped first).
+        #[arg(long, short = 'f')]
+        force: bool,
+    },
+    /// Delete every VM that is not running.
+    Prune {
+        /// Do not ask for confirmation.
+        #[arg(long, short = 'f')]
+        force: bool,
+    },
+    /// List VMs.
+    #[command(visible_aliases = ["list", "ps"])]
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one VM in detail.
+    Show {
+        name: VmName,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change a stopped VM's vcpu count or memory.
+    Set {
+        name: VmName,
+        #[arg(long, value_parser = parse_vcpu, allow_negative_numbers = true, value_name = "N")]
+        vcpu: Option<u32>,
+        /// Memory: 2G, 512M, or a bare number of MiB.
+        #[arg(long, value_parser = parse_memory_mib, allow_hyphen_values = true, value_name = "SIZE")]
+        memory: Option<u32>,
+    },
+    /// Print a VM's VMM log.
+    Logs {
+        name: VmName,
+        /// Only the last LINES lines.
+        #[arg(short = 'n', long = "lines", value_name = "LINES")]
+        lines: Option<usize>,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// A DNS label; generated when absent.
+    #[arg(long)]
+    pub name: Option<VmName>,
+    /// Image to build the root disk on (daemon default when absent).
+    #[arg(long, value_parser = parse_image_name)]
+    pub image: Option<String>,
+    /// Kernel to boot (the image's or the daemon default when absent).
+    #[arg(long, value_parser = parse_kernel_name)]
+    pub kernel: Option<String>,
+    #[arg(long, value_parser = parse_vcpu, allow_negative_numbers = true, value_name = "N")]
+    pub vcpu: Option<u32>,
+    /// Memory: 2G, 512M, or a bare number of MiB.
+    #[arg(long, value_parser = parse_memory_mib, allow_hyphen_values = true, value_name = "SIZE")]
+    pub memory: Option<u32>,
+    /// Size of the writable work disk: 8G, 512M, or a bare number of MiB.
+    #[arg(long, value_parser = parse_disk_size, allow_hyphen_values = true, value_name = "SIZE")]
+    pub disk_size: Option<ByteSize>,
+    /// Give the VM outbound network access through NAT.
+    #[arg(long)]
+    pub nat: bool,
+    /// Create the VM without booting it.
+    #[arg(long)]
+    pub no_start: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct StopArgs {
+    pub name: VmName,
+    /// Seconds to wait for a graceful shutdown (config default when absent).
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<u64>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImageCmd {
+    /// Register an existing ext4 root filesystem as an image (it is never written).
+    Register {
+        #[arg(value_parser = parse_image_name)]
+        name: String,
+        #[arg(long, value_parser = parse_existing_file, value_name = "PATH")]
+        rootfs: PathBuf,
+        /// Kernel VMs of this image boot by default.
+        #[arg(long, value_parser = parse_kernel_name)]
+        kernel: Option<String>,
+    },
+    /// List images.
+    #[command(visible_alias = "list")]
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one image.
+    Show {
+        #[arg(value_parser = parse_image_name)]
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete an image.
+    #[command(visible_alias = "delete")]
+    Rm {
+        #[arg(value_parser = parse_image_name)]
+        name: String,
+        /// Delete even if VMs use it.
+        #[arg(long, short = 'f')]
+        force: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KernelCmd {
+    /// Import a kernel from a directory holding `vmlinux` (and optionally `initrd.img`).
+    Import {
+        #[arg(value_parser = parse_kernel_name)]
+        name: String,
+        #[arg(long = "from", value_parser = parse_existing_dir, value_name = "DIR")]
+        from: PathBuf,
+    },
+    /// List kernels.
+    #[command(visible_alias = "list")]
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one kernel.
+    Show {
+        #[arg(value_parser = parse_kernel_name)]
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a kernel.
+    #[command(visible_alias = "delete")]
+    Rm {
+        #[arg(value_parser = parse_kernel_name)]
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DaemonCmd {
+    /// Start bangerd if it is not running.
+    Start,
+    /// Stop bangerd (VMs keep running).
+    Stop,
+    /// Show whether bangerd runs, and its details.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// A vcpu count: a positive integer.
+pub fn parse_vcpu(s: &str) -> Result<u32, String> {
+    let n: i64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("invalid vcpu count {s:?}: expected a whole number"))?;
+    if n <= 0 {
+        return Err(format!("invalid vcpu count {s:?}: must be at least 1"));
+    }
+    u32::try_from(n).map_err(|_| format!("invalid vcpu count {s:?}: too large"))
+}
+
+/// A memory size, as whole MiB (what the daemon takes).
+pub fn parse_memory_mib(s: &str) -> Result<u32, String> {
+    let size = parse_positive_size("memory", s)?;
+    if !size.bytes().is_multiple_of(ByteSize::MIB) {
+        return Err(format!(
+            "invalid memory size {s:?}: must be a whole number of MiB"
+        ));
+    }
+    u32::try_from(size.as_mib()).map_err(|_| format!("invalid memory size {s:?}: too large"))
+}
+
+/// A work-disk size.
+pub fn parse_disk_size(s: &str) -> Result<ByteSize, String> {
+    parse_positive_size("disk", s)
+}
+
+fn parse_positive_size(what: &str, s: &str) -> Result<ByteSize, String> {
+    if s.trim_start().starts_with('-') {
+        return Err(format!("invalid {what} size {s:?}: must be greater than 0"));
+    }
+    let size = ByteSize::parse(s).map_err(|e| e.to_string())?;
+    if size.bytes() == 0 {
+        return Err(format!("invalid {what} size {s:?}: must be greater than 0"));
+    }
+    Ok(size)
+}
+
+pub fn parse_image_name(s: &str) -> Result<String, String> {
+    validate_artifact_name("image", s).map(|()| s.to_string())
+}
+
+pub fn parse_kernel_name(s: &str) -> Result<String, String> {
+    validate_artifact_name("kernel", s).map(|()| s.to_string())
+}
+
+/// The daemon runs elsewhere (another cwd, maybe another mount view of relative paths), so
+/// paths are sent absolute and resolved; a missing one fails here, with the path named.
+fn canonical(s: &str) -> Result<PathBuf, String> {
+    std::fs::canonicalize(s).map_err(|e| {
+        let reason = match e.kind() {
+            std::io::ErrorKind::NotFound => "no such file or directory".to_string(),
+            _ => e.to_string(),
+        };
+        format!("cannot use {s:?}: {reason}")
+    })
+}
+
+pub fn parse_existing_file(s: &str) -> Result<PathBuf, String> {
+    let p = canonical(s)?;
+    if p.is_dir() {
+        return Err(format!(
+            "cannot use {s:?}: it is a directory, expected a file"
+        ));
+    }
+    Ok(p)
+}
+
+pub fn parse_existing_dir(s: &str) -> Result<PathBuf, String> {
+    let p = canonical(s)?;
+    if !p.is_dir() {
+        return Err(format!("cannot use {s:?}: not a directory"));
+    }
+    Ok(p)
+}
+
+/// Turns a clap failure into what to print and the exit code. Help and version go to stdout
+/// with 0; a value rejected by a parser becomes one `banger: …` line with 2, since the parser's
+/// message already names the bad value; other usage errors keep clap's rendering.
+pub fn clap_failure(e: &clap::Error) -> (String, i32, bool) {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    match e.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => (e.render().to_string(), 0, true),
+        ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => (e.render().to_string(), 2, false),
+        ErrorKind::ValueValidation => {
+            let reason = std::error::Error::source(e)
+                .map(|s| s.to_string())
+                .unwrap_or_else(|| e.kind().to_string());
+            // Name the flag for options (`--memory: invalid size "4X": …`); positional names
+            // are already named by the message itself.
+            let flag = match e.get(ContextKind::InvalidArg) {
+                Some(ContextValue::String(a)) if a.starts_with('-') => {
+                    format!("{}: ", a.split_whitespace().next().unwrap_or(a))
+                }
+                _ => String::new(),
+            };
+            (format!("banger: {flag}{reason}\n"), 2, false)
+        }
+        _ => (e.render().to_string(), 2, false),
+    }
+}

@@ -1,0 +1,369 @@
+//! What each command sends and prints.
+
+use std::time::{Duration, Instant};
+
+use banger_core::{ImageRecord, KernelRecord, VmName, VmRecord};
+use banger_protocol::{
+    DaemonStatus, ImageRegisterParams, KernelImportParams, Logs, NameForceParams, NameParams,
+    Removed, Request, VmCreateParams, VmDeleteParams, VmKillParams, VmList, VmLogsParams, VmRef,
+    VmSetParams, VmStopParams,
+};
+
+use crate::cli::{Command, DaemonCmd, ImageCmd, KernelCmd, VmCmd};
+use crate::client;
+use crate::error::CliError;
+use crate::{Ctx, render};
+
+/// How long `daemon stop` waits for the socket to go away.
+const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub fn execute(command: Command, ctx: &mut Ctx<'_>) -> Result<(), CliError> {
+    match command {
+        Command::Vm(c) => vm(c, ctx),
+        Command::Image(c) => image(c, ctx),
+        Command::Kernel(c) => kernel(c, ctx),
+        Command::Daemon(c) => daemon(c, ctx),
+    }
+}
+
+fn vm_ref(name: &VmName) -> VmRef {
+    VmRef {
+        vm: name.to_string(),
+    }
+}
+
+/// Sends a request whose result is a VM record and prints the one-line summary.
+fn vm_summary(ctx: &mut Ctx<'_>, request: Request) -> Result<(), CliError> {
+    let started = Instant::now();
+    let method = request.method();
+    let vm: VmRecord = ctx.request(&request)?.decode(method)?;
+    let line = render::vm_summary(&vm, started.elapsed().as_secs_f64());
+    ctx.print(&format!("{line}\n"))
+}
+
+/// Prints `--json` verbatim, or the human rendering of the decoded result.
+fn show<T: serde::de::DeserializeOwned>(
+    ctx: &mut Ctx<'_>,
+    request: Request,
+    json: bool,
+    human: impl FnOnce(&T, i64) -> String,
+) -> Result<(), CliError> {
+    let answer = ctx.request(&request)?;
+    let text = if json {
+        format!("{}\n", answer.pretty_json())
+    } else {
+        human(&answer.decode::<T>(request.method())?, ctx.now)
+    };
+    ctx.print(&text)
+}
+
+fn vm(cmd: VmCmd, ctx: &mut Ctx<'_>) -> Result<(), CliError> {
+    match cmd {
+        VmCmd::Create(a) => vm_summary(
+            ctx,
+            Request::VmCreate(VmCreateParams {
+                name: a.name.map(|n| n.to_string()),
+                image: a.image,
+                kernel: a.kernel,
+                vcpu: a.vcpu,
+                memory_mib: a.memory,
+                work_disk_size: a.disk_size,
+                nat: a.nat,
+                no_start: a.no_start,
+            }),
+        ),
+        VmCmd::Start { name } => vm_summary(ctx, Request::VmStart(vm_ref(&name))),
+        VmCmd::Restart(a) => vm_summary(
+            ctx,
+            Request::VmRestart(VmStopParams {
+                vm: a.name.to_string(),
+                timeout_secs: a.timeout,
+            }),
+        ),
+        VmCmd::Stop(a) => {
+            let vm: VmRecord = ctx
+                .request(&Request::VmStop(VmStopParams {
+                    vm: a.name.to_string(),
+                    timeout_secs: a.timeout,
+                }))?
+                .decode("vm.stop")?;
+            ctx.print(&format!("vm {} {}\n", vm.name, vm.state))
+        }
+        VmCmd::Kill { name, signal } => {
+            let vm: VmRecord = ctx
+                .request(&Request::VmKill(VmKillParams {
+                    vm: name.to_string(),
+                    signal,
+                }))?
+                .decode("vm.kill")?;
+            ctx.print(&format!("vm {} {}\n", vm.name, vm.state))
+        }
+        VmCmd::Rm { names, force } => vm_rm(ctx, &names, force),
+        VmCmd::Prune { force } => vm_prune(ctx, force),
+        VmCmd::Ls { json } => show(ctx, Request::VmList, json, |l: &VmList, now| {
+            render::vm_table(&l.vms, now)
+        }),
+        VmCmd::Show { name, json } => show(
+            ctx,
+            Request::VmShow(vm_ref(&name)),
+            json,
+            render::vm_details,
+        ),
+        VmCmd::Set { name, vcpu, memory } => {
+            if vcpu.is_none() && memory.is_none() {
+                return Err(CliError::input(
+                    "nothing to set: give --vcpu and/or --memory",
+                ));
+            }
+            let vm: VmRecord = ctx
+                .request(&Request::VmSet(VmSetParams {
+                    vm: name.to_string(),
+                    vcpu,
+                    memory_mib: memory,
+                }))?
+                .decode("vm.set")?;
+            ctx.print(&format!(
+                "vm {} updated ({} vcpu, {} MiB)\n",
+                vm.name, vm.vcpu, vm.memory_mib
+            ))
+        }
+        VmCmd::Logs { name, lines } => {
+            let logs: Logs = ctx
+                .request(&Request::VmLogs(VmLogsParams {
+                    vm: name.to_string(),
+                    lines,
+                }))?
+                .decode("vm.logs")?;
+            ctx.print(&logs.text)
+        }
+    }
+}
+
+/// Deletes each VM in turn; a failure is reported and the rest still go. The exit code is the
+/// first failure's.
+fn vm_rm(ctx: &mut Ctx<'_>, names: &[VmName], force: bool) -> Result<(), CliError> {
+    let mut first_failure = None;
+    for name in names {
+        let result = ctx.request(&Request::VmDelete(VmDeleteParams {
+            vm: name.to_string(),
+            force,
+        }));
+        match result.and_then(|a| a.decode::<VmRecord>("vm.delete")) {
+            Ok(vm) => ctx.print(&format!("vm {} removed\n", vm.name))?,
+            Err(e) => {
+                if let Some(line) = e.line() {
+                    ctx.note(&line);
+                }
+                first_failure.get_or_insert(e.code);
+            }
+        }
+    }
+    match first_failure {
+        Some(code) => Err(CliError::reported(code)),
+        None => Ok(()),
+    }
+}
+
+fn vm_prune(ctx: &mut Ctx<'_>, force: bool) -> Result<(), CliError> {
+    let list: VmList = ctx.request(&Request::VmList)?.decode("vm.list")?;
+    let doomed: Vec<String> = list
+        .vms
+        .iter()
+        .filter(|vm| !vm.state.may_have_vmm())
+        .map(|vm| vm.name.to_string())
+        .collect();
+    if doomed.is_empty() {
+        return ctx.print("no stopped VMs to prune\n");
+    }
+    let what = format!(
+        "{} stopped VM{} ({})",
+        doomed.len(),
+        if doomed.len() == 1 { "" } else { "s" },
+        doomed.join(", ")
+    );
+    if !force {
+        if !ctx.term.stdin_tty {
+            return Err(CliError::input(format!(
+                "vm prune would delete {what}; no terminal to confirm on, pass --force"
+            )));
+        }
+        let _ = write!(ctx.err, "Delete {what}? [y/N] ");
+        let _ = ctx.err.flush();
+        let mut answer = String::new();
+        ctx.input
+            .read_line(&mut answer)
+            .map_err(|e| CliError::local(format!("reading the answer: {e}")))?;
+        if !matches!(answer.trim().to_ascii_lowercase().as_str(), "y" | "yes") {
+            return Err(CliError::local("prune cancelled; nothing deleted"));
+        }
+    }
+    let removed: Removed = ctx.request(&Request::VmPrune)?.decode("vm.prune")?;
+    if removed.removed.is_empty() {
+        return ctx.print("no VMs removed\n");
+    }
+    let text: String = removed
+        .removed
+        .iter()
+        .map(|n| format!("vm {n} removed\n"))
+        .collect();
+    ctx.print(&text)
+}
+
+fn image(cmd: ImageCmd, ctx: &mut Ctx<'_>) -> Result<(), CliError> {
+    match cmd {
+        ImageCmd::Register {
+            name,
+            rootfs,
+            kernel,
+        } => {
+            let img: ImageRecord = ctx
+                .request(&Request::ImageRegister(ImageRegisterParams {
+                    name,
+                    rootfs,
+                    kernel,
+                }))?
+                .decode("image.register")?;
+            ctx.print(&format!(
+                "image {} registered ({}, {})\n",
+                img.name,
+                img.rootfs.display(),
+                banger_core::ByteSize(img.size_bytes)
+            ))
+        }
+        ImageCmd::Ls { json } => show(
+            ctx,
+            Request::ImageList,
+            json,
+            |l: &banger_protocol::ImageList, now| render::image_table(&l.images, now),
+        ),
+        ImageCmd::Show { name, json } => show(
+            ctx,
+            Request::ImageShow(NameParams { name }),
+            json,
+            render::image_details,
+        ),
+        ImageCmd::Rm { name, force } => {
+            let img: ImageRecord = ctx
+                .request(&Request::ImageDelete(NameForceParams { name, force }))?
+                .decode("image.delete")?;
+            ctx.print(&format!("image {} removed\n", img.name))
+        }
+    }
+}
+
+fn kernel(cmd: KernelCmd, ctx: &mut Ctx<'_>) -> Result<(), CliError> {
+    match cmd {
+        KernelCmd::Import { name, from } => {
+            let k: KernelRecord = ctx
+                .request(&Request::KernelImport(KernelImportParams {
+                    name,
+                    dir: from,
+                }))?
+                .decode("kernel.import")?;
+            ctx.print(&format!("kernel {} imported ({})\n", k.name, k.version))
+        }
+        KernelCmd::Ls { json } => show(
+            ctx,
+            Request::KernelList,
+            json,
+            |l: &banger_protocol::KernelList, now| render::kernel_table(&l.kernels, now),
+        ),
+        KernelCmd::Show { name, json } => show(
+            ctx,
+            Request::KernelShow(NameParams { name }),
+            json,
+            render::kernel_details,
+        ),
+        KernelCmd::Rm { name } => {
+            let k: KernelRecord = ctx
+                .request(&Request::KernelDelete(NameParams { name }))?
+                .decode("kernel.delete")?;
+            ctx.print(&format!("kernel {} removed\n", k.name))
+        }
+    }
+}
+
+/// Whether a daemon answers on the socket, without starting one.
+fn is_running(ctx: &Ctx<'_>) -> Result<bool, CliError> {
+    match client::connect(&ctx.daemon.socket) {
+        Ok(_) => Ok(true),
+        Err(e) if e.is_not_running() => Ok(false),
+        Err(client::CallError::Connect(io)) => Err(CliError::local(format!(
+            "cannot connect to bangerd at {}: {io}",
+            ctx.daemon.socket.display()
+        ))),
+        Err(e) => Err(CliError::local(crate::describe_call_error(&e))),
+    }
+}
+
+fn daemon(cmd: DaemonCmd, ctx: &mut Ctx<'_>) -> Result<(), CliError> {
+    match cmd {
+        DaemonCmd::Status { json } => {
+            ctx.daemon.autostart = false;
+            if !is_running(ctx)? {
+                let socket = ctx.daemon.socket.display().to_string();
+                ctx.print(&format!("bangerd is not running (no answer on {socket})\n"))?;
+                return Err(CliError::reported(CliError::FAILURE));
+            }
+            show(ctx, Request::DaemonStatus, json, |s: &DaemonStatus, _| {
+                render::daemon_status(s)
+            })
+        }
+        DaemonCmd::Start => {
+            let already = is_running(ctx)?;
+            if !already {
+                ctx.start_daemon()?;
+            }
+            ctx.daemon.autostart = false;
+            let status: DaemonStatus = ctx
+                .request(&Request::DaemonStatus)?
+                .decode("daemon.status")?;
+            let verb = if already {
+                "is already running"
+            } else {
+                "started"
+            };
+            ctx.print(&format!("bangerd {verb} (pid {})\n", status.pid))
+        }
+        DaemonCmd::Stop => {
+            ctx.daemon.autostart = false;
+            if !is_running(ctx)? {
+                return ctx.print("bangerd is not running\n");
+            }
+            let status: DaemonStatus = ctx
+                .request(&Request::DaemonStatus)?
+                .decode("daemon.status")?;
+            // The daemon may exit before its answer is written: a connection closed early is
+            // as good as a result here, since the socket check below is the real confirmation.
+            match client::call(
+                &ctx.daemon.socket,
+                &Request::DaemonShutdown,
+                &mut client::NullSink,
+            ) {
+                Ok(client::Reply::Result { .. }) | Err(client::CallError::Closed { .. }) => {}
+                Ok(client::Reply::Error {
+                    op_id,
+                    code,
+                    message,
+                }) => return Err(CliError::daemon(&op_id, code, &message)),
+                Err(e) => return Err(CliError::local(crate::describe_call_error(&e))),
+            }
+            let deadline = Instant::now() + STOP_TIMEOUT;
+            while is_running(ctx)? {
+                if Instant::now() >= deadline {
+                    return Err(CliError::local(format!(
+                        "bangerd (pid {}) accepted the shutdown but still answers after {}s; see {}",
+                        status.pid,
+                        STOP_TIMEOUT.as_secs(),
+                        ctx.daemon.log_file.display()
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            ctx.print(&format!(
+                "bangerd stopped (pid {}); VMs keep running\n",
+                status.pid
+            ))
+        }
+    }
+}
