@@ -32,7 +32,7 @@ fn main() {
 
     let rt = tokio::runtime::Runtime::new().unwrap();
     let fc = Firecracker::new(bin("fake-firecracker")).unwrap();
-    let kernel = env.state_dir().join("kernels/debian-6.1-cloud/vmlinux");
+    let kernel = env.state_dir().join("kernels/test-kernel/vmlinux");
     let disk = env.root().join("rootfs.ext4");
     let mut baseline = Vec::new();
     let mut create = Vec::new();

@@ -19,6 +19,12 @@ pub struct Handles {
     pub run_dir: PathBuf,
     /// The VMM process, once spawned.
     pub vmm: Option<VmmHandle>,
+    /// The VM's tap device, recorded before it is created.
+    #[serde(default)]
+    pub tap: Option<String>,
+    /// Whether NAT rules (tagged with the VM id) may exist for this run.
+    #[serde(default)]
+    pub nat: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +53,8 @@ impl Handles {
             v: Self::VERSION,
             run_dir,
             vmm: None,
+            tap: None,
+            nat: false,
         }
     }
 

@@ -70,6 +70,26 @@ impl Layout {
         self.vm_dir(id).join("root.ext4")
     }
 
+    pub fn ssh_dir(&self) -> PathBuf {
+        self.state_dir.join("ssh")
+    }
+
+    pub fn machine_id(&self, id: &VmId) -> PathBuf {
+        self.vm_dir(id).join("machine-id")
+    }
+
+    pub fn host_key(&self, id: &VmId) -> PathBuf {
+        self.vm_dir(id).join("ssh_host_ed25519_key")
+    }
+
+    pub fn config_disk(&self, id: &VmId) -> PathBuf {
+        self.vm_run_dir(id).join("config.img")
+    }
+
+    pub fn build_dir(&self) -> PathBuf {
+        self.state_dir.join("build")
+    }
+
     pub fn kernels_dir(&self) -> PathBuf {
         self.state_dir.join("kernels")
     }

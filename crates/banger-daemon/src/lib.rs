@@ -26,7 +26,9 @@ use banger_store::Store;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use crate::engine::{Engine, NoFaults};
+use banger_net::RealNetOps;
+
+use crate::engine::{Deps, Engine, NoFaults};
 use crate::layout::Layout;
 use crate::server::Daemon;
 use crate::vmms::ConfigVmmProvider;
@@ -76,13 +78,17 @@ pub async fn run(config: Config, log_file: PathBuf) -> anyhow::Result<()> {
     let _lock = InstanceLock::acquire(&layout)?;
     let store = Store::open(layout.db()).context("opening the state store")?;
     let config = Arc::new(config);
+    let runner: Arc<dyn banger_sys::CommandRunner> = Arc::new(RealRunner);
     let engine = Engine::new(
         store,
         config.clone(),
         layout.clone(),
-        Arc::new(ConfigVmmProvider::new(&config)),
-        Arc::new(RealRunner),
-        Arc::new(NoFaults),
+        Deps {
+            vmms: Arc::new(ConfigVmmProvider::new(&config)),
+            runner: runner.clone(),
+            hook: Arc::new(NoFaults),
+            net: Arc::new(RealNetOps::new(runner)),
+        },
     );
     let reconcile = engine.reconcile().await;
 

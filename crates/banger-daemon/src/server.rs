@@ -262,6 +262,13 @@ async fn dispatch(
         Request::VmShow(p) => json(e.show(&p.vm)?),
         Request::VmSet(p) => json(e.set(&p.vm, p.vcpu, p.memory_mib).await?),
         Request::VmLogs(p) => json(e.logs(&p.vm, p.lines)?),
+        Request::VmSshInfo(p) => json(e.ssh_info(&p.vm)?),
+        Request::ImageBuild(p) => {
+            let suite = p.suite.unwrap_or_else(|| "bookworm".to_string());
+            let name = p.name.unwrap_or_else(|| format!("debian-{suite}"));
+            json(e.image_build(&name, &suite, ctx).await?)
+        }
+        Request::KernelPull(p) => json(e.kernel_pull(&p.name, ctx).await?),
         Request::ImageRegister(p) => json(e.image_register(&p.name, &p.rootfs, p.kernel).await?),
         Request::ImageList => json(ImageList {
             images: e.store().list_images()?,
@@ -295,7 +302,10 @@ fn status(daemon: &Daemon) -> OpResult<DaemonStatus> {
         socket: daemon.engine.layout().socket(),
         state_dir: daemon.engine.layout().state_dir.clone(),
         log_file: daemon.log_file.clone(),
-        vmm: daemon.engine.config().vmm.as_str().to_string(),
+        vmm: match daemon.engine.config().vmm {
+            banger_config::VmmChoice::Auto => format!("auto: {}", crate::vmms::describe_auto()),
+            other => other.as_str().to_string(),
+        },
         vms_total: vms.len(),
         vms_running: vms
             .iter()

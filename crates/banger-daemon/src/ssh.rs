@@ -42,6 +42,8 @@ pub struct SshDir {
     dir: PathBuf,
     // known_hosts is rewritten whole; one writer at a time.
     known_hosts_lock: Mutex<()>,
+    // Parallel first creates must not generate (and delete) the user key twice.
+    user_key_lock: tokio::sync::Mutex<()>,
 }
 
 impl SshDir {
@@ -49,6 +51,7 @@ impl SshDir {
         SshDir {
             dir,
             known_hosts_lock: Mutex::new(()),
+            user_key_lock: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -62,6 +65,7 @@ impl SshDir {
 
     /// Creates the user's key on first use; returns the public key line.
     pub async fn ensure_user_key(&self, runner: &dyn CommandRunner) -> Result<String, SshError> {
+        let _g = self.user_key_lock.lock().await;
         let key = self.user_key();
         let pubkey = key.with_extension("pub");
         if !key.exists() || !pubkey.exists() {

@@ -113,6 +113,17 @@ pub struct KernelImportParams {
     pub dir: PathBuf,
 }
 
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageBuildParams {
+    /// Registered name; `debian-<suite>` when absent.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Debian suite; `bookworm` when absent.
+    #[serde(default)]
+    pub suite: Option<String>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NameParams {
@@ -159,8 +170,12 @@ pub enum Request {
     VmSet(VmSetParams),
     #[serde(rename = "vm.logs")]
     VmLogs(VmLogsParams),
+    #[serde(rename = "vm.ssh_info")]
+    VmSshInfo(VmRef),
     #[serde(rename = "image.register")]
     ImageRegister(ImageRegisterParams),
+    #[serde(rename = "image.build")]
+    ImageBuild(ImageBuildParams),
     #[serde(rename = "image.list")]
     ImageList,
     #[serde(rename = "image.show")]
@@ -169,6 +184,8 @@ pub enum Request {
     ImageDelete(NameForceParams),
     #[serde(rename = "kernel.import")]
     KernelImport(KernelImportParams),
+    #[serde(rename = "kernel.pull")]
+    KernelPull(NameParams),
     #[serde(rename = "kernel.list")]
     KernelList,
     #[serde(rename = "kernel.show")]
@@ -193,11 +210,14 @@ pub const METHODS: &[&str] = &[
     "vm.show",
     "vm.set",
     "vm.logs",
+    "vm.ssh_info",
     "image.register",
+    "image.build",
     "image.list",
     "image.show",
     "image.delete",
     "kernel.import",
+    "kernel.pull",
     "kernel.list",
     "kernel.show",
     "kernel.delete",
@@ -220,11 +240,14 @@ impl Request {
             Request::VmShow(_) => "vm.show",
             Request::VmSet(_) => "vm.set",
             Request::VmLogs(_) => "vm.logs",
+            Request::VmSshInfo(_) => "vm.ssh_info",
             Request::ImageRegister(_) => "image.register",
+            Request::ImageBuild(_) => "image.build",
             Request::ImageList => "image.list",
             Request::ImageShow(_) => "image.show",
             Request::ImageDelete(_) => "image.delete",
             Request::KernelImport(_) => "kernel.import",
+            Request::KernelPull(_) => "kernel.pull",
             Request::KernelList => "kernel.list",
             Request::KernelShow(_) => "kernel.show",
             Request::KernelDelete(_) => "kernel.delete",
@@ -443,6 +466,19 @@ pub struct VmDetails {
     pub pid: Option<i32>,
     pub dir: PathBuf,
     pub log_file: PathBuf,
+}
+
+/// `vm.ssh_info` result: what a client needs to run `ssh` into the VM itself (it needs the
+/// user's terminal, so the CLI runs ssh, not the daemon).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SshInfo {
+    pub name: String,
+    pub ip: std::net::Ipv4Addr,
+    pub user: String,
+    /// Private key to authenticate with.
+    pub key: PathBuf,
+    /// banger's known_hosts, holding the VM's host key since its creation.
+    pub known_hosts: PathBuf,
 }
 
 /// `vm.prune` / `vm.delete` result.

@@ -142,12 +142,24 @@ impl TestEnv {
         let root = dir.path();
         let config = root.join("config.toml");
         let text = format!(
-            "state_dir = \"{s}\"\nruntime_dir = \"{r}\"\ncache_dir = \"{c}\"\nvmm = \"firecracker\"\nnetwork = \"none\"\nfirecracker_bin = \"{fc}\"\nlog_level = \"debug\"\nstop_timeout_secs = 5\n\n[vm_defaults]\nvcpu = 1\nmemory_mib = 256\nwork_disk_size = \"256M\"\n{extra}",
+            "state_dir = \"{s}\"\nruntime_dir = \"{r}\"\ncache_dir = \"{c}\"\nvmm = \"firecracker\"\nnetwork = \"none\"\nfirecracker_bin = \"{fc}\"\nlog_level = \"debug\"\nstop_timeout_secs = 5\ndefault_image = \"test-image\"\ndefault_kernel = \"test-kernel\"\nagent_bin = \"{agent}\"\n\n[vm_defaults]\nvcpu = 1\nmemory_mib = 256\nwork_disk_size = \"256M\"\n{extra}",
             s = root.join("state").display(),
             r = root.join("run").display(),
             c = root.join("cache").display(),
             fc = bin("fake-firecracker").display(),
+            agent = root.join("fake-agent").display(),
         );
+        // The fake VMM boots nothing, so any file serves as the agent banger puts in its
+        // initramfs; the initramfs is still really built.
+        std::fs::write(root.join("fake-agent"), b"#!/bin/false\n").expect("write fake agent");
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(
+                root.join("fake-agent"),
+                std::fs::Permissions::from_mode(0o755),
+            )
+            .expect("chmod fake agent");
+        }
         std::fs::write(&config, text).expect("write config");
         TestEnv {
             control: root.join("fc-control.json"),
@@ -288,14 +300,14 @@ impl TestEnv {
         make_ext4(&rootfs, 32);
         self.request(&Request::KernelImport(
             banger_protocol::KernelImportParams {
-                name: "debian-6.1-cloud".into(),
+                name: "test-kernel".into(),
                 dir: kdir,
             },
         ))
         .ok();
         self.request(&Request::ImageRegister(
             banger_protocol::ImageRegisterParams {
-                name: "debian-bookworm".into(),
+                name: "test-image".into(),
                 rootfs,
                 kernel: None,
             },

@@ -1,4 +1,4 @@
-//! VMM backends behind one trait.
+//! VMM backends behind one trait: [`firecracker`] and [`qemu`] (microvm, KVM or TCG).
 //!
 //! The lifecycle engine in the daemon drives every backend through [`Vmm`] and never branches on
 //! which one it has. A backend launches one process per VM, configures it, boots it, and can find
@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod firecracker;
 pub mod process;
+pub mod qemu;
 
 /// Which backend runs a VM. Recorded in the VM's handles so a restarted daemon knows how to talk
 /// to a VMM it did not launch itself.
@@ -130,6 +131,17 @@ pub enum VmmError {
         path: PathBuf,
         min: String,
     },
+    #[error("QMP command {command} on {socket} failed: {desc} ({class})")]
+    Qmp {
+        command: String,
+        socket: PathBuf,
+        /// QMP's `error.class`, e.g. `GenericError`, `CommandNotFound`.
+        class: String,
+        /// QMP's `error.desc`, the human-readable reason.
+        desc: String,
+    },
+    #[error("VMM process {pid}: {reason}")]
+    State { pid: i32, reason: String },
     #[error("invalid launch spec: {0}")]
     Spec(String),
     #[error("signalling VMM process {pid}: {reason}")]

@@ -34,18 +34,13 @@ impl Engine {
             .image
             .clone()
             .unwrap_or_else(|| self.config().default_image.clone());
-        let image = self
-            .store()
-            .get_image(&image_name)?
-            .ok_or_else(|| OpError::not_found("image", &image_name))?;
+        let image = self.image_or_provision(&image_name, ctx).await?;
         let kernel_name = p
             .kernel
             .clone()
             .or_else(|| image.kernel.clone())
             .unwrap_or_else(|| self.config().default_kernel.clone());
-        if self.store().get_kernel(&kernel_name)?.is_none() {
-            return Err(OpError::not_found("kernel", &kernel_name));
-        }
+        self.kernel_or_provision(&kernel_name, ctx).await?;
 
         ctx.progress.stage("allocate", None);
         let vm = {
@@ -92,6 +87,9 @@ impl Engine {
         if let Err(e) = self.build_disks(&vm, &image.rootfs, ctx).await {
             let dir = self.layout().vm_dir(&vm.id);
             let _ = std::fs::remove_dir_all(&dir);
+            let _ = self
+                .ssh()
+                .remove_known_host(&super::ops::known_host_names(&vm));
             self.store().delete_vm(&vm.id)?;
             return Err(e);
         }
@@ -132,6 +130,7 @@ impl Engine {
         }
         ctx.progress
             .stage("work_disk", Some(vm.work_disk_size.to_string()));
+        let fail = |e: String| OpError::failed(format!("creating VM {}: {e}", vm.name));
         disks::create_ext4(
             self.inner.runner.as_ref(),
             &layout.work_disk(&vm.id),
@@ -139,7 +138,22 @@ impl Engine {
             "banger-work",
         )
         .await
-        .map_err(|e| OpError::failed(format!("creating VM {}: {e}", vm.name)))
+        .map_err(|e| fail(e.to_string()))?;
+        ctx.progress.stage("identity", None);
+        let machine_id = random_hex(32);
+        std::fs::write(layout.machine_id(&vm.id), format!("{machine_id}\n")).map_err(|e| {
+            fail(format!(
+                "writing {}: {e}",
+                layout.machine_id(&vm.id).display()
+            ))
+        })?;
+        let key = crate::ssh::generate_host_key(self.inner.runner.as_ref(), &dir)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        // The host key is trusted from the first connection: it was made here, not learned.
+        self.ssh()
+            .add_known_host(&super::ops::known_host_names(vm), &key.public)
+            .map_err(|e| fail(e.to_string()))
     }
 
     /// A generated name not yet taken. Called under the create lock.
@@ -168,4 +182,14 @@ impl Engine {
             ))
         })
     }
+}
+
+/// `n` random lowercase hex digits (a machine-id is 32).
+fn random_hex(n: usize) -> String {
+    let mut s = String::new();
+    while s.len() < n {
+        s.push_str(banger_core::VmId::generate().as_str());
+    }
+    s.truncate(n);
+    s
 }

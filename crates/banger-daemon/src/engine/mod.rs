@@ -7,22 +7,26 @@
 
 mod artifacts;
 mod create;
+mod guest;
 mod ops;
+mod provision;
 mod reconcile;
 mod start;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use banger_config::Config;
 use banger_core::{VmId, VmRecord};
+use banger_net::NetOps;
 use banger_store::Store;
-use banger_vmm::{Vmm, VmmHandle, VmmKind};
+use banger_sys::CommandRunner;
+use banger_vmm::{Vmm, VmmKind};
 
 use crate::error::{OpError, OpResult};
+use crate::handles::Handles;
 use crate::layout::Layout;
-use banger_sys::CommandRunner;
+use crate::ssh::SshDir;
 
 pub use reconcile::ReconcileReport;
 pub use start::START_STEPS;
@@ -55,10 +59,18 @@ impl StepHook for NoFaults {
 /// A running VM's in-memory state: mirrors its handles file.
 #[derive(Debug, Clone)]
 struct Live {
-    handle: VmmHandle,
-    run_dir: PathBuf,
+    handles: Handles,
     /// Distinguishes this run from a later one, so a stale exit watcher does nothing.
     generation: u64,
+}
+
+/// The engine's collaborators, each behind a trait so tests can substitute them.
+#[derive(Debug, Clone)]
+pub struct Deps {
+    pub vmms: Arc<dyn VmmProvider>,
+    pub runner: Arc<dyn CommandRunner>,
+    pub hook: Arc<dyn StepHook>,
+    pub net: Arc<dyn NetOps>,
 }
 
 /// The lifecycle engine. Cheap to clone.
@@ -75,6 +87,8 @@ struct Inner {
     vmms: Arc<dyn VmmProvider>,
     runner: Arc<dyn CommandRunner>,
     hook: Arc<dyn StepHook>,
+    net: Arc<dyn NetOps>,
+    ssh: SshDir,
     vm_locks: Mutex<HashMap<VmId, Arc<tokio::sync::Mutex<()>>>>,
     create_lock: tokio::sync::Mutex<()>,
     artifact_lock: tokio::sync::Mutex<()>,
@@ -83,22 +97,18 @@ struct Inner {
 }
 
 impl Engine {
-    pub fn new(
-        store: Store,
-        config: Arc<Config>,
-        layout: Layout,
-        vmms: Arc<dyn VmmProvider>,
-        runner: Arc<dyn CommandRunner>,
-        hook: Arc<dyn StepHook>,
-    ) -> Self {
+    pub fn new(store: Store, config: Arc<Config>, layout: Layout, deps: Deps) -> Self {
+        let ssh = SshDir::new(layout.ssh_dir());
         Engine {
             inner: Arc::new(Inner {
                 store,
                 config,
                 layout,
-                vmms,
-                runner,
-                hook,
+                vmms: deps.vmms,
+                runner: deps.runner,
+                hook: deps.hook,
+                net: deps.net,
+                ssh,
                 vm_locks: Mutex::new(HashMap::new()),
                 create_lock: tokio::sync::Mutex::new(()),
                 artifact_lock: tokio::sync::Mutex::new(()),
@@ -122,7 +132,13 @@ impl Engine {
 
     /// The pid of a running VM's VMM, if the daemon holds it.
     pub fn vmm_pid(&self, id: &VmId) -> Option<i32> {
-        self.live().get(id).map(|l| l.handle.pid)
+        self.live()
+            .get(id)
+            .and_then(|l| l.handles.vmm.as_ref().map(|h| h.pid))
+    }
+
+    pub fn ssh(&self) -> &SshDir {
+        &self.inner.ssh
     }
 
     fn live(&self) -> std::sync::MutexGuard<'_, HashMap<VmId, Live>> {

@@ -1,11 +1,9 @@
 //! Stop, kill, restart, delete, prune, set, show, logs — and the teardown they share.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use banger_core::{ErrorCode, VmId, VmRecord, VmState};
 use banger_protocol::{Logs, VmDetails};
-use banger_vmm::Vmm;
 use tracing::info;
 
 use super::{Engine, Live, join_errors};
@@ -70,10 +68,11 @@ impl Engine {
         vm.state = VmState::Stopping;
         self.save(vm)?;
         let live = self.live_or_handles(&vm.id);
-        let vmm = live
+        let handle = live.as_ref().and_then(|l| l.handles.vmm.clone());
+        let vmm = handle
             .as_ref()
-            .and_then(|l| self.inner.vmms.for_kind(l.handle.kind));
-        if let (Some(l), Some(v)) = (&live, &vmm) {
+            .and_then(|h| self.inner.vmms.for_kind(h.kind));
+        if let (Some(h), Some(v)) = (&handle, &vmm) {
             ctx.progress.stage(
                 "shutdown",
                 Some(format!(
@@ -81,7 +80,21 @@ impl Engine {
                     timeout.as_secs()
                 )),
             );
-            match v.shutdown(&l.handle, timeout).await {
+            // A guest with ssh is asked to power off cleanly (its filesystems synced); the
+            // VMM's own shutdown request (Ctrl-Alt-Del, ACPI power button) covers the rest.
+            if live.as_ref().is_some_and(|l| l.handles.tap.is_some())
+                && let Some(ip) = vm.ip
+            {
+                let poweroff = [
+                    "sh",
+                    "-c",
+                    "sync; systemctl --no-block poweroff || poweroff -f",
+                ];
+                let _ = self
+                    .ssh_run(vm, ip, &poweroff, Duration::from_secs(3))
+                    .await;
+            }
+            match v.shutdown(h, timeout).await {
                 Ok(true) => {}
                 Ok(false) => ctx.progress.warn(format!(
                     "VM {} did not shut down within {}s; killing it",
@@ -95,7 +108,7 @@ impl Engine {
             }
         }
         ctx.progress.stage("cleanup", None);
-        let errors = self.teardown(&vm.id, live.as_ref(), vmm).await;
+        let errors = self.teardown(&vm.id, live.as_ref()).await;
         self.finish_stop(vm, errors)
     }
 
@@ -136,21 +149,22 @@ impl Engine {
             ));
         }
         let live = self.live_or_handles(&vm.id);
-        let vmm = live
+        let handle = live.as_ref().and_then(|l| l.handles.vmm.clone());
+        let vmm = handle
             .as_ref()
-            .and_then(|l| self.inner.vmms.for_kind(l.handle.kind));
-        if let (Some(l), Some(v)) = (&live, &vmm)
+            .and_then(|h| self.inner.vmms.for_kind(h.kind));
+        if let (Some(h), Some(v)) = (&handle, &vmm)
             && signo != libc::SIGKILL
-            && v.is_alive(&l.handle)
+            && v.is_alive(h)
         {
             ctx.progress.stage("signal", Some(sig_name.clone()));
             // is_alive checked pid and start time: the signal goes to our VMM, never a stranger.
             // SAFETY: kill(2) with a pid we verified and a signal from the allow-list.
-            unsafe { libc::kill(l.handle.pid, signo) };
-            let _ = tokio::time::timeout(Duration::from_secs(5), v.wait_exit(&l.handle)).await;
+            unsafe { libc::kill(h.pid, signo) };
+            let _ = tokio::time::timeout(Duration::from_secs(5), v.wait_exit(h)).await;
         }
         ctx.progress.stage("cleanup", None);
-        let errors = self.teardown(&vm.id, live.as_ref(), vmm).await;
+        let errors = self.teardown(&vm.id, live.as_ref()).await;
         self.finish_stop(&mut vm, errors)?;
         Ok(vm)
     }
@@ -174,11 +188,8 @@ impl Engine {
                 )));
             }
             let live = self.live_or_handles(&vm.id);
-            let vmm = live
-                .as_ref()
-                .and_then(|l| self.inner.vmms.for_kind(l.handle.kind));
             ctx.progress.stage("kill", None);
-            let errors = self.teardown(&vm.id, live.as_ref(), vmm).await;
+            let errors = self.teardown(&vm.id, live.as_ref()).await;
             if !errors.is_empty() {
                 vm.state = VmState::Error;
                 vm.last_error = Some(format!("delete: cleanup errors: {}", join_errors(&errors)));
@@ -203,6 +214,12 @@ impl Engine {
         }
         self.store().delete_vm(&vm.id)?;
         self.inner.vm_locks.lock().expect("poisoned").remove(&vm.id);
+        if let Err(e) = self.ssh().remove_known_host(&known_host_names(&vm)) {
+            ctx.progress.warn(format!(
+                "VM {} deleted, but its known_hosts entry stays: {e}",
+                vm.name
+            ));
+        }
         info!(vm = %vm.name, "VM deleted");
         Ok(vm)
     }
@@ -291,49 +308,112 @@ impl Engine {
         Ok(Logs { path, text })
     }
 
+    /// What `banger vm ssh/exec/run` need to reach a running VM.
+    pub fn ssh_info(&self, name: &str) -> OpResult<banger_protocol::SshInfo> {
+        let vm = self.find_vm(name)?;
+        if vm.state != VmState::Running {
+            return Err(OpError::new(
+                ErrorCode::NotRunning,
+                format!(
+                    "VM {} is not running (state: {}): banger vm start {}",
+                    vm.name, vm.state, vm.name
+                ),
+            ));
+        }
+        let bridged = self
+            .live()
+            .get(&vm.id)
+            .is_some_and(|l| l.handles.tap.is_some());
+        let ip = match (bridged, vm.ip) {
+            (true, Some(ip)) => ip,
+            _ => {
+                return Err(OpError::bad_request(format!(
+                    "VM {} has no network (network = \"none\"), so there is no ssh into it",
+                    vm.name
+                )));
+            }
+        };
+        Ok(banger_protocol::SshInfo {
+            name: vm.name.to_string(),
+            ip,
+            user: "root".into(),
+            key: self.ssh().user_key(),
+            known_hosts: self.ssh().known_hosts(),
+        })
+    }
+
     /// The live entry, or — after a daemon restart that could not re-adopt — what the handles
     /// file says.
     fn live_or_handles(&self, id: &VmId) -> Option<Live> {
         if let Some(l) = self.live().get(id) {
             return Some(l.clone());
         }
-        let h = Handles::read(&self.layout().handles_file(id)).ok()??;
+        let handles = Handles::read(&self.layout().handles_file(id)).ok()??;
         Some(Live {
-            handle: h.vmm?,
-            run_dir: h.run_dir,
+            handles,
             generation: 0,
         })
     }
 
-    /// Releases everything a run holds: the VMM process, the runtime dir, the handles file, the
-    /// live entry. Every step runs; the errors are returned joined by the caller.
-    pub(super) async fn teardown(
-        &self,
-        id: &VmId,
-        live: Option<&Live>,
-        vmm: Option<Arc<dyn Vmm>>,
-    ) -> Vec<String> {
+    /// Releases everything a run holds: the VMM process, NAT rules, the tap, the runtime dir,
+    /// the handles file, the live entry. Every step runs; the errors are returned for the
+    /// caller to join. Missing resources are not errors.
+    pub(super) async fn teardown(&self, id: &VmId, live: Option<&Live>) -> Vec<String> {
         let mut errors = Vec::new();
         self.live().remove(id);
-        if let (Some(l), Some(v)) = (live, &vmm)
-            && let Err(e) = v.kill(&l.handle).await
+        let handles = live.map(|l| &l.handles);
+        if let Some(h) = handles.and_then(|h| h.vmm.as_ref()) {
+            match self.inner.vmms.for_kind(h.kind) {
+                Some(v) => {
+                    if let Err(e) = v.kill(h).await {
+                        errors.push(e.to_string());
+                    }
+                }
+                None => errors.push(format!(
+                    "no backend for a {} VMM (pid {})",
+                    h.kind.as_str(),
+                    h.pid
+                )),
+            }
+        }
+        if handles.is_some_and(|h| h.nat)
+            && let Err(e) = self.inner.net.remove_vm_nat(id.as_str()).await
         {
             errors.push(e.to_string());
         }
-        let run_dir = live
-            .map(|l| l.run_dir.clone())
+        if let Some(tap) = handles.and_then(|h| h.tap.as_deref()) {
+            match banger_net::TapName::parse(tap) {
+                Ok(t) => {
+                    if let Err(e) = self.inner.net.delete_tap(&t).await {
+                        errors.push(e.to_string());
+                    }
+                }
+                Err(e) => errors.push(format!("handles name tap {tap:?}: {e}")),
+            }
+        }
+        let run_dir = handles
+            .map(|h| h.run_dir.clone())
             .unwrap_or_else(|| self.layout().vm_run_dir(id));
         if let Err(e) = std::fs::remove_dir_all(&run_dir)
             && e.kind() != std::io::ErrorKind::NotFound
         {
             errors.push(format!("removing {}: {e}", run_dir.display()));
         }
-        let handles = self.layout().handles_file(id);
-        if let Err(e) = Handles::remove(&handles) {
-            errors.push(format!("removing {}: {e}", handles.display()));
+        let handles_file = self.layout().handles_file(id);
+        if let Err(e) = Handles::remove(&handles_file) {
+            errors.push(format!("removing {}: {e}", handles_file.display()));
         }
         errors
     }
+}
+
+/// The names a VM's host key is known by in banger's known_hosts.
+pub(super) fn known_host_names(vm: &VmRecord) -> Vec<String> {
+    let mut v = vec![format!("{}.vm", vm.name)];
+    if let Some(ip) = vm.ip {
+        v.push(ip.to_string());
+    }
+    v
 }
 
 /// Checks vcpu and memory against what a microVM can have.

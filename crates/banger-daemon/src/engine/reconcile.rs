@@ -51,30 +51,32 @@ impl Engine {
                 (Some(Handles { vmm: Some(h), .. }), Some(v)) => v.is_alive(h),
                 _ => false,
             };
-            let live = handles.as_ref().and_then(|h| {
-                Some(Live {
-                    handle: h.vmm.clone()?,
-                    run_dir: h.run_dir.clone(),
-                    generation: self.next_generation(),
-                })
+            let live = handles.map(|h| Live {
+                handles: h,
+                generation: self.next_generation(),
             });
             if alive && vm.state == VmState::Running {
-                let live = live.expect("alive implies a handle");
+                let live = live.expect("alive implies handles");
+                let handle = live
+                    .handles
+                    .vmm
+                    .clone()
+                    .expect("alive implies a VMM handle");
                 self.live().insert(vm.id.clone(), live.clone());
                 self.watch_exit(
                     vm.id.clone(),
                     vmm.clone().expect("alive implies a backend"),
-                    live.handle.clone(),
+                    handle.clone(),
                     live.generation,
                 );
                 report.actions.push(format!(
                     "VM {}: re-adopted running VMM pid {}",
-                    vm.name, live.handle.pid
+                    vm.name, handle.pid
                 ));
                 continue;
             }
             let was = vm.state;
-            let errors = self.teardown(&vm.id, live.as_ref(), vmm).await;
+            let errors = self.teardown(&vm.id, live.as_ref()).await;
             vm.state = VmState::Stopped;
             let mut note = match (was, alive) {
                 (VmState::Running, _) => "its VMM died while the daemon was away".to_string(),

@@ -6,12 +6,15 @@
 //! naming the step. Nothing of the attempt is left on the host.
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use banger_config::NetworkMode;
 use banger_core::{VmRecord, VmState};
-use banger_vmm::{LaunchSpec, Vmm, VmmHandle};
+use banger_net::{BridgeName, MacAddr, TapName};
+use banger_vmm::{DriveSpec, LaunchSpec, NetSpec, Vmm, VmmHandle};
 use tracing::{info, warn};
 
 use super::{Engine, Live, join_errors, now};
@@ -25,6 +28,9 @@ use crate::progress::OpCtx;
 pub const START_STEPS: &[&str] = &[
     "preflight",
     "runtime_dir",
+    "initramfs",
+    "config_disk",
+    "network",
     "vmm_spawn",
     "vmm_configure",
     "vmm_boot",
@@ -65,7 +71,30 @@ impl Rollback {
 struct Attempt {
     vmm: Option<Arc<dyn Vmm>>,
     spec: Option<LaunchSpec>,
-    handle: Option<VmmHandle>,
+    handles: Handles,
+    handles_path: PathBuf,
+    image_rootfs: PathBuf,
+}
+
+impl Attempt {
+    /// Persists the handles before anything else learns of a new resource.
+    fn save_handles(&self) -> Result<(), String> {
+        self.handles
+            .write(&self.handles_path)
+            .map_err(|e| e.to_string())
+    }
+
+    fn handle(&self) -> &VmmHandle {
+        self.handles.vmm.as_ref().expect("vmm_spawn ran")
+    }
+
+    fn vmm(&self) -> &Arc<dyn Vmm> {
+        self.vmm.as_ref().expect("preflight ran")
+    }
+
+    fn spec(&mut self) -> &mut LaunchSpec {
+        self.spec.as_mut().expect("preflight ran")
+    }
 }
 
 impl Engine {
@@ -80,6 +109,7 @@ impl Engine {
                 s => OpError::busy(format!("VM {} is {s}; try again when it settles", vm.name)),
             });
         }
+        let started = Instant::now();
         vm.state = VmState::Starting;
         vm.last_error = None;
         self.save(vm)?;
@@ -88,7 +118,9 @@ impl Engine {
         let mut attempt = Attempt {
             vmm: None,
             spec: None,
-            handle: None,
+            handles: Handles::new(self.layout().vm_run_dir(&vm.id)),
+            handles_path: self.layout().handles_file(&vm.id),
+            image_rootfs: PathBuf::new(),
         };
         let mut failed: Option<(&'static str, String)> = None;
         for &step in START_STEPS {
@@ -97,6 +129,7 @@ impl Engine {
                 break;
             }
             ctx.progress.stage(step, None);
+            let t = Instant::now();
             let result = async {
                 self.inner.hook.check(vm, step, false)?;
                 self.run_step(step, vm, &mut attempt, &mut rollback, ctx)
@@ -104,11 +137,12 @@ impl Engine {
                 self.inner.hook.check(vm, step, true)
             };
             // Steps are not abandoned half-way (a dropped spawn could orphan a process); a
-            // cancel takes effect at the next step boundary.
+            // cancel takes effect at the next step boundary, or inside the long waits.
             if let Err(e) = result.await {
                 failed = Some((step, e));
                 break;
             }
+            info!(vm = %vm.name, step, elapsed_ms = t.elapsed().as_millis() as u64, "start step done");
         }
 
         if let Some((step, err)) = failed {
@@ -124,8 +158,8 @@ impl Engine {
             return Err(OpError::failed(msg));
         }
 
-        let handle = attempt.handle.expect("vmm_spawn sets the handle");
-        let vmm = attempt.vmm.expect("preflight sets the vmm");
+        let vmm = attempt.vmm.clone().expect("preflight sets the vmm");
+        let handle = attempt.handle().clone();
         vm.state = VmState::Running;
         vm.started_at = Some(now());
         vm.vmm = Some(vmm.kind().as_str().to_string());
@@ -136,7 +170,7 @@ impl Engine {
             .map(|l| l.generation)
             .expect("vmm_spawn registers the live entry");
         self.watch_exit(vm.id.clone(), vmm, handle, generation);
-        info!(vm = %vm.name, "VM running");
+        info!(vm = %vm.name, elapsed_ms = started.elapsed().as_millis() as u64, "VM running");
         Ok(())
     }
 
@@ -149,6 +183,7 @@ impl Engine {
         ctx: &OpCtx<'_>,
     ) -> Result<(), String> {
         let layout = self.layout().clone();
+        let bridged = self.config().network == NetworkMode::Bridge;
         match step {
             "preflight" => {
                 let kernel = self
@@ -183,12 +218,19 @@ impl Engine {
                         ));
                     }
                 }
+                if bridged && vm.ip.is_none() {
+                    return Err("the VM has no address; delete and recreate it".into());
+                }
                 let vmm = self.inner.vmms.select().await?;
                 let drives = disks::drives(
                     self.config().root_disk,
                     &image.rootfs,
                     &layout.root_disk(&vm.id),
                     &layout.work_disk(&vm.id),
+                );
+                let boot_args = format!(
+                    "console=ttyS0 reboot=k panic=1 pci=off loglevel=4 banger.name={}",
+                    vm.name
                 );
                 attempt.spec = Some(LaunchSpec {
                     vm_id: vm.id.to_string(),
@@ -198,56 +240,26 @@ impl Engine {
                     memory_mib: vm.memory_mib,
                     kernel: kernel.vmlinux.clone(),
                     initrd: kernel.initrd.clone(),
-                    boot_args: boot_args(vm, self.config().root_disk),
+                    boot_args,
                     drives,
                     net: None,
                     vsock: None,
                 });
+                attempt.image_rootfs = image.rootfs.clone();
                 attempt.vmm = Some(vmm);
                 Ok(())
             }
             "runtime_dir" => {
                 let dir = layout.vm_run_dir(&vm.id);
                 let undo_dir = dir.clone();
-                rollback.push(step, move || async move {
-                    match std::fs::remove_dir_all(&undo_dir) {
-                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                            Err(format!("removing {}: {e}", undo_dir.display()))
-                        }
-                        _ => Ok(()),
-                    }
-                });
-                if dir.exists() {
-                    // Leftover of a run that died with its daemon: nothing in it is live, or
-                    // reconcile would have re-adopted the VM.
-                    std::fs::remove_dir_all(&dir)
-                        .map_err(|e| format!("clearing {}: {e}", dir.display()))?;
-                }
-                create_private_dir(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))
-            }
-            "vmm_spawn" => {
-                let vmm = attempt.vmm.clone().expect("preflight ran");
-                let spec = attempt.spec.clone().expect("preflight ran");
-                let handles_path = layout.handles_file(&vm.id);
-                // Write the handles file before the process exists (so a daemon killed right
-                // after spawn still finds the run dir) and again once its pid is known.
-                let mut handles = Handles::new(spec.run_dir.clone());
-                handles.write(&handles_path).map_err(|e| e.to_string())?;
-                let engine = self.clone();
-                let id = vm.id.clone();
-                let undo_vmm = vmm.clone();
-                let undo_handles = handles_path.clone();
-                let slot: Arc<std::sync::Mutex<Option<VmmHandle>>> = Arc::default();
-                let undo_slot = slot.clone();
+                let undo_handles = attempt.handles_path.clone();
                 rollback.push(step, move || async move {
                     let mut errors = Vec::new();
-                    let handle = undo_slot.lock().expect("poisoned").take();
-                    if let Some(h) = handle
-                        && let Err(e) = undo_vmm.kill(&h).await
+                    if let Err(e) = std::fs::remove_dir_all(&undo_dir)
+                        && e.kind() != std::io::ErrorKind::NotFound
                     {
-                        errors.push(e.to_string());
+                        errors.push(format!("removing {}: {e}", undo_dir.display()));
                     }
-                    engine.live().remove(&id);
                     if let Err(e) = Handles::remove(&undo_handles) {
                         errors.push(format!("removing {}: {e}", undo_handles.display()));
                     }
@@ -257,52 +269,157 @@ impl Engine {
                         Err(join_errors(&errors))
                     }
                 });
+                if dir.exists() {
+                    // Leftover of a run that died with its daemon: nothing in it is live, or
+                    // reconcile would have re-adopted the VM.
+                    std::fs::remove_dir_all(&dir)
+                        .map_err(|e| format!("clearing {}: {e}", dir.display()))?;
+                }
+                create_private_dir(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+                attempt.save_handles()
+            }
+            "initramfs" => {
+                if attempt.spec().initrd.is_none() {
+                    let kernel_dir = attempt
+                        .spec()
+                        .kernel
+                        .parent()
+                        .map(|p| p.to_path_buf())
+                        .unwrap_or_default();
+                    let initramfs = self.ensure_initramfs(&kernel_dir).await?;
+                    attempt.spec().initrd = Some(initramfs);
+                }
+                Ok(())
+            }
+            "config_disk" => {
+                let path = layout.config_disk(&vm.id);
+                let image = attempt.image_rootfs.clone();
+                self.write_config_disk(vm, &image, &path).await?;
+                attempt.spec().drives.push(DriveSpec {
+                    id: "config".into(),
+                    path,
+                    read_only: true,
+                });
+                Ok(())
+            }
+            "network" => {
+                if !bridged {
+                    return Ok(());
+                }
+                let cfg = self.config();
+                let bridge = BridgeName::parse(&cfg.bridge_name).map_err(|e| e.to_string())?;
+                let tap = TapName::for_vm(&vm.id);
+                let ip = vm.ip.expect("checked in preflight");
+                // Record before creating: a daemon killed right after still cleans these up.
+                attempt.handles.tap = Some(tap.as_str().to_string());
+                attempt.handles.nat = vm.nat;
+                attempt.save_handles()?;
+                let net = self.inner.net.clone();
+                let (undo_tap, id, nat) = (tap.clone(), vm.id.to_string(), vm.nat);
+                rollback.push(step, move || async move {
+                    let mut errors = Vec::new();
+                    if nat && let Err(e) = net.remove_vm_nat(&id).await {
+                        errors.push(e.to_string());
+                    }
+                    if let Err(e) = net.delete_tap(&undo_tap).await {
+                        errors.push(e.to_string());
+                    }
+                    if errors.is_empty() {
+                        Ok(())
+                    } else {
+                        Err(join_errors(&errors))
+                    }
+                });
+                let net = &self.inner.net;
+                net.ensure_bridge(&bridge, cfg.bridge_cidr.gateway(), cfg.bridge_cidr.prefix())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                // The VMM runs as the daemon's user and must be able to open the tap.
+                // SAFETY: getuid has no preconditions.
+                let uid = unsafe { libc::getuid() };
+                net.create_tap(&tap, &bridge, Some(uid))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if vm.nat {
+                    net.ensure_nat(&bridge, &cfg.bridge_cidr)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    net.add_vm_nat(vm.id.as_str(), ip, &tap)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+                attempt.spec().net = Some(NetSpec {
+                    tap: tap.as_str().to_string(),
+                    mac: MacAddr::for_vm(vm.id.as_str()).to_string(),
+                });
+                Ok(())
+            }
+            "vmm_spawn" => {
+                let vmm = attempt.vmm().clone();
+                let spec = attempt.spec().clone();
+                let engine = self.clone();
+                let id = vm.id.clone();
+                let undo_vmm = vmm.clone();
+                let slot: Arc<std::sync::Mutex<Option<VmmHandle>>> = Arc::default();
+                let undo_slot = slot.clone();
+                rollback.push(step, move || async move {
+                    let handle = undo_slot.lock().expect("poisoned").take();
+                    engine.live().remove(&id);
+                    match handle {
+                        Some(h) => undo_vmm.kill(&h).await.map_err(|e| e.to_string()),
+                        None => Ok(()),
+                    }
+                });
                 let handle = vmm.spawn(&spec).await.map_err(|e| e.to_string())?;
                 *slot.lock().expect("poisoned") = Some(handle.clone());
-                handles.vmm = Some(handle.clone());
-                handles.write(&handles_path).map_err(|e| e.to_string())?;
+                attempt.handles.vmm = Some(handle);
+                attempt.save_handles()?;
                 let generation = self.next_generation();
                 self.live().insert(
                     vm.id.clone(),
                     Live {
-                        handle: handle.clone(),
-                        run_dir: spec.run_dir.clone(),
+                        handles: attempt.handles.clone(),
                         generation,
                     },
                 );
-                attempt.handle = Some(handle);
                 Ok(())
             }
             "vmm_configure" => {
-                let vmm = attempt.vmm.as_ref().expect("preflight ran");
-                let handle = attempt.handle.as_ref().expect("vmm_spawn ran");
-                let spec = attempt.spec.as_ref().expect("preflight ran");
-                vmm.configure(handle, spec).await.map_err(|e| e.to_string())
+                let spec = attempt.spec().clone();
+                attempt
+                    .vmm()
+                    .configure(attempt.handle(), &spec)
+                    .await
+                    .map_err(|e| e.to_string())
             }
-            "vmm_boot" => {
-                let vmm = attempt.vmm.as_ref().expect("preflight ran");
-                let handle = attempt.handle.as_ref().expect("vmm_spawn ran");
-                vmm.boot(handle).await.map_err(|e| e.to_string())
-            }
+            "vmm_boot" => attempt
+                .vmm()
+                .boot(attempt.handle())
+                .await
+                .map_err(|e| e.to_string()),
             "guest_ready" => {
-                let vmm = attempt.vmm.as_ref().expect("preflight ran");
-                let handle = attempt.handle.as_ref().expect("vmm_spawn ran");
-                // The guest is booting; a VMM that dies right away (bad kernel, crash) is caught
-                // here instead of being reported as running.
-                let settle = tokio::time::sleep(Duration::from_millis(50));
-                tokio::select! {
-                    _ = settle => {}
-                    _ = vmm.wait_exit(handle) => {}
-                }
-                if vmm.is_alive(handle) {
-                    ctx.progress.stage("ready", None);
-                    Ok(())
+                let vmm = attempt.vmm().clone();
+                let handle = attempt.handle().clone();
+                if bridged {
+                    let ip = vm.ip.expect("checked in preflight");
+                    let timeout = Duration::from_secs(self.config().boot_timeout_secs);
+                    self.wait_for_ssh(vm, ip, &vmm, &handle, timeout, ctx)
+                        .await?;
                 } else {
-                    Err(format!(
-                        "the VMM exited during boot; last log lines: {}",
-                        vmm.log_tail(handle, 5).trim()
-                    ))
+                    // No network to probe: the VMM staying up through early boot is the signal.
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                        _ = vmm.wait_exit(&handle) => {}
+                    }
+                    if !vmm.is_alive(&handle) {
+                        return Err(format!(
+                            "the VMM exited during boot; last log lines: {}",
+                            vmm.log_tail(&handle, 5).trim()
+                        ));
+                    }
                 }
+                ctx.progress.stage("ready", None);
+                Ok(())
             }
             other => Err(format!("unknown start step {other}")),
         }
@@ -335,12 +452,13 @@ impl Engine {
         let Ok(Some(mut vm)) = self.store().get_vm(id.as_str()) else {
             return;
         };
-        let vmm = self.inner.vmms.for_kind(live.handle.kind);
-        let tail = vmm
+        let tail = live
+            .handles
+            .vmm
             .as_ref()
-            .map(|v| v.log_tail(&live.handle, 5))
+            .map(|h| banger_vmm::process::tail_file(&h.log_path, 5))
             .unwrap_or_default();
-        let errors = self.teardown(&vm.id, Some(&live), vmm).await;
+        let errors = self.teardown(&vm.id, Some(&live)).await;
         vm.state = VmState::Stopped;
         let mut note = String::from("the VMM exited on its own (guest shutdown or crash)");
         if !tail.trim().is_empty() {
@@ -353,14 +471,4 @@ impl Engine {
         vm.last_error = Some(note);
         let _ = self.save(&mut vm);
     }
-}
-
-/// The kernel command line. Per-VM identity travels on the config disk (later); here only what
-/// the guest init needs to find its disks.
-fn boot_args(vm: &VmRecord, strategy: banger_config::RootDiskStrategy) -> String {
-    format!(
-        "console=ttyS0 reboot=k panic=1 pci=off banger.name={} banger.root={}",
-        vm.name,
-        strategy.as_str()
-    )
 }

@@ -5,10 +5,11 @@ use std::sync::Arc;
 
 use banger_config::{Config, HostInfo};
 use banger_core::{VmRecord, VmState};
-use banger_daemon::engine::{Engine, START_STEPS, StepHook};
+use banger_daemon::engine::{Deps, Engine, START_STEPS, StepHook};
 use banger_daemon::layout::Layout;
 use banger_daemon::progress::{NoProgress, OpCtx};
 use banger_daemon::vmms::ConfigVmmProvider;
+use banger_net::RecordingNetOps;
 use banger_protocol::{Request, VmCreateParams, VmRef};
 use banger_store::Store;
 use banger_sys::RealRunner;
@@ -43,9 +44,12 @@ async fn engine_for(env: &TestEnv, hook: Arc<dyn StepHook>) -> Engine {
         store,
         config.clone(),
         layout,
-        Arc::new(ConfigVmmProvider::new(&config)),
-        Arc::new(RealRunner),
-        hook,
+        Deps {
+            vmms: Arc::new(ConfigVmmProvider::new(&config)),
+            runner: Arc::new(RealRunner),
+            hook,
+            net: Arc::new(RecordingNetOps::new()),
+        },
     )
 }
 
@@ -55,14 +59,11 @@ async fn seed(engine: &Engine, env: &TestEnv) {
     let mut vmlinux = b"\x7fELF".to_vec();
     vmlinux.resize(1024, 0);
     std::fs::write(kdir.join("vmlinux"), vmlinux).unwrap();
-    engine
-        .kernel_import("debian-6.1-cloud", &kdir)
-        .await
-        .unwrap();
+    engine.kernel_import("test-kernel", &kdir).await.unwrap();
     let rootfs = env.root().join("rootfs.ext4");
     make_ext4(&rootfs, 16);
     engine
-        .image_register("debian-bookworm", &rootfs, None)
+        .image_register("test-image", &rootfs, None)
         .await
         .unwrap();
 }

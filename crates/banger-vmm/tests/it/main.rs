@@ -15,6 +15,8 @@ use banger_vmm::process;
 use banger_vmm::{DriveSpec, LaunchSpec, NetSpec, Vmm, VmmError, VmmHandle, VsockSpec};
 use serde_json::{Value, json};
 
+mod qemu;
+
 /// The fake's binary: `$BANGER_FAKE_FIRECRACKER`, else `<target>/debug/fake-firecracker` next
 /// to this test binary (which lives in `<target>/debug/deps/`).
 fn fake_bin() -> PathBuf {

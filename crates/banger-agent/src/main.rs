@@ -1,0 +1,122 @@
+//! `banger-agent`: PID 1 of banger's initramfs.
+//!
+//! It turns a generic image into one particular VM without ever writing the shared image:
+//! mount the pseudo filesystems, load the virtio and overlay modules, find the config disk and
+//! the root/work disks by content (magic, ext4 UUID), assemble the root (overlay of the read-only
+//! image and a per-VM upper disk, or a direct per-VM copy), mount and seed the work disk at
+//! `/root`, configure the network, `switch_root`, write the VM identity (hostname, machine id,
+//! ssh keys, resolv.conf, extra files) and exec the image's own init.
+//!
+//! Each step logs one line to the console with its duration. Any failure prints
+//! `banger-agent: FATAL: <step>: <error>` and powers the VM off, so the VMM exits and the daemon
+//! can report the console tail.
+
+mod console;
+mod disks;
+mod error;
+mod identity;
+mod modules;
+mod net;
+mod root;
+mod seed;
+mod switch;
+mod sys;
+
+use std::path::Path;
+use std::time::Duration;
+
+use error::AgentError;
+
+/// How long to wait for the config disk and every disk it names to appear.
+const DISK_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long to wait for the network interface after its driver is loaded.
+const NIC_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn main() {
+    // SAFETY: getpid has no preconditions.
+    if unsafe { libc::getpid() } != 1 {
+        // The agent mounts over /dev and powers the machine off on failure: never on a host.
+        eprintln!(
+            "banger-agent: refusing to run: this is banger's guest init and must be PID 1 of its initramfs"
+        );
+        std::process::exit(2);
+    }
+    let mut log = console::Console::new();
+    let err = match run(&mut log) {
+        Ok(never) => match never {},
+        Err(e) => e,
+    };
+    log.fatal(&err);
+    sys::power_off();
+}
+
+/// The boot sequence. Returns only on failure: on success the process image is replaced by the
+/// image's init.
+fn run(log: &mut console::Console) -> Result<std::convert::Infallible, AgentError> {
+    log.step("mount /dev /proc /sys /run", || {
+        sys::mount_early()?;
+        console::reopen_console();
+        Ok(String::new())
+    })?;
+
+    log.step("load modules", || {
+        let report = modules::load_all(Path::new(banger_guest::initramfs::LOAD_ORDER_FILE))?;
+        for (name, err) in &report.failed {
+            console::line(&format!("module {name} failed to load: {err}"));
+        }
+        Ok(report.summary())
+    })?;
+
+    let found = log.step_with("find disks", || {
+        let found =
+            disks::wait_for_disks(Path::new("/sys/block"), Path::new("/dev"), DISK_TIMEOUT)?;
+        let detail = found.describe();
+        Ok((found, detail))
+    })?;
+    let config = found.config;
+
+    log.step("mount root", || {
+        let plan = root::root_plan(&config.root, &found.by_uuid, Path::new(root::NEWROOT))?;
+        root::execute(&plan)?;
+        Ok(root::describe(&config.root, &found.by_uuid))
+    })?;
+
+    if let Some(uuid) = &config.work_uuid {
+        log.step("mount work disk", || {
+            let dev = disks::device_for(&found.by_uuid, uuid, "work disk")?;
+            let seeded = root::mount_work(dev, Path::new(root::NEWROOT))?;
+            Ok(format!(
+                "{} at /root{}",
+                dev.display(),
+                if seeded {
+                    ", seeded from the image's /root"
+                } else {
+                    ""
+                }
+            ))
+        })?;
+    }
+
+    if let Some(netcfg) = &config.network {
+        log.step("network", || {
+            net::configure(netcfg, Path::new("/sys/class/net"), NIC_TIMEOUT)
+        })?;
+    }
+
+    log.step("switch_root", || {
+        switch::switch_root(Path::new(root::NEWROOT))?;
+        Ok(String::new())
+    })?;
+
+    // Written after the chroot so every path (and any symlink in it) resolves exactly as the
+    // guest itself will see it.
+    log.step("identity", || {
+        let summary = identity::apply(Path::new("/"), &config)?;
+        sys::set_hostname(&config.hostname)?;
+        Ok(summary)
+    })?;
+
+    let init = switch::choose_init(Path::new("/"), &config.init_candidates())?;
+    log.total(&format!("exec {}", init.display()));
+    Err(switch::exec(&init))
+}

@@ -1,0 +1,294 @@
+//! What the guest is handed and how the daemon knows it is up: banger's initramfs (the agent
+//! plus the kernel's modules), the per-VM config disk, and the ssh readiness probe.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use banger_config::{NetworkMode, RootDiskStrategy};
+use banger_core::VmRecord;
+use banger_guest::{GuestConfig, NetworkConfig, RootLayout, SshIdentity};
+use banger_net::MacAddr;
+use banger_sys::Cmd;
+use banger_vmm::{Vmm, VmmHandle};
+use sha2::Digest;
+use tokio::io::AsyncReadExt;
+
+use super::Engine;
+use crate::progress::OpCtx;
+
+/// Where the static guest agent is looked for, in order, when `agent_bin` is not configured.
+pub fn agent_candidates() -> Vec<PathBuf> {
+    let mut v = Vec::new();
+    if let Ok(exe) = std::env::current_exe()
+        && let Some(dir) = exe.parent()
+    {
+        v.push(dir.join("banger-agent"));
+        v.push(dir.join("../lib/banger/banger-agent"));
+    }
+    v.push(PathBuf::from("/usr/local/lib/banger/banger-agent"));
+    v.push(PathBuf::from("/usr/lib/banger/banger-agent"));
+    v
+}
+
+impl Engine {
+    fn agent_path(&self) -> Result<PathBuf, String> {
+        if let Some(p) = &self.config().agent_bin {
+            return if p.is_file() {
+                Ok(p.clone())
+            } else {
+                Err(format!("agent_bin {} does not exist", p.display()))
+            };
+        }
+        let candidates = agent_candidates();
+        candidates.iter().find(|p| p.is_file()).cloned().ok_or_else(|| {
+            format!(
+                "the guest agent banger-agent was not found (looked in {}); reinstall banger with scripts/install.sh",
+                candidates
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })
+    }
+
+    /// banger's initramfs for the kernel in `kernel_dir`: the agent as `/init` plus the kernel's
+    /// modules, cached per (kernel, agent build) so it is built once.
+    pub(super) async fn ensure_initramfs(&self, kernel_dir: &Path) -> Result<PathBuf, String> {
+        let agent = self.agent_path()?;
+        let bytes =
+            std::fs::read(&agent).map_err(|e| format!("reading {}: {e}", agent.display()))?;
+        let digest = hex::encode(sha2::Sha256::digest(&bytes));
+        let out = kernel_dir.join(format!("initramfs-{}.cpio", &digest[..16]));
+        if out.is_file() {
+            return Ok(out);
+        }
+        let modules = kernel_dir.join("modules");
+        let modules = modules.join("load-order").is_file().then_some(modules);
+        let target = out.clone();
+        tokio::task::spawn_blocking(move || {
+            banger_guest::build_initramfs(&agent, modules.as_deref(), &target)
+        })
+        .await
+        .map_err(|e| format!("initramfs build task: {e}"))?
+        .map_err(|e| e.to_string())?;
+        Ok(out)
+    }
+
+    /// Writes the VM's config disk: its identity, disk layout and network, read by the agent.
+    pub(super) async fn write_config_disk(
+        &self,
+        vm: &VmRecord,
+        image: &Path,
+        path: &Path,
+    ) -> Result<(), String> {
+        let layout = self.layout();
+        let uuid = |p: &Path| -> Result<String, String> {
+            banger_guest::read_ext4_uuid(p)
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| format!("{} is not an ext4 filesystem", p.display()))
+        };
+        let root = match self.config().root_disk {
+            RootDiskStrategy::Overlay => RootLayout::Overlay {
+                lower_uuid: uuid(image)?,
+                upper_uuid: uuid(&layout.root_disk(&vm.id))?,
+            },
+            _ => RootLayout::Direct {
+                uuid: uuid(&layout.root_disk(&vm.id))?,
+            },
+        };
+        let machine_id = std::fs::read_to_string(layout.machine_id(&vm.id))
+            .map_err(|e| format!("reading {}: {e}", layout.machine_id(&vm.id).display()))?;
+        let key_path = layout.host_key(&vm.id);
+        let host_key = std::fs::read_to_string(&key_path)
+            .map_err(|e| format!("reading {}: {e}", key_path.display()))?;
+        let host_pub = std::fs::read_to_string(key_path.with_extension("pub"))
+            .map_err(|e| format!("reading {}.pub: {e}", key_path.display()))?;
+        let user_key = self
+            .ssh()
+            .ensure_user_key(self.inner.runner.as_ref())
+            .await
+            .map_err(|e| e.to_string())?;
+        let cidr = &self.config().bridge_cidr;
+        let network = match (self.config().network, vm.ip) {
+            (NetworkMode::Bridge, Some(ip)) => Some(NetworkConfig {
+                mac: MacAddr::for_vm(vm.id.as_str()).to_string(),
+                address: ip,
+                prefix_len: cidr.prefix(),
+                gateway: cidr.gateway(),
+                dns: host_nameservers(),
+            }),
+            _ => None,
+        };
+        let config = GuestConfig {
+            v: banger_guest::config::CONFIG_VERSION,
+            hostname: vm.name.to_string(),
+            machine_id: machine_id.trim().to_string(),
+            root,
+            work_uuid: Some(uuid(&layout.work_disk(&vm.id))?),
+            network,
+            ssh: Some(SshIdentity {
+                host_key_ed25519: host_key,
+                host_key_ed25519_pub: host_pub.trim().to_string(),
+                authorized_keys: vec![user_key],
+            }),
+            files: Vec::new(),
+            init: None,
+        };
+        let _ = std::fs::remove_file(path);
+        banger_guest::write_config_disk(path, &config).map_err(|e| e.to_string())
+    }
+
+    /// Waits until the guest's sshd accepts banger's key, or fails early when the VMM dies, the
+    /// client cancels, or `timeout` passes.
+    pub(super) async fn wait_for_ssh(
+        &self,
+        vm: &VmRecord,
+        ip: Ipv4Addr,
+        vmm: &Arc<dyn Vmm>,
+        handle: &VmmHandle,
+        timeout: Duration,
+        ctx: &OpCtx<'_>,
+    ) -> Result<(), String> {
+        let started = Instant::now();
+        let addr = SocketAddr::from((ip, 22));
+        let mut announced = false;
+        loop {
+            if ctx.cancel.is_cancelled() {
+                return Err("cancelled: the client went away".into());
+            }
+            if !vmm.is_alive(handle) {
+                return Err(format!(
+                    "the VM stopped while booting; last log lines: {}",
+                    vmm.log_tail(handle, 8).trim()
+                ));
+            }
+            if started.elapsed() > timeout {
+                return Err(format!(
+                    "no ssh answer from {ip} within {}s (boot_timeout_secs); last log lines: {}",
+                    timeout.as_secs(),
+                    vmm.log_tail(handle, 8).trim()
+                ));
+            }
+            if ssh_banner(addr).await {
+                if !announced {
+                    ctx.progress.stage(
+                        "ssh",
+                        Some(format!(
+                            "sshd answered after {:.1}s",
+                            started.elapsed().as_secs_f64()
+                        )),
+                    );
+                    announced = true;
+                }
+                match self
+                    .ssh_run(vm, ip, &["true"], Duration::from_secs(10))
+                    .await
+                {
+                    Ok(_) => return Ok(()),
+                    Err(e) if started.elapsed() > timeout => return Err(e),
+                    Err(_) => {}
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Runs a command in the guest over ssh (argv joined for the remote shell, each argument
+    /// quoted). Host key checking is strict against banger's known_hosts.
+    pub(super) async fn ssh_run(
+        &self,
+        vm: &VmRecord,
+        ip: Ipv4Addr,
+        argv: &[&str],
+        timeout: Duration,
+    ) -> Result<Vec<u8>, String> {
+        let remote = argv
+            .iter()
+            .map(|a| crate::ssh::shell_quote(a))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let cmd = Cmd::new("ssh")
+            .args(ssh_options(
+                &self.ssh().user_key(),
+                &self.ssh().known_hosts(),
+            ))
+            .arg("-o")
+            .arg(format!("ConnectTimeout={}", timeout.as_secs().max(1)))
+            .arg(format!("root@{ip}"))
+            .arg("--")
+            .arg(remote);
+        match tokio::time::timeout(timeout, self.inner.runner.run(&cmd)).await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err(format!(
+                "ssh to VM {} ({ip}) timed out after {}s",
+                vm.name,
+                timeout.as_secs()
+            )),
+        }
+    }
+}
+
+/// The options every banger ssh uses: banger's key and known_hosts only, strict checking, no
+/// prompts.
+pub fn ssh_options(key: &Path, known_hosts: &Path) -> Vec<String> {
+    vec![
+        "-F".into(),
+        "/dev/null".into(),
+        "-i".into(),
+        key.display().to_string(),
+        "-o".into(),
+        "IdentitiesOnly=yes".into(),
+        "-o".into(),
+        format!("UserKnownHostsFile={}", known_hosts.display()),
+        "-o".into(),
+        "StrictHostKeyChecking=yes".into(),
+        "-o".into(),
+        "BatchMode=yes".into(),
+        "-o".into(),
+        "LogLevel=ERROR".into(),
+    ]
+}
+
+/// Whether something on `addr` speaks SSH (reads the `SSH-` banner).
+async fn ssh_banner(addr: SocketAddr) -> bool {
+    let connect = tokio::time::timeout(
+        Duration::from_millis(700),
+        tokio::net::TcpStream::connect(addr),
+    )
+    .await;
+    let Ok(Ok(mut stream)) = connect else {
+        return false;
+    };
+    let mut buf = [0u8; 4];
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), stream.read_exact(&mut buf)).await,
+        Ok(Ok(_)) if &buf == b"SSH-"
+    )
+}
+
+/// The host's nameservers that a guest can use: loopback resolvers (systemd-resolved's stub,
+/// dnsmasq) are not reachable from a VM, so they are left out.
+pub fn host_nameservers() -> Vec<Ipv4Addr> {
+    let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    let mut out: Vec<Ipv4Addr> = text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|v| v.trim().parse::<Ipv4Addr>().ok())
+        .filter(|ip| !ip.is_loopback() && !ip.is_unspecified())
+        .collect();
+    if out.is_empty() {
+        // systemd-resolved keeps the real upstreams here.
+        let text = std::fs::read_to_string("/run/systemd/resolve/resolv.conf").unwrap_or_default();
+        out = text
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("nameserver"))
+            .filter_map(|v| v.trim().parse::<Ipv4Addr>().ok())
+            .filter(|ip| !ip.is_loopback())
+            .collect();
+    }
+    out.truncate(3);
+    out
+}

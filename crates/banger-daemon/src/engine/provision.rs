@@ -1,0 +1,415 @@
+//! Getting the default kernel and image onto a fresh machine: `kernel pull` (Debian's cloud
+//! kernel from the configured mirror, signature-checked) and `image build debian` (mmdebstrap),
+//! and the automatic provisioning `vm create` does when the defaults are missing.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use banger_core::{ErrorCode, ImageRecord, KernelRecord, validate_artifact_name};
+use banger_kernel::{DebianMirror, PullProgress};
+use tokio::io::AsyncBufReadExt;
+use tracing::info;
+
+use super::{Engine, now};
+use crate::error::{OpError, OpResult};
+use crate::layout::create_private_dir;
+use crate::progress::OpCtx;
+
+/// Kernels `kernel pull` knows: name → Debian suite whose cloud kernel it is.
+pub const KERNEL_CATALOG: &[(&str, &str)] = &[("debian-6.1-cloud", "bookworm")];
+
+/// Packages of the default image, on top of Debian's minbase.
+pub const DEBIAN_PACKAGES: &[&str] = &[
+    "systemd",
+    "systemd-sysv",
+    "dbus",
+    "openssh-server",
+    "git",
+    "curl",
+    "ca-certificates",
+    "build-essential",
+    "iproute2",
+    "iputils-ping",
+    "netbase",
+    "procps",
+    "sudo",
+    "less",
+    "vim-tiny",
+];
+
+impl Engine {
+    /// The image, building the default one first when it is missing.
+    pub(super) async fn image_or_provision(
+        &self,
+        name: &str,
+        ctx: &OpCtx<'_>,
+    ) -> OpResult<ImageRecord> {
+        if let Some(img) = self.store().get_image(name)? {
+            return Ok(img);
+        }
+        if name == self.config().default_image
+            && let Some(suite) = name.strip_prefix("debian-")
+        {
+            ctx.progress.stage(
+                "image_build",
+                Some(format!(
+                    "the default image {name} is missing: building it once (a few minutes)"
+                )),
+            );
+            return self.image_build(name, suite, ctx).await;
+        }
+        Err(OpError::not_found("image", name))
+    }
+
+    /// The kernel, pulling the default one first when it is missing.
+    pub(super) async fn kernel_or_provision(
+        &self,
+        name: &str,
+        ctx: &OpCtx<'_>,
+    ) -> OpResult<KernelRecord> {
+        if let Some(k) = self.store().get_kernel(name)? {
+            return Ok(k);
+        }
+        if KERNEL_CATALOG.iter().any(|(n, _)| *n == name) {
+            ctx.progress.stage(
+                "kernel_pull",
+                Some(format!("the kernel {name} is missing: pulling it once")),
+            );
+            return self.kernel_pull(name, ctx).await;
+        }
+        Err(OpError::not_found("kernel", name))
+    }
+
+    /// Fetches a catalog kernel from the Debian mirror into `<state>/kernels/<name>`.
+    pub async fn kernel_pull(&self, name: &str, ctx: &OpCtx<'_>) -> OpResult<KernelRecord> {
+        let Some(&(_, suite)) = KERNEL_CATALOG.iter().find(|(n, _)| *n == name) else {
+            return Err(OpError::not_found(
+                "kernel in the catalog",
+                &format!(
+                    "{name}\" (known: {})",
+                    KERNEL_CATALOG
+                        .iter()
+                        .map(|(n, _)| *n)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
+        };
+        let _g = self.inner.artifact_lock.lock().await;
+        if let Some(k) = self.store().get_kernel(name)? {
+            // Another request pulled it while this one waited for the lock.
+            return Ok(k);
+        }
+        let dest = self.layout().kernels_dir().join(name);
+        if dest.exists() {
+            // Leftover of a pull whose record was never written (daemon killed at the end).
+            std::fs::remove_dir_all(&dest)
+                .map_err(|e| OpError::failed(format!("removing stale {}: {e}", dest.display())))?;
+        }
+        let mirror = DebianMirror {
+            base_url: self.config().debian_mirror.clone(),
+            suite: suite.to_string(),
+            extra_suites: vec![format!("{suite}-updates")],
+            ..DebianMirror::default()
+        };
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<PullProgress>();
+        let dest2 = dest.clone();
+        let task = tokio::task::spawn_blocking(move || {
+            let mut report = |p: PullProgress| {
+                let _ = tx.send(p);
+            };
+            banger_kernel::pull_debian_cloud_kernel(&mirror, &dest2, &mut report)
+        });
+        let mut last = Instant::now() - Duration::from_secs(1);
+        while let Some(p) = rx.recv().await {
+            match p {
+                PullProgress::Stage { stage, detail } => ctx
+                    .progress
+                    .stage(&format!("kernel_{}", stage.as_str()), Some(detail)),
+                PullProgress::Download {
+                    stage, done, total, ..
+                } => {
+                    if last.elapsed() > Duration::from_millis(250) || done == total {
+                        last = Instant::now();
+                        ctx.progress.stage(
+                            &format!("kernel_{}", stage.as_str()),
+                            Some(format!("{:.1} / {:.1} MiB", mib(done), mib(total))),
+                        );
+                    }
+                }
+            }
+        }
+        let pulled = task
+            .await
+            .map_err(|e| OpError::failed(format!("kernel pull task: {e}")))?
+            .map_err(|e| OpError::failed(format!("pulling kernel {name}: {e}")))?;
+        let rec = KernelRecord {
+            name: name.to_string(),
+            vmlinux: pulled.vmlinux.clone(),
+            initrd: None,
+            version: pulled.version.clone(),
+            sha256: pulled.vmlinux_sha256.clone(),
+            source: format!("debian:{}={}", pulled.package, pulled.package_version),
+            created_at: now(),
+        };
+        if let Err(e) = self.store().insert_kernel(&rec) {
+            let _ = std::fs::remove_dir_all(&dest);
+            return Err(e.into());
+        }
+        info!(kernel = name, version = %rec.version, "kernel pulled");
+        Ok(rec)
+    }
+
+    /// Builds a Debian root filesystem with mmdebstrap and registers it as image `name`.
+    pub async fn image_build(
+        &self,
+        name: &str,
+        suite: &str,
+        ctx: &OpCtx<'_>,
+    ) -> OpResult<ImageRecord> {
+        validate_artifact_name("image", name).map_err(OpError::bad_request)?;
+        if !suite.chars().all(|c| c.is_ascii_lowercase() || c == '-') || suite.is_empty() {
+            return Err(OpError::bad_request(format!(
+                "invalid Debian suite {suite:?}"
+            )));
+        }
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err(OpError::failed(
+                "building the Debian image needs root (mmdebstrap must create files owned by other users); run bangerd as root, or register an image you built (banger image register)",
+            ));
+        }
+        let _g = self.inner.artifact_lock.lock().await;
+        if self.store().get_image(name)?.is_some() {
+            return Err(OpError::new(
+                ErrorCode::AlreadyExists,
+                format!("an image named {name:?} already exists (banger image rm {name} first)"),
+            ));
+        }
+        let build = self
+            .layout()
+            .build_dir()
+            .join(format!("{name}.{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&build);
+        create_private_dir(&build)
+            .map_err(|e| OpError::failed(format!("creating {}: {e}", build.display())))?;
+        let result = self.image_build_in(name, suite, &build, ctx).await;
+        let _ = std::fs::remove_dir_all(&build);
+        result
+    }
+
+    async fn image_build_in(
+        &self,
+        name: &str,
+        suite: &str,
+        build: &Path,
+        ctx: &OpCtx<'_>,
+    ) -> OpResult<ImageRecord> {
+        let rootfs_dir = build.join("rootfs");
+        let started = Instant::now();
+        ctx.progress.stage(
+            "mmdebstrap",
+            Some(format!(
+                "Debian {suite} from {}",
+                self.config().debian_mirror
+            )),
+        );
+        let mut args: Vec<String> = vec![
+            "--variant=minbase".into(),
+            "--mode=root".into(),
+            "--format=directory".into(),
+            format!("--include={}", DEBIAN_PACKAGES.join(",")),
+            // Docs and translations are dead weight in a sandbox image.
+            "--dpkgopt=path-exclude=/usr/share/doc/*".into(),
+            "--dpkgopt=path-exclude=/usr/share/man/*".into(),
+            "--dpkgopt=path-exclude=/usr/share/locale/*".into(),
+            suite.to_string(),
+        ];
+        args.push(rootfs_dir.display().to_string());
+        args.push(self.config().debian_mirror.clone());
+        run_streaming("mmdebstrap", &args, ctx, "mmdebstrap").await?;
+        ctx.progress.stage("customize", None);
+        customize_rootfs(&rootfs_dir)
+            .map_err(|e| OpError::failed(format!("preparing the image: {e}")))?;
+
+        let content = dir_size(&rootfs_dir);
+        // Content plus room to grow for VMs whose root disk is a copy; sparse, so free space
+        // costs nothing on the host.
+        let size_mib = (content / (1 << 20)) * 3 / 2 + 2048;
+        let staging = self.layout().images_dir().join(format!(".{name}.staging"));
+        let _ = std::fs::remove_dir_all(&staging);
+        create_private_dir(&staging)
+            .map_err(|e| OpError::failed(format!("creating {}: {e}", staging.display())))?;
+        let image_file = staging.join("rootfs.ext4");
+        ctx.progress.stage(
+            "mkfs",
+            Some(format!(
+                "{size_mib} MiB ext4 from {:.0} MiB of files",
+                mib(content)
+            )),
+        );
+        let r = async {
+            let f = std::fs::File::create(&image_file)
+                .map_err(|e| OpError::failed(format!("{}: {e}", image_file.display())))?;
+            f.set_len(size_mib << 20)
+                .map_err(|e| OpError::failed(format!("{}: {e}", image_file.display())))?;
+            drop(f);
+            let args: Vec<String> = vec![
+                "-F".into(),
+                "-q".into(),
+                "-L".into(),
+                "banger-rootfs".into(),
+                "-E".into(),
+                "lazy_itable_init=1,lazy_journal_init=1".into(),
+                "-d".into(),
+                rootfs_dir.display().to_string(),
+                image_file.display().to_string(),
+            ];
+            run_streaming("mkfs.ext4", &args, ctx, "mkfs").await?;
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&image_file, std::fs::Permissions::from_mode(0o400))
+                .map_err(|e| OpError::failed(format!("{}: {e}", image_file.display())))?;
+            let dir = self.layout().images_dir().join(name);
+            std::fs::rename(&staging, &dir)
+                .map_err(|e| OpError::failed(format!("{}: {e}", dir.display())))?;
+            let rootfs = dir.join("rootfs.ext4");
+            let rec = ImageRecord {
+                name: name.to_string(),
+                size_bytes: size_mib << 20,
+                rootfs,
+                kernel: Some(self.config().default_kernel.clone()),
+                source: format!("build:debian:{suite}"),
+                managed: true,
+                created_at: now(),
+            };
+            if let Err(e) = self.store().insert_image(&rec) {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e.into());
+            }
+            Ok(rec)
+        }
+        .await;
+        let _ = std::fs::remove_dir_all(&staging);
+        if r.is_ok() {
+            info!(
+                image = name,
+                secs = started.elapsed().as_secs(),
+                "image built"
+            );
+        }
+        r
+    }
+}
+
+fn mib(b: u64) -> f64 {
+    b as f64 / (1 << 20) as f64
+}
+
+/// Runs a long build command (argv, no shell), forwarding its output lines as progress details
+/// (at most a few per second) and keeping the tail for the error message.
+async fn run_streaming(
+    program: &str,
+    args: &[String],
+    ctx: &OpCtx<'_>,
+    stage: &str,
+) -> OpResult<()> {
+    let path = banger_sys::find_in_path(program).ok_or_else(|| {
+        OpError::failed(format!(
+            "{program} is not installed (apt-get install {})",
+            package_of(program)
+        ))
+    })?;
+    let mut child = tokio::process::Command::new(&path)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| OpError::failed(format!("running {program}: {e}")))?;
+    let stderr = child.stderr.take().expect("piped");
+    let stdout = child.stdout.take().expect("piped");
+    let mut lines = tokio::io::BufReader::new(stderr).lines();
+    let mut out_lines = tokio::io::BufReader::new(stdout).lines();
+    let mut tail: Vec<String> = Vec::new();
+    let mut last = Instant::now() - Duration::from_secs(1);
+    let mut out_open = true;
+    loop {
+        let line = tokio::select! {
+            l = lines.next_line() => match l { Ok(Some(l)) => l, _ => break },
+            l = out_lines.next_line(), if out_open => match l { Ok(Some(l)) => l, _ => { out_open = false; continue } },
+            _ = ctx.cancel.cancelled() => {
+                let _ = child.kill().await;
+                return Err(OpError::failed(format!("{program} cancelled: the client went away")));
+            }
+        };
+        if tail.len() >= 8 {
+            tail.remove(0);
+        }
+        tail.push(line.clone());
+        if last.elapsed() > Duration::from_millis(300) {
+            last = Instant::now();
+            ctx.progress
+                .stage(stage, Some(line.chars().take(100).collect()));
+        }
+    }
+    let status = child
+        .wait()
+        .await
+        .map_err(|e| OpError::failed(format!("waiting for {program}: {e}")))?;
+    if !status.success() {
+        return Err(OpError::failed(format!(
+            "{program} failed ({status}): {}",
+            tail.join(" | ")
+        )));
+    }
+    Ok(())
+}
+
+fn package_of(program: &str) -> &'static str {
+    match program {
+        "mmdebstrap" => "mmdebstrap",
+        "mkfs.ext4" => "e2fsprogs",
+        _ => "the package providing it",
+    }
+}
+
+/// Small fixes that make a bare Debian tree a good sandbox image. Per-VM identity is not here:
+/// the guest agent writes it at every boot.
+fn customize_rootfs(root: &Path) -> std::io::Result<()> {
+    // Keys generated at build time would be shared by every VM; the agent writes a per-VM one.
+    for entry in std::fs::read_dir(root.join("etc/ssh"))?.flatten() {
+        if entry.file_name().to_string_lossy().starts_with("ssh_host_") {
+            std::fs::remove_file(entry.path())?;
+        }
+    }
+    std::fs::write(root.join("etc/hostname"), "banger\n")?;
+    std::fs::write(
+        root.join("etc/fstab"),
+        "# banger mounts / and /root from its initramfs\n",
+    )?;
+    // Each VM gets its own machine-id from the agent; an empty one here marks the image generic.
+    std::fs::write(root.join("etc/machine-id"), "")?;
+    Ok(())
+}
+
+fn dir_size(root: &Path) -> u64 {
+    let mut total = 0u64;
+    let mut stack: Vec<PathBuf> = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let Ok(m) = e.path().symlink_metadata() else {
+                continue;
+            };
+            // Every inode costs at least a block.
+            total += m.len().max(4096);
+            if m.is_dir() {
+                stack.push(e.path());
+            }
+        }
+    }
+    total
+}
