@@ -39,6 +39,27 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum VmCmd {
+    /// Boot a fresh sandbox and open a shell in it, or run a command there and exit with its
+    /// status: `banger vm run -- make test`.
+    Run(RunArgs),
+    /// Open a shell in a running VM, or run a command: `banger vm ssh box -- uname -a`.
+    Ssh {
+        name: VmName,
+        /// Allocate a terminal even when running a command.
+        #[arg(short = 't', long)]
+        tty: bool,
+        #[arg(last = true, value_name = "CMD")]
+        command: Vec<String>,
+    },
+    /// Run a command in a running VM and exit with its status.
+    Exec {
+        name: VmName,
+        /// Allocate a terminal (for interactive programs).
+        #[arg(short = 't', long)]
+        tty: bool,
+        #[arg(last = true, required = true, value_name = "CMD")]
+        command: Vec<String>,
+    },
     /// Create a VM and (unless --no-start) boot it.
     Create(CreateArgs),
     /// Boot a stopped VM.
@@ -124,6 +145,46 @@ pub struct CreateArgs {
     /// Create the VM without booting it.
     #[arg(long)]
     pub no_start: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub create: RunCreateArgs,
+    /// Delete the VM when the shell or command ends.
+    #[arg(long, conflicts_with = "detach")]
+    pub rm: bool,
+    /// Boot the VM and return without connecting to it.
+    #[arg(short = 'd', long)]
+    pub detach: bool,
+    /// The command to run in the VM (after `--`); an interactive shell when absent.
+    #[arg(last = true, value_name = "CMD", conflicts_with = "detach")]
+    pub command: Vec<String>,
+}
+
+/// The create flags `vm run` shares with `vm create` (everything but --no-start).
+#[derive(Debug, Args)]
+pub struct RunCreateArgs {
+    /// A DNS label; generated when absent.
+    #[arg(long)]
+    pub name: Option<VmName>,
+    /// Image to build the root disk on (daemon default when absent).
+    #[arg(long, value_parser = parse_image_name)]
+    pub image: Option<String>,
+    /// Kernel to boot (the image's or the daemon default when absent).
+    #[arg(long, value_parser = parse_kernel_name)]
+    pub kernel: Option<String>,
+    #[arg(long, value_parser = parse_vcpu, allow_negative_numbers = true, value_name = "N")]
+    pub vcpu: Option<u32>,
+    /// Memory: 2G, 512M, or a bare number of MiB.
+    #[arg(long, value_parser = parse_memory_mib, allow_hyphen_values = true, value_name = "SIZE")]
+    pub memory: Option<u32>,
+    /// Size of the writable work disk: 8G, 512M, or a bare number of MiB.
+    #[arg(long, value_parser = parse_disk_size, allow_hyphen_values = true, value_name = "SIZE")]
+    pub disk_size: Option<ByteSize>,
+    /// Give the VM outbound network access through NAT.
+    #[arg(long)]
+    pub nat: bool,
 }
 
 #[derive(Debug, Args)]

@@ -59,6 +59,9 @@ fn show<T: serde::de::DeserializeOwned>(
 
 fn vm(cmd: VmCmd, ctx: &mut Ctx<'_>) -> Result<(), CliError> {
     match cmd {
+        VmCmd::Run(a) => crate::remote::run(ctx, a),
+        VmCmd::Ssh { name, tty, command } => crate::remote::ssh(ctx, &name, tty, &command),
+        VmCmd::Exec { name, tty, command } => crate::remote::ssh(ctx, &name, tty, &command),
         VmCmd::Create(a) => vm_summary(
             ctx,
             Request::VmCreate(VmCreateParams {

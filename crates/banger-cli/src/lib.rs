@@ -12,6 +12,7 @@ pub mod commands;
 pub mod error;
 pub mod json;
 pub mod progress;
+mod remote;
 pub mod render;
 
 use std::ffi::OsString;

@@ -158,46 +158,9 @@ async fn keygen(runner: &dyn CommandRunner, path: &Path, comment: &str) -> Resul
     Ok(())
 }
 
-/// Quotes one argument for the remote shell ssh hands the command to. ssh joins its arguments
-/// with spaces and a shell on the guest splits them again, so each argument is wrapped in single
-/// quotes (with embedded quotes closed, escaped and reopened) to reach the guest unchanged.
-pub fn shell_quote(arg: &str) -> String {
-    if !arg.is_empty()
-        && arg
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_./=:,+@%".contains(&b))
-    {
-        return arg.to_string();
-    }
-    format!("'{}'", arg.replace('\'', "'\\''"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn quoting_survives_a_shell() {
-        for arg in [
-            "plain",
-            "",
-            "two words",
-            "it's",
-            "$(rm -rf /)",
-            "a\"b",
-            "*",
-            "x;y",
-            "\n",
-        ] {
-            let q = shell_quote(arg);
-            let out = std::process::Command::new("sh")
-                .arg("-c")
-                .arg(format!("printf %s {q}"))
-                .output()
-                .unwrap();
-            assert_eq!(String::from_utf8(out.stdout).unwrap(), arg, "{q}");
-        }
-    }
 
     #[tokio::test]
     async fn known_hosts_add_replace_remove() {

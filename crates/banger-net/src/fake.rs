@@ -41,6 +41,10 @@ pub enum NetCall {
     RemoveVmNat(String),
     ListNatVms,
     RemoveAll(Option<BridgeName>),
+    ForgetNeighbor {
+        bridge: BridgeName,
+        ip: Ipv4Addr,
+    },
 }
 
 impl NetCall {
@@ -56,6 +60,7 @@ impl NetCall {
             NetCall::RemoveVmNat(_) => "remove_vm_nat",
             NetCall::ListNatVms => "list_nat_vms",
             NetCall::RemoveAll(_) => "remove_all",
+            NetCall::ForgetNeighbor { .. } => "forget_neighbor",
         }
     }
 }
@@ -199,6 +204,14 @@ impl NetOps for RecordingNetOps {
             });
         }
         st.taps.insert(tap.clone(), (bridge.clone(), owner_uid));
+        Ok(())
+    }
+
+    async fn forget_neighbor(&self, bridge: &BridgeName, ip: Ipv4Addr) -> Result<(), NetError> {
+        drop(self.enter(NetCall::ForgetNeighbor {
+            bridge: bridge.clone(),
+            ip,
+        })?);
         Ok(())
     }
 

@@ -114,6 +114,10 @@ pub trait NetOps: Send + Sync + std::fmt::Debug {
     /// The ids of the VMs that have NAT rules, sorted.
     async fn list_nat_vms(&self) -> Result<Vec<String>, NetError>;
 
+    /// Forgets the bridge's neighbour (ARP) entry for `ip`, so an address handed to a new VM is
+    /// not sent to the MAC of the VM that held it before (a stale entry costs ~30 s of silence).
+    async fn forget_neighbor(&self, bridge: &BridgeName, ip: Ipv4Addr) -> Result<(), NetError>;
+
     /// Uninstall: deletes banger's table and every banger tap, and `bridge` too when given.
     /// Every step runs even if an earlier one fails; the first error is returned.
     async fn remove_all(&self, bridge: Option<&BridgeName>) -> Result<(), NetError>;

@@ -393,6 +393,17 @@ impl NetOps for RealNetOps {
         Ok(ids)
     }
 
+    async fn forget_neighbor(&self, bridge: &BridgeName, ip: Ipv4Addr) -> Result<(), NetError> {
+        let ip = ip.to_string();
+        self.run(
+            "forget_neighbor",
+            &ip,
+            self.cmd("ip", &["neigh", "flush", "to", &ip, "dev", bridge.as_str()]),
+        )
+        .await
+        .map(drop)
+    }
+
     async fn remove_all(&self, bridge: Option<&BridgeName>) -> Result<(), NetError> {
         let mut first_err = None;
         let mut note = |r: Result<(), NetError>| {

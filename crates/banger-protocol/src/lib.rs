@@ -481,6 +481,68 @@ pub struct SshInfo {
     pub known_hosts: PathBuf,
 }
 
+impl SshInfo {
+    /// The `ssh` arguments (after the program name) that reach this VM: banger's key and
+    /// known_hosts only, strict host key checking (the key was recorded when the VM was made),
+    /// no prompts, no user ssh config. `command`, if not empty, runs instead of a login shell;
+    /// each word is quoted so it reaches the guest unchanged.
+    pub fn ssh_args(
+        &self,
+        tty: bool,
+        connect_timeout_secs: u64,
+        command: &[String],
+    ) -> Vec<String> {
+        let mut v: Vec<String> = [
+            "-F",
+            "/dev/null",
+            "-i",
+            &self.key.display().to_string(),
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            &format!("UserKnownHostsFile={}", self.known_hosts.display()),
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "LogLevel=ERROR",
+            "-o",
+            &format!("ConnectTimeout={}", connect_timeout_secs.max(1)),
+            if tty { "-t" } else { "-T" },
+            &format!("{}@{}", self.user, self.ip),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if !command.is_empty() {
+            v.push("--".into());
+            v.push(
+                command
+                    .iter()
+                    .map(|a| shell_quote(a))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            );
+        }
+        v
+    }
+}
+
+/// Quotes one argument for the remote shell ssh hands a command to. ssh joins its arguments
+/// with spaces and a shell on the guest splits them again, so each argument is wrapped in single
+/// quotes (embedded quotes closed, escaped and reopened) to arrive unchanged.
+pub fn shell_quote(arg: &str) -> String {
+    if !arg.is_empty()
+        && arg
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./=:,+@%".contains(&b))
+    {
+        return arg.to_string();
+    }
+    format!("'{}'", arg.replace('\'', "'\\''"))
+}
+
 /// `vm.prune` / `vm.delete` result.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Removed {
@@ -620,6 +682,54 @@ mod tests {
         ))
         .unwrap_err();
         assert_eq!(rej.op_id.as_str(), "op-abc");
+    }
+
+    #[test]
+    fn quoting_survives_a_shell() {
+        for arg in [
+            "plain",
+            "",
+            "two words",
+            "it's",
+            "$(rm -rf /)",
+            "a\"b",
+            "*",
+            "x;y",
+            "\n",
+        ] {
+            let q = shell_quote(arg);
+            let out = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(format!("printf %s {q}"))
+                .output()
+                .unwrap();
+            assert_eq!(String::from_utf8(out.stdout).unwrap(), arg, "{q}");
+        }
+    }
+
+    #[test]
+    fn ssh_args_are_strict_and_quote_the_command() {
+        let info = SshInfo {
+            name: "box".into(),
+            ip: "172.30.0.2".parse().unwrap(),
+            user: "root".into(),
+            key: "/k".into(),
+            known_hosts: "/kh".into(),
+        };
+        let a = info.ssh_args(false, 5, &["sh".into(), "-c".into(), "exit 7".into()]);
+        assert!(
+            a.windows(2)
+                .any(|w| w == ["-o", "StrictHostKeyChecking=yes"])
+        );
+        assert!(a.windows(2).any(|w| w == ["-o", "UserKnownHostsFile=/kh"]));
+        assert_eq!(
+            a[a.len() - 3..],
+            ["root@172.30.0.2", "--", "sh -c 'exit 7'"]
+        );
+        assert!(
+            info.ssh_args(true, 5, &[])
+                .ends_with(&["-t".into(), "root@172.30.0.2".into()])
+        );
     }
 
     #[test]

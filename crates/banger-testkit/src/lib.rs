@@ -37,6 +37,19 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
+/// The static guest agent built for the real-guest tests (see `TestEnv::real`).
+pub fn agent_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("BANGER_AGENT_BIN") {
+        return PathBuf::from(p);
+    }
+    // target/debug -> target/x86_64-unknown-linux-gnu/release/banger-agent
+    let target = bin_dir()
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    target.join("x86_64-unknown-linux-gnu/release/banger-agent")
+}
+
 /// Whether a program is installed (PATH plus the sbin dirs).
 pub fn have_program(name: &str) -> bool {
     let path = std::env::var_os("PATH").unwrap_or_default();
@@ -168,6 +181,58 @@ impl TestEnv {
             dir,
             daemon: None,
         }
+    }
+
+    /// An environment that boots real guests under QEMU: real kernel and image (pulled and
+    /// built on first use), a bridge and address range of its own so it never meets a user's
+    /// banger, the static agent from the workspace build. `None` (after printing `SKIP: why`)
+    /// when this machine cannot: not root, no QEMU, no mmdebstrap, no static agent.
+    pub fn real(extra: &str) -> Option<TestEnv> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            println!("SKIP: real-guest tests need root (bridge, taps, mmdebstrap)");
+            return None;
+        }
+        for (prog, pkg) in [
+            ("qemu-system-x86_64", "qemu-system-x86"),
+            ("mmdebstrap", "mmdebstrap"),
+            ("ssh", "openssh-client"),
+            ("nft", "nftables"),
+        ] {
+            if !have_program(prog) {
+                println!("SKIP: {prog} is not installed (apt-get install {pkg})");
+                return None;
+            }
+        }
+        let agent = agent_bin();
+        if !agent.is_file() {
+            println!(
+                "SKIP: {} is missing; build it with: RUSTFLAGS=\"-C target-feature=+crt-static\" cargo build -p banger-agent --release --target x86_64-unknown-linux-gnu",
+                agent.display()
+            );
+            return None;
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("bgr")
+            .tempdir_in("/var/tmp")
+            .expect("tempdir");
+        let root = dir.path();
+        let config = root.join("config.toml");
+        let text = format!(
+            "state_dir = \"{s}\"\nruntime_dir = \"{r}\"\ncache_dir = \"{c}\"\nvmm = \"qemu\"\nagent_bin = \"{agent}\"\nlog_level = \"debug\"\nbridge_name = \"br-banger-it\"\nbridge_cidr = \"172.31.250.0/24\"\nstop_timeout_secs = 20\nboot_timeout_secs = 240\n\n[vm_defaults]\nvcpu = 2\nmemory_mib = 1024\nwork_disk_size = \"2G\"\n{extra}",
+            s = root.join("state").display(),
+            r = root.join("run").display(),
+            c = root.join("cache").display(),
+            agent = agent.display(),
+        );
+        std::fs::write(&config, text).expect("write config");
+        Some(TestEnv {
+            control: root.join("fc-control.json"),
+            record: root.join("fc-calls.jsonl"),
+            config,
+            dir,
+            daemon: None,
+        })
     }
 
     pub fn root(&self) -> &Path {
@@ -344,7 +409,53 @@ impl Drop for TestEnv {
             // SAFETY: kill(2) on processes whose command line names our private temp dir.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
+        // Taps of VMs a failed test left behind (their names are in the handles files).
+        for tap in self.recorded_taps() {
+            let _ = Command::new("ip").args(["link", "del", &tap]).output();
+        }
     }
+}
+
+impl TestEnv {
+    /// Tap names recorded in this environment's handles files.
+    pub fn recorded_taps(&self) -> Vec<String> {
+        let mut taps = Vec::new();
+        if let Ok(rd) = std::fs::read_dir(self.state_dir().join("vms")) {
+            for e in rd.flatten() {
+                let Ok(text) = std::fs::read_to_string(e.path().join("handles.json")) else {
+                    continue;
+                };
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text)
+                    && let Some(t) = v["tap"].as_str()
+                {
+                    taps.push(t.to_string());
+                }
+            }
+        }
+        taps
+    }
+}
+
+/// Host interfaces attached to `bridge` (a test environment's taps).
+pub fn bridge_ports(bridge: &str) -> Vec<String> {
+    let out = Command::new("ip")
+        .args(["-o", "link", "show", "master", bridge])
+        .output();
+    let Ok(out) = out else { return Vec::new() };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .map(|n| n.split('@').next().unwrap_or(n).to_string())
+        .collect()
+}
+
+/// The text of `nft list table ip banger` (empty when there is no table).
+pub fn nft_banger_table() -> String {
+    Command::new("nft")
+        .args(["-a", "list", "table", "ip", "banger"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
 }
 
 /// Makes a real ext4 image of `mib` MiB with a marker file, without root (mkfs.ext4 -d).

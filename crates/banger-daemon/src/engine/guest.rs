@@ -196,8 +196,7 @@ impl Engine {
         }
     }
 
-    /// Runs a command in the guest over ssh (argv joined for the remote shell, each argument
-    /// quoted). Host key checking is strict against banger's known_hosts.
+    /// Runs a command in the guest over ssh, as `banger vm exec` would.
     pub(super) async fn ssh_run(
         &self,
         vm: &VmRecord,
@@ -205,21 +204,15 @@ impl Engine {
         argv: &[&str],
         timeout: Duration,
     ) -> Result<Vec<u8>, String> {
-        let remote = argv
-            .iter()
-            .map(|a| crate::ssh::shell_quote(a))
-            .collect::<Vec<_>>()
-            .join(" ");
-        let cmd = Cmd::new("ssh")
-            .args(ssh_options(
-                &self.ssh().user_key(),
-                &self.ssh().known_hosts(),
-            ))
-            .arg("-o")
-            .arg(format!("ConnectTimeout={}", timeout.as_secs().max(1)))
-            .arg(format!("root@{ip}"))
-            .arg("--")
-            .arg(remote);
+        let info = banger_protocol::SshInfo {
+            name: vm.name.to_string(),
+            ip,
+            user: "root".into(),
+            key: self.ssh().user_key(),
+            known_hosts: self.ssh().known_hosts(),
+        };
+        let command: Vec<String> = argv.iter().map(|s| s.to_string()).collect();
+        let cmd = Cmd::new("ssh").args(info.ssh_args(false, timeout.as_secs(), &command));
         match tokio::time::timeout(timeout, self.inner.runner.run(&cmd)).await {
             Ok(r) => r.map_err(|e| e.to_string()),
             Err(_) => Err(format!(
@@ -229,27 +222,6 @@ impl Engine {
             )),
         }
     }
-}
-
-/// The options every banger ssh uses: banger's key and known_hosts only, strict checking, no
-/// prompts.
-pub fn ssh_options(key: &Path, known_hosts: &Path) -> Vec<String> {
-    vec![
-        "-F".into(),
-        "/dev/null".into(),
-        "-i".into(),
-        key.display().to_string(),
-        "-o".into(),
-        "IdentitiesOnly=yes".into(),
-        "-o".into(),
-        format!("UserKnownHostsFile={}", known_hosts.display()),
-        "-o".into(),
-        "StrictHostKeyChecking=yes".into(),
-        "-o".into(),
-        "BatchMode=yes".into(),
-        "-o".into(),
-        "LogLevel=ERROR".into(),
-    ]
 }
 
 /// Whether something on `addr` speaks SSH (reads the `SSH-` banner).

@@ -340,6 +340,10 @@ impl Engine {
                 net.create_tap(&tap, &bridge, Some(uid))
                     .await
                     .map_err(|e| e.to_string())?;
+                // The address may have belonged to another VM (another MAC) moments ago.
+                net.forget_neighbor(&bridge, ip)
+                    .await
+                    .map_err(|e| e.to_string())?;
                 if vm.nat {
                     net.ensure_nat(&bridge, &cfg.bridge_cidr)
                         .await

@@ -3,4 +3,5 @@
 mod engine_faults;
 mod lifecycle;
 mod protocol;
+mod real_guest;
 mod recovery;
