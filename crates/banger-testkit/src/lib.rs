@@ -37,6 +37,29 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
+/// Reserves a network number for a real-guest environment, so that environments running at
+/// the same time (parallel tests, a benchmark, CI) never share a bridge or an address range:
+/// an flock on `/var/tmp/banger-test-net-<N>.lock`, held for the environment's life.
+fn claim_test_network() -> (std::fs::File, u8) {
+    use std::os::fd::AsRawFd;
+    for n in 1u8..=250 {
+        let path = format!("/var/tmp/banger-test-net-{n}.lock");
+        let Ok(f) = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+        else {
+            continue;
+        };
+        // SAFETY: flock on an fd we own.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return (f, n);
+        }
+    }
+    panic!("no free test network (all 250 locks in /var/tmp are held)");
+}
+
 /// The static guest agent built for the real-guest tests (see `TestEnv::real`).
 pub fn agent_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("BANGER_AGENT_BIN") {
@@ -129,6 +152,44 @@ pub fn request(socket: &Path, req: &Request) -> Reply {
     Reply { frames }
 }
 
+/// Sends a typed request and returns every frame with the moment it arrived, measured from just
+/// before connecting, the final frame last: a long operation's progress stages become phase
+/// timings (benchmarks). Panics when the daemon cannot be reached or sends a bad frame.
+pub fn request_timed(socket: &Path, req: &Request) -> Vec<(Duration, Frame)> {
+    let op = OpId::generate();
+    let line = Envelope {
+        v: PROTOCOL_VERSION,
+        op_id: &op,
+        request: req,
+    }
+    .to_line();
+    let started = Instant::now();
+    let mut s = UnixStream::connect(socket).expect("connect to the daemon");
+    s.set_read_timeout(Some(Duration::from_secs(600)))
+        .expect("set read timeout");
+    s.write_all(line.as_bytes()).expect("send request");
+    let mut frames = Vec::new();
+    let mut reader = BufReader::new(s);
+    let mut buf = String::new();
+    loop {
+        buf.clear();
+        let n = reader.read_line(&mut buf).expect("read frame");
+        let at = started.elapsed();
+        if n == 0 {
+            break;
+        }
+        let f: Frame = serde_json::from_str(buf.trim_end())
+            .unwrap_or_else(|e| panic!("bad frame {buf:?}: {e}"));
+        let last = f.is_final();
+        frames.push((at, f));
+        if last {
+            break;
+        }
+    }
+    assert!(!frames.is_empty(), "no answer to {req:?}");
+    frames
+}
+
 /// A banger installation in a temp dir.
 #[derive(Debug)]
 pub struct TestEnv {
@@ -139,6 +200,8 @@ pub struct TestEnv {
     /// Where the fake records every API call.
     pub record: PathBuf,
     daemon: Option<Child>,
+    /// A real environment's network number and the lock that reserves it.
+    net: Option<(u8, std::fs::File)>,
 }
 
 impl TestEnv {
@@ -180,6 +243,7 @@ impl TestEnv {
             config,
             dir,
             daemon: None,
+            net: None,
         }
     }
 
@@ -212,6 +276,7 @@ impl TestEnv {
             );
             return None;
         }
+        let (net_lock, n) = claim_test_network();
         let dir = tempfile::Builder::new()
             .prefix("bgr")
             .tempdir_in("/var/tmp")
@@ -219,7 +284,7 @@ impl TestEnv {
         let root = dir.path();
         let config = root.join("config.toml");
         let text = format!(
-            "state_dir = \"{s}\"\nruntime_dir = \"{r}\"\ncache_dir = \"{c}\"\nvmm = \"qemu\"\nagent_bin = \"{agent}\"\nlog_level = \"debug\"\nbridge_name = \"br-banger-it\"\nbridge_cidr = \"172.31.250.0/24\"\nstop_timeout_secs = 20\nboot_timeout_secs = 240\n\n[vm_defaults]\nvcpu = 2\nmemory_mib = 1024\nwork_disk_size = \"2G\"\n{extra}",
+            "state_dir = \"{s}\"\nruntime_dir = \"{r}\"\ncache_dir = \"{c}\"\nvmm = \"qemu\"\nagent_bin = \"{agent}\"\nlog_level = \"debug\"\nbridge_name = \"br-banger-t{n}\"\nbridge_cidr = \"172.31.{n}.0/24\"\nstop_timeout_secs = 20\nboot_timeout_secs = 240\n\n[vm_defaults]\nvcpu = 2\nmemory_mib = 1024\nwork_disk_size = \"2G\"\n{extra}",
             s = root.join("state").display(),
             r = root.join("run").display(),
             c = root.join("cache").display(),
@@ -232,11 +297,26 @@ impl TestEnv {
             config,
             dir,
             daemon: None,
+            net: Some((n, net_lock)),
         })
     }
 
     pub fn root(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// A real environment's bridge (`br-banger-t<N>`) and CIDR (`172.31.<N>.0/24`).
+    pub fn network(&self) -> Option<(String, String)> {
+        self.net
+            .as_ref()
+            .map(|(n, _)| (format!("br-banger-t{n}"), format!("172.31.{n}.0/24")))
+    }
+
+    /// The `$HOME` the daemon and CLI of this environment see (for `~/` in the config).
+    pub fn home(&self) -> PathBuf {
+        let h = self.root().join("home");
+        let _ = std::fs::create_dir_all(&h);
+        h
     }
 
     pub fn state_dir(&self) -> PathBuf {
@@ -264,6 +344,7 @@ impl TestEnv {
     pub fn daemon_command(&self) -> Command {
         let mut c = Command::new(bin("bangerd"));
         c.env("BANGER_CONFIG", &self.config)
+            .env("HOME", self.home())
             .env("FAKE_FIRECRACKER_CONTROL", &self.control)
             .env("FAKE_FIRECRACKER_RECORD", &self.record)
             .env_remove("BANGER_LOG")
@@ -343,6 +424,7 @@ impl TestEnv {
         Command::new(bin("banger"))
             .args(args)
             .env("BANGER_CONFIG", &self.config)
+            .env("HOME", self.home())
             .env("FAKE_FIRECRACKER_CONTROL", &self.control)
             .env("FAKE_FIRECRACKER_RECORD", &self.record)
             .env("NO_COLOR", "1")
@@ -412,6 +494,9 @@ impl Drop for TestEnv {
         // Taps of VMs a failed test left behind (their names are in the handles files).
         for tap in self.recorded_taps() {
             let _ = Command::new("ip").args(["link", "del", &tap]).output();
+        }
+        if let Some((bridge, _)) = self.network() {
+            let _ = Command::new("ip").args(["link", "del", &bridge]).output();
         }
     }
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use banger_config::{NetworkMode, RootDiskStrategy};
 use banger_core::VmRecord;
-use banger_guest::{GuestConfig, NetworkConfig, RootLayout, SshIdentity};
+use banger_guest::{GuestConfig, GuestFile, NetworkConfig, RootLayout, SshIdentity};
 use banger_net::MacAddr;
 use banger_sys::Cmd;
 use banger_vmm::{Vmm, VmmHandle};
@@ -83,6 +83,7 @@ impl Engine {
         vm: &VmRecord,
         image: &Path,
         path: &Path,
+        ctx: &OpCtx<'_>,
     ) -> Result<(), String> {
         let layout = self.layout();
         let uuid = |p: &Path| -> Result<String, String> {
@@ -134,11 +135,52 @@ impl Engine {
                 host_key_ed25519_pub: host_pub.trim().to_string(),
                 authorized_keys: vec![user_key],
             }),
-            files: Vec::new(),
+            files: self.file_sync_files(ctx)?,
             init: None,
         };
         let _ = std::fs::remove_file(path);
         banger_guest::write_config_disk(path, &config).map_err(|e| e.to_string())
+    }
+
+    /// The `[[file_sync]]` files, read now so every start carries the host's current copy. A
+    /// missing host file is a warning, not a failure (it may simply not exist on this machine).
+    fn file_sync_files(&self, ctx: &OpCtx<'_>) -> Result<Vec<GuestFile>, String> {
+        /// Keeps the config disk small; tokens and dotfiles are far below this.
+        const MAX_TOTAL: usize = 4 << 20;
+        let mut files = Vec::new();
+        let mut total = 0usize;
+        for entry in &self.config().file_sync {
+            let guest = match entry.guest.strip_prefix("~") {
+                Ok(rest) => Path::new("/root").join(rest),
+                Err(_) => entry.guest.clone(),
+            };
+            let data = match std::fs::read(&entry.host) {
+                Ok(d) => d,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    ctx.progress.warn(format!(
+                        "file_sync: {} does not exist; not copied to {}",
+                        entry.host.display(),
+                        guest.display()
+                    ));
+                    continue;
+                }
+                Err(e) => return Err(format!("file_sync: reading {}: {e}", entry.host.display())),
+            };
+            total += data.len();
+            if total > MAX_TOTAL {
+                return Err(format!(
+                    "file_sync: {} brings the synced files over {} MiB; sync smaller files",
+                    entry.host.display(),
+                    MAX_TOTAL >> 20
+                ));
+            }
+            files.push(GuestFile::new(
+                guest.display().to_string(),
+                entry.mode,
+                &data,
+            ));
+        }
+        Ok(files)
     }
 
     /// Waits until the guest's sshd accepts banger's key, or fails early when the VMM dies, the

@@ -294,7 +294,7 @@ impl Engine {
             "config_disk" => {
                 let path = layout.config_disk(&vm.id);
                 let image = attempt.image_rootfs.clone();
-                self.write_config_disk(vm, &image, &path).await?;
+                self.write_config_disk(vm, &image, &path, ctx).await?;
                 attempt.spec().drives.push(DriveSpec {
                     id: "config".into(),
                     path,

@@ -46,15 +46,19 @@ fn assert_nothing_left(env: &TestEnv, what: &str) {
         "{what}: files left: {:?}",
         env.vm_leftovers()
     );
-    let taps = bridge_ports("br-banger-it");
+    let (bridge, _) = env.network().expect("a real environment");
+    let taps = bridge_ports(&bridge);
     assert!(taps.is_empty(), "{what}: taps left: {taps:?}");
 }
 
 #[test]
 fn real_guest_end_to_end() {
-    let Some(mut env) = TestEnv::real("") else {
+    let sync =
+        "\n[[file_sync]]\nhost = \"~/token\"\nguest = \"~/.config/token\"\nmode = \"0640\"\n";
+    let Some(mut env) = TestEnv::real(sync) else {
         return;
     };
+    std::fs::write(env.home().join("token"), "s3cret\n").unwrap();
     env.start_daemon();
 
     // 1. The first run provisions the kernel and the image, boots, runs, and exits with the
