@@ -268,6 +268,7 @@ async fn dispatch(
             let name = p.name.unwrap_or_else(|| format!("debian-{suite}"));
             json(e.image_build(&name, &suite, ctx).await?)
         }
+        Request::ImageImport(p) => json(e.image_import(&p.name, &p.source, p.kernel, ctx).await?),
         Request::KernelPull(p) => json(e.kernel_pull(&p.name, ctx).await?),
         Request::ImageRegister(p) => json(e.image_register(&p.name, &p.rootfs, p.kernel).await?),
         Request::ImageList => json(ImageList {

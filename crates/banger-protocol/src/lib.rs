@@ -113,6 +113,17 @@ pub struct KernelImportParams {
     pub dir: PathBuf,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageImportParams {
+    pub name: String,
+    /// An ext4 image file, a root filesystem directory, or a tarball of one (.tar, .tar.gz,
+    /// .tar.zst, .tar.xz).
+    pub source: PathBuf,
+    #[serde(default)]
+    pub kernel: Option<String>,
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ImageBuildParams {
@@ -176,6 +187,8 @@ pub enum Request {
     ImageRegister(ImageRegisterParams),
     #[serde(rename = "image.build")]
     ImageBuild(ImageBuildParams),
+    #[serde(rename = "image.import")]
+    ImageImport(ImageImportParams),
     #[serde(rename = "image.list")]
     ImageList,
     #[serde(rename = "image.show")]
@@ -213,6 +226,7 @@ pub const METHODS: &[&str] = &[
     "vm.ssh_info",
     "image.register",
     "image.build",
+    "image.import",
     "image.list",
     "image.show",
     "image.delete",
@@ -243,6 +257,7 @@ impl Request {
             Request::VmSshInfo(_) => "vm.ssh_info",
             Request::ImageRegister(_) => "image.register",
             Request::ImageBuild(_) => "image.build",
+            Request::ImageImport(_) => "image.import",
             Request::ImageList => "image.list",
             Request::ImageShow(_) => "image.show",
             Request::ImageDelete(_) => "image.delete",

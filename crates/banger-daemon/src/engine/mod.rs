@@ -8,6 +8,7 @@
 mod artifacts;
 mod create;
 mod guest;
+mod import;
 mod ops;
 mod provision;
 mod reconcile;

@@ -232,7 +232,37 @@ impl Engine {
         customize_rootfs(&rootfs_dir)
             .map_err(|e| OpError::failed(format!("preparing the image: {e}")))?;
 
-        let content = dir_size(&rootfs_dir);
+        let r = self
+            .image_from_tree(
+                name,
+                &rootfs_dir,
+                Some(self.config().default_kernel.clone()),
+                &format!("build:debian:{suite}"),
+                ctx,
+            )
+            .await;
+        if r.is_ok() {
+            info!(
+                image = name,
+                secs = started.elapsed().as_secs(),
+                "image built"
+            );
+        }
+        r
+    }
+
+    /// Makes image `name` from a root filesystem tree: a sparse ext4 (`mkfs.ext4 -d`, no
+    /// mount) sized for the content plus room to grow, staged and renamed into place, then
+    /// registered. The caller holds the artifact lock.
+    pub(super) async fn image_from_tree(
+        &self,
+        name: &str,
+        tree: &Path,
+        kernel: Option<String>,
+        source: &str,
+        ctx: &OpCtx<'_>,
+    ) -> OpResult<ImageRecord> {
+        let content = dir_size(tree);
         // Content plus room to grow for VMs whose root disk is a copy; sparse, so free space
         // costs nothing on the host.
         let size_mib = (content / (1 << 20)) * 3 / 2 + 2048;
@@ -262,7 +292,7 @@ impl Engine {
                 "-E".into(),
                 "lazy_itable_init=1,lazy_journal_init=1".into(),
                 "-d".into(),
-                rootfs_dir.display().to_string(),
+                tree.display().to_string(),
                 image_file.display().to_string(),
             ];
             run_streaming("mkfs.ext4", &args, ctx, "mkfs").await?;
@@ -272,13 +302,12 @@ impl Engine {
             let dir = self.layout().images_dir().join(name);
             std::fs::rename(&staging, &dir)
                 .map_err(|e| OpError::failed(format!("{}: {e}", dir.display())))?;
-            let rootfs = dir.join("rootfs.ext4");
             let rec = ImageRecord {
                 name: name.to_string(),
                 size_bytes: size_mib << 20,
-                rootfs,
-                kernel: Some(self.config().default_kernel.clone()),
-                source: format!("build:debian:{suite}"),
+                rootfs: dir.join("rootfs.ext4"),
+                kernel,
+                source: source.to_string(),
                 managed: true,
                 created_at: now(),
             };
@@ -290,13 +319,6 @@ impl Engine {
         }
         .await;
         let _ = std::fs::remove_dir_all(&staging);
-        if r.is_ok() {
-            info!(
-                image = name,
-                secs = started.elapsed().as_secs(),
-                "image built"
-            );
-        }
         r
     }
 }
