@@ -197,6 +197,26 @@ pub struct StopArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum ImageCmd {
+    /// Build the default Debian image with mmdebstrap (needs root; a minute or two).
+    Build {
+        /// Image name (default: debian-<suite>).
+        #[arg(long, value_parser = parse_image_name)]
+        name: Option<String>,
+        /// Debian suite (default: bookworm).
+        #[arg(long)]
+        suite: Option<String>,
+    },
+    /// Import an ext4 image, a root filesystem directory, or a tarball of one.
+    Import {
+        #[arg(value_parser = parse_image_name)]
+        name: String,
+        /// An ext4 file, a directory, or a .tar/.tar.gz/.tar.zst/.tar.xz.
+        #[arg(long = "from", value_parser = parse_existing_path, value_name = "PATH")]
+        from: PathBuf,
+        /// Kernel VMs of this image boot by default.
+        #[arg(long, value_parser = parse_kernel_name)]
+        kernel: Option<String>,
+    },
     /// Register an existing ext4 root filesystem as an image (it is never written).
     Register {
         #[arg(value_parser = parse_image_name)]
@@ -375,4 +395,9 @@ pub fn clap_failure(e: &clap::Error) -> (String, i32, bool) {
         }
         _ => (e.render().to_string(), 2, false),
     }
+}
+
+/// An existing file or directory, made absolute (the daemon's working directory is not ours).
+fn parse_existing_path(s: &str) -> Result<PathBuf, String> {
+    std::fs::canonicalize(s).map_err(|e| format!("{s}: {e}"))
 }

@@ -214,6 +214,34 @@ fn vm_prune(ctx: &mut Ctx<'_>, force: bool) -> Result<(), CliError> {
 
 fn image(cmd: ImageCmd, ctx: &mut Ctx<'_>) -> Result<(), CliError> {
     match cmd {
+        ImageCmd::Build { name, suite } => {
+            let img: ImageRecord = ctx
+                .request(&Request::ImageBuild(banger_protocol::ImageBuildParams {
+                    name,
+                    suite,
+                }))?
+                .decode("image.build")?;
+            ctx.print(&format!(
+                "image {} built ({})\n",
+                img.name,
+                banger_core::ByteSize(img.size_bytes)
+            ))
+        }
+        ImageCmd::Import { name, from, kernel } => {
+            let img: ImageRecord = ctx
+                .request(&Request::ImageImport(banger_protocol::ImageImportParams {
+                    name,
+                    source: from,
+                    kernel,
+                }))?
+                .decode("image.import")?;
+            ctx.print(&format!(
+                "image {} imported ({}, {})\n",
+                img.name,
+                img.rootfs.display(),
+                banger_core::ByteSize(img.size_bytes)
+            ))
+        }
         ImageCmd::Register {
             name,
             rootfs,
