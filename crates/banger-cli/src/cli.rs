@@ -35,6 +35,16 @@ pub enum Command {
     /// The bangerd background daemon.
     #[command(subcommand)]
     Daemon(DaemonCmd),
+    /// Print banger's ssh config (a `Host <name>.vm` block per VM), or include it from
+    /// ~/.ssh/config so plain `ssh NAME.vm` works.
+    SshConfig {
+        /// Add a marked `Include` block at the top of ~/.ssh/config (once).
+        #[arg(long, conflicts_with = "uninstall")]
+        install: bool,
+        /// Remove exactly that block again; nothing else in the file changes.
+        #[arg(long)]
+        uninstall: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -51,14 +61,31 @@ pub enum VmCmd {
         #[arg(last = true, value_name = "CMD")]
         command: Vec<String>,
     },
-    /// Run a command in a running VM and exit with its status.
+    /// Run a command in a running VM and exit with its status. It runs in the VM's workspace
+    /// (see `vm workspace`) when there is one, in root's home otherwise.
     Exec {
         name: VmName,
         /// Allocate a terminal (for interactive programs).
         #[arg(short = 't', long)]
         tty: bool,
+        /// Sync the workspace from the host repository first.
+        #[arg(long)]
+        sync: bool,
         #[arg(last = true, required = true, value_name = "CMD")]
         command: Vec<String>,
+    },
+    /// Copy a git repository into a VM, keep it in sync, get the guest's work back.
+    #[command(subcommand)]
+    Workspace(WorkspaceCmd),
+    /// Copy files or directories between the host and a VM: `vm cp box:/root/out ./out`,
+    /// `vm cp ./data box:/root/`.
+    Cp {
+        /// `NAME:PATH` in the guest, or a host path.
+        #[arg(value_name = "SRC")]
+        src: String,
+        /// `NAME:PATH` in the guest, or a host path (exactly one side is a guest).
+        #[arg(value_name = "DEST")]
+        dest: String,
     },
     /// Create a VM and (unless --no-start) boot it.
     Create(CreateArgs),
@@ -120,6 +147,54 @@ pub enum VmCmd {
     },
 }
 
+#[derive(Debug, Subcommand)]
+pub enum WorkspaceCmd {
+    /// Copy the repository at PATH into a running VM (shallow history, then the working tree).
+    Prepare {
+        name: VmName,
+        #[arg(value_parser = parse_existing_dir, value_name = "PATH")]
+        path: PathBuf,
+        #[command(flatten)]
+        flags: WorkspaceFlags,
+        /// Replace the guest directory if it already exists.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Send the files changed on the host since the last prepare or sync.
+    Sync { name: VmName },
+    /// Print a binary patch (for `git apply`) of everything changed in the guest since the
+    /// base commit: its commits and its uncommitted work.
+    Export {
+        name: VmName,
+        /// The commit to diff against (default: the one the workspace was prepared at).
+        #[arg(long, value_name = "SHA")]
+        base_commit: Option<String>,
+        /// Write the patch to FILE instead of stdout.
+        #[arg(short = 'o', long, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
+}
+
+/// What a workspace copies and where.
+#[derive(Debug, Clone, Args)]
+pub struct WorkspaceFlags {
+    /// Also copy untracked files that git does not ignore (ignored files are never copied).
+    #[arg(long)]
+    pub include_untracked: bool,
+    /// Copy submodules' files (as plain files) instead of refusing the repository.
+    #[arg(long)]
+    pub submodules: bool,
+    /// Where the repository goes in the guest (default: /root/<repo-name>).
+    #[arg(long, value_name = "P")]
+    pub guest_path: Option<String>,
+    /// Start a new branch in the guest.
+    #[arg(long, value_name = "B")]
+    pub branch: Option<String>,
+    /// Where the new branch starts (a host commit or ref); the guest checks it out.
+    #[arg(long, value_name = "REF", requires = "branch")]
+    pub from: Option<String>,
+}
+
 #[derive(Debug, Args)]
 pub struct CreateArgs {
     /// A DNS label; generated when absent.
@@ -157,6 +232,15 @@ pub struct RunArgs {
     /// Boot the VM and return without connecting to it.
     #[arg(short = 'd', long)]
     pub detach: bool,
+    /// A git repository to copy into the VM (to /root/<repo-name>); the shell or command
+    /// then starts there.
+    #[arg(value_parser = parse_existing_dir, value_name = "PATH")]
+    pub path: Option<PathBuf>,
+    #[command(flatten)]
+    pub workspace: WorkspaceFlags,
+    /// List the files PATH would copy, and exit without creating a VM.
+    #[arg(long, requires = "path")]
+    pub dry_run: bool,
     /// The command to run in the VM (after `--`); an interactive shell when absent.
     #[arg(last = true, value_name = "CMD", conflicts_with = "detach")]
     pub command: Vec<String>,
@@ -259,6 +343,13 @@ pub enum KernelCmd {
         name: String,
         #[arg(long = "from", value_parser = parse_existing_dir, value_name = "DIR")]
         from: PathBuf,
+    },
+    /// Fetch a kernel the daemon knows by name: the built-in Debian cloud kernel
+    /// (debian-6.1-cloud) or a `[[kernel_catalog]]` entry of the config. Checked against its
+    /// signature or SHA256; pulling one that is already there does nothing.
+    Pull {
+        #[arg(value_parser = parse_kernel_name)]
+        name: String,
     },
     /// List kernels.
     #[command(visible_alias = "list")]

@@ -23,6 +23,9 @@ pub fn execute(command: Command, ctx: &mut Ctx<'_>) -> Result<(), CliError> {
         Command::Image(c) => image(c, ctx),
         Command::Kernel(c) => kernel(c, ctx),
         Command::Daemon(c) => daemon(c, ctx),
+        Command::SshConfig { install, uninstall } => {
+            crate::ssh_config::run(ctx, install, uninstall)
+        }
     }
 }
 
@@ -61,7 +64,14 @@ fn vm(cmd: VmCmd, ctx: &mut Ctx<'_>) -> Result<(), CliError> {
     match cmd {
         VmCmd::Run(a) => crate::remote::run(ctx, a),
         VmCmd::Ssh { name, tty, command } => crate::remote::ssh(ctx, &name, tty, &command),
-        VmCmd::Exec { name, tty, command } => crate::remote::ssh(ctx, &name, tty, &command),
+        VmCmd::Exec {
+            name,
+            tty,
+            sync,
+            command,
+        } => crate::workspace::exec(ctx, &name, tty, sync, &command),
+        VmCmd::Workspace(c) => crate::workspace::command(ctx, c),
+        VmCmd::Cp { src, dest } => crate::workspace::cp(ctx, &src, &dest),
         VmCmd::Create(a) => vm_summary(
             ctx,
             Request::VmCreate(VmCreateParams {
@@ -152,7 +162,10 @@ fn vm_rm(ctx: &mut Ctx<'_>, names: &[VmName], force: bool) -> Result<(), CliErro
             force,
         }));
         match result.and_then(|a| a.decode::<VmRecord>("vm.delete")) {
-            Ok(vm) => ctx.print(&format!("vm {} removed\n", vm.name))?,
+            Ok(vm) => {
+                crate::workspace::forget(ctx, &vm);
+                ctx.print(&format!("vm {} removed\n", vm.name))?
+            }
             Err(e) => {
                 if let Some(line) = e.line() {
                     ctx.note(&line);
@@ -292,6 +305,15 @@ fn kernel(cmd: KernelCmd, ctx: &mut Ctx<'_>) -> Result<(), CliError> {
                 }))?
                 .decode("kernel.import")?;
             ctx.print(&format!("kernel {} imported ({})\n", k.name, k.version))
+        }
+        KernelCmd::Pull { name } => {
+            let k: KernelRecord = ctx
+                .request(&Request::KernelPull(NameParams { name }))?
+                .decode("kernel.pull")?;
+            ctx.print(&format!(
+                "kernel {} ready ({}, {})\n",
+                k.name, k.version, k.source
+            ))
         }
         KernelCmd::Ls { json } => show(
             ctx,

@@ -14,6 +14,8 @@ pub mod json;
 pub mod progress;
 mod remote;
 pub mod render;
+pub mod ssh_config;
+mod workspace;
 
 use std::ffi::OsString;
 use std::io::{BufRead, IsTerminal, Write};
@@ -43,6 +45,9 @@ pub struct DaemonTarget {
     pub config: Option<PathBuf>,
     /// Whether a missing daemon may be started (never for `daemon status|stop`).
     pub autostart: bool,
+    /// Where workspace sync manifests are kept, one `<vm-id>.json` per VM (the config's
+    /// `cache_dir/workspaces`).
+    pub workspace_cache: PathBuf,
 }
 
 impl DaemonTarget {
@@ -55,7 +60,9 @@ impl DaemonTarget {
             .clone()
             .unwrap_or_else(|| Config::default_path_for(&host));
         let cfg = Config::load(&path, &host).map_err(|e| CliError::local(e.to_string()))?;
-        Ok(Self::for_dirs(&cfg.state_dir, &cfg.runtime_dir, config))
+        let mut t = Self::for_dirs(&cfg.state_dir, &cfg.runtime_dir, config);
+        t.workspace_cache = cfg.cache_dir.join("workspaces");
+        Ok(t)
     }
 
     /// The daemon's files for a state and runtime dir (its `Layout`: `<runtime>/bangerd.sock`,
@@ -71,6 +78,7 @@ impl DaemonTarget {
             runtime_dir: runtime_dir.to_path_buf(),
             config,
             autostart: true,
+            workspace_cache: state_dir.join("workspaces"),
         }
     }
 }

@@ -40,6 +40,13 @@ pub fn ssh(
 /// `--rm`) delete.
 pub fn run(ctx: &mut Ctx<'_>, a: RunArgs) -> Result<(), CliError> {
     let started = Instant::now();
+    // The repository is inspected (and its history built) before a VM exists, so a bare repo
+    // or a submodule fails fast and --dry-run never boots anything.
+    let prepared = match &a.path {
+        Some(path) if a.dry_run => return crate::workspace::dry_run(ctx, path, &a.workspace),
+        Some(path) => Some(crate::workspace::build(path, &a.workspace)?),
+        None => None,
+    };
     let c = a.create;
     let vm: VmRecord = ctx
         .request(&Request::VmCreate(VmCreateParams {
@@ -67,23 +74,31 @@ pub fn run(ctx: &mut Ctx<'_>, a: RunArgs) -> Result<(), CliError> {
         vm.ip.map(|ip| format!(" at {ip}")).unwrap_or_default()
     ));
     if a.detach {
+        if let Some(p) = &prepared {
+            crate::workspace::send(ctx, &vm, p, false)?;
+        }
         return ctx.print(&format!(
             "{}\nconnect: banger vm ssh {}   stop: banger vm stop {}\n",
             vm.name, vm.name, vm.name
         ));
     }
-    let session = ctx
-        .request(&Request::VmSshInfo(VmRef {
+    let copied = match &prepared {
+        Some(p) => crate::workspace::send(ctx, &vm, p, false).map(|ws| Some(ws.guest_path)),
+        None => Ok(None),
+    };
+    let tty = a.command.is_empty() && ctx.term.stdin_tty;
+    let command = match &copied {
+        Ok(Some(dir)) if a.command.is_empty() && tty => banger_workspace::guest::shell_in_dir(dir),
+        Ok(Some(dir)) if !a.command.is_empty() => banger_workspace::guest::in_dir(dir, &a.command),
+        _ => a.command.clone(),
+    };
+    let session = copied.and_then(|_| {
+        ctx.request(&Request::VmSshInfo(VmRef {
             vm: vm.name.to_string(),
         }))
         .and_then(|answer| answer.decode::<SshInfo>("vm.ssh_info"))
-        .and_then(|info| {
-            run_ssh(
-                &info,
-                a.command.is_empty() && ctx.term.stdin_tty,
-                &a.command,
-            )
-        });
+        .and_then(|info| run_ssh(&info, tty, &command))
+    });
     if a.rm {
         // The session is over; deleting must not be cut short by a second Ctrl-C.
         let _guard = IgnoreInterrupts::new();
@@ -91,11 +106,12 @@ pub fn run(ctx: &mut Ctx<'_>, a: RunArgs) -> Result<(), CliError> {
             vm: vm.name.to_string(),
             force: true,
         }));
-        if let Err(e) = deleted {
-            ctx.note(&format!(
+        match deleted.and_then(|a| a.decode::<VmRecord>("vm.delete")) {
+            Ok(gone) => crate::workspace::forget(ctx, &gone),
+            Err(e) => ctx.note(&format!(
                 "banger: could not delete vm {}: {e}; {RM_TIMEOUT_NOTE} {}",
                 vm.name, vm.name
-            ));
+            )),
         }
     } else if a.command.is_empty() {
         ctx.note(&format!(

@@ -225,7 +225,7 @@ pub fn kernel_details(k: &KernelRecord, now: i64) -> String {
 
 /// `daemon status`.
 pub fn daemon_status(s: &DaemonStatus) -> String {
-    key_values(&[
+    let mut pairs = vec![
         ("status", format!("running (pid {})", s.pid)),
         (
             "version",
@@ -240,7 +240,23 @@ pub fn daemon_status(s: &DaemonStatus) -> String {
         ("socket", s.socket.display().to_string()),
         ("state_dir", s.state_dir.display().to_string()),
         ("log_file", s.log_file.display().to_string()),
-    ])
+    ];
+    if let Some(p) = &s.ssh_config {
+        pairs.push(("ssh_config", p.display().to_string()));
+    }
+    if let Some(dns) = &s.dns {
+        let state = match (&dns.listen, &dns.error) {
+            (Some(addr), _) => format!("<name>.vm answered on {addr}"),
+            (None, Some(e)) => format!("off: {e}"),
+            (None, None) => "off".to_string(),
+        };
+        pairs.push(("dns", state));
+        // Only useful while the responder runs.
+        if dns.listen.is_some() {
+            pairs.push(("dns_setup", dns.recipe.clone()));
+        }
+    }
+    key_values(&pairs)
 }
 
 /// `1h 2m 3s`, dropping leading zero units.
@@ -294,6 +310,7 @@ mod tests {
             created_at: created,
             updated_at: created,
             started_at: None,
+            workspace: None,
         }
     }
 

@@ -104,6 +104,7 @@ fn record(name: &str, state: VmState) -> VmRecord {
         created_at: NOW - 10,
         updated_at: NOW - 10,
         started_at: Some(NOW - 5),
+        workspace: None,
     }
 }
 
@@ -388,6 +389,8 @@ fn daemon_stop_waits_for_the_socket_to_go() {
         vms_total: 0,
         vms_running: 0,
         uptime_secs: 3,
+        ssh_config: None,
+        dns: None,
     };
     let sock2 = sock.clone();
     let server = std::thread::spawn(move || {
@@ -625,4 +628,30 @@ fn help_and_version_exit_0() {
 fn config_flag_is_global() {
     let cli = parse(&["vm", "ls", "--config", "/etc/x.toml"]).unwrap();
     assert_eq!(cli.config, Some(PathBuf::from("/etc/x.toml")));
+}
+
+#[test]
+fn kernel_pull_sends_the_name_and_prints_the_record() {
+    let rec = banger_core::KernelRecord {
+        name: "generic-6.12".into(),
+        vmlinux: "/var/lib/banger/kernels/generic-6.12/vmlinux".into(),
+        initrd: None,
+        version: "6.12.8".into(),
+        sha256: "a".repeat(64),
+        source: "catalog:https://example.org/k.tar.zst".into(),
+        created_at: NOW,
+    };
+    let fake = FakeDaemon::new(vec![vec![progress("kernel_download"), result(&rec)]]);
+    let o = run_cmd(fake.target(), &["kernel", "pull", "generic-6.12"]);
+    let reqs = fake.requests();
+    assert_eq!(o.code, 0, "{o:?}");
+    assert_eq!(reqs[0]["method"], "kernel.pull");
+    assert_eq!(reqs[0]["params"]["name"], "generic-6.12");
+    assert_eq!(
+        o.out,
+        "kernel generic-6.12 ready (6.12.8, catalog:https://example.org/k.tar.zst)\n"
+    );
+    let (text, code) = parse_err(&["kernel", "pull", "Bad/Name"]);
+    assert_eq!(code, 2);
+    assert!(text.contains("Bad/Name"), "{text}");
 }

@@ -190,6 +190,23 @@ fn serialize_mode<S: Serializer>(mode: &u32, s: S) -> Result<S::Ok, S::Error> {
     s.collect_str(&format_args!("{mode:04o}"))
 }
 
+/// A kernel `kernel pull NAME` can fetch: a tarball (`vmlinux`, optionally `initrd.img` and
+/// `modules/`) at `url`, trusted because its SHA256 matches.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct KernelCatalogEntry {
+    pub name: String,
+    /// `http://` or `https://`.
+    pub url: String,
+    /// 64 lowercase hex digits.
+    pub sha256: String,
+    /// Tarball size in bytes; any other size is refused when set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+    /// Kernel release; read from the kernel's version banner when unset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+}
+
 /// The effective configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Config {
@@ -223,6 +240,9 @@ pub struct Config {
     // Tables last: TOML needs plain keys before them.
     pub vm_defaults: VmDefaults,
     pub file_sync: Vec<FileSync>,
+    /// Kernels `kernel pull` knows besides the built-in ones.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub kernel_catalog: Vec<KernelCatalogEntry>,
 }
 
 impl Config {
@@ -234,6 +254,9 @@ impl Config {
     pub const DEFAULT_KERNEL: &str = "debian-6.1-cloud";
     pub const MAX_TAP_POOL: u32 = 64;
     pub const MAX_STOP_TIMEOUT_SECS: u64 = 600;
+    /// Kernels `kernel pull` knows without configuration; a `[[kernel_catalog]]` entry may not
+    /// take one of these names.
+    pub const BUILTIN_KERNELS: &[&str] = &["debian-6.1-cloud"];
 
     /// Every key at its default for `host`.
     pub fn defaults(host: &HostInfo) -> Config {
@@ -285,6 +308,7 @@ impl Config {
             stop_timeout_secs: 10,
             vm_defaults: VmDefaults::for_host(host),
             file_sync: Vec::new(),
+            kernel_catalog: Vec::new(),
         }
     }
 
@@ -384,6 +408,7 @@ struct RawConfig {
     stop_timeout_secs: Option<Value>,
     vm_defaults: Option<RawVmDefaults>,
     file_sync: Option<Vec<RawFileSync>>,
+    kernel_catalog: Option<Vec<RawKernelCatalogEntry>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -400,6 +425,16 @@ struct RawFileSync {
     host: Value,
     guest: Value,
     mode: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKernelCatalogEntry {
+    name: Value,
+    url: Value,
+    sha256: Value,
+    size: Option<Value>,
+    version: Option<Value>,
 }
 
 /// Validates raw values against one file and host.
@@ -536,6 +571,9 @@ impl Checker<'_> {
         if let Some(entries) = &raw.file_sync {
             c.file_sync = self.file_sync(entries)?;
         }
+        if let Some(entries) = &raw.kernel_catalog {
+            c.kernel_catalog = self.kernel_catalog(entries)?;
+        }
         Ok(c)
     }
 
@@ -639,6 +677,85 @@ impl Checker<'_> {
                 host,
                 guest: PathBuf::from(guest_raw),
                 mode,
+            });
+        }
+        Ok(out)
+    }
+}
+
+impl Checker<'_> {
+    fn kernel_catalog(
+        &self,
+        entries: &[RawKernelCatalogEntry],
+    ) -> Result<Vec<KernelCatalogEntry>, ConfigError> {
+        let mut out: Vec<KernelCatalogEntry> = Vec::with_capacity(entries.len());
+        for (i, e) in entries.iter().enumerate() {
+            let key = |field: &str| format!("kernel_catalog[{i}].{field}");
+
+            let name_key = key("name");
+            let name = self.string(&name_key, &e.name)?;
+            banger_core::validate_artifact_name("kernel", name)
+                .map_err(|reason| self.invalid(&name_key, &e.name, reason))?;
+            if Config::BUILTIN_KERNELS.contains(&name) {
+                return Err(self.invalid(
+                    &name_key,
+                    &e.name,
+                    "is a built-in kernel; give the catalog entry another name",
+                ));
+            }
+            if out.iter().any(|o| o.name == name) {
+                return Err(self.invalid(
+                    &name_key,
+                    &e.name,
+                    "another kernel_catalog entry has this name",
+                ));
+            }
+
+            let url_key = key("url");
+            let url = self.string(&url_key, &e.url)?;
+            let host = url
+                .strip_prefix("http://")
+                .or_else(|| url.strip_prefix("https://"));
+            if !host.is_some_and(|h| !h.is_empty() && !h.starts_with('/'))
+                || url.chars().any(|c| c.is_whitespace() || c.is_control())
+            {
+                return Err(self.invalid(&url_key, &e.url, "expected an http:// or https:// URL"));
+            }
+
+            let sha_key = key("sha256");
+            let sha256 = self.string(&sha_key, &e.sha256)?;
+            if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(self.invalid(&sha_key, &e.sha256, "expected 64 hex digits"));
+            }
+
+            let size = match &e.size {
+                None => None,
+                Some(v) => Some(self.int(&key("size"), v, 1, i64::MAX)? as u64),
+            };
+            let version = match &e.version {
+                None => None,
+                Some(v) => {
+                    let version_key = key("version");
+                    let s = self.string(&version_key, v)?;
+                    if s.is_empty()
+                        || s.len() > 128
+                        || s.chars().any(|c| c.is_whitespace() || c.is_control())
+                    {
+                        return Err(self.invalid(
+                            &version_key,
+                            v,
+                            "expected 1 to 128 characters without spaces",
+                        ));
+                    }
+                    Some(s.to_string())
+                }
+            };
+            out.push(KernelCatalogEntry {
+                name: name.to_string(),
+                url: url.to_string(),
+                sha256: sha256.to_ascii_lowercase(),
+                size,
+                version,
             });
         }
         Ok(out)

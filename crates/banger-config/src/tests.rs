@@ -430,3 +430,108 @@ fn word_enums_round_trip() {
     }
     assert_eq!(RootDiskStrategy::DmSnapshot.as_str(), "dm-snapshot");
 }
+
+fn catalog_entry(name: &str, url: &str, sha: &str) -> String {
+    format!("\n[[kernel_catalog]]\nname = \"{name}\"\nurl = \"{url}\"\nsha256 = \"{sha}\"\n")
+}
+
+#[test]
+fn kernel_catalog_entries() {
+    let sha = "AB".repeat(32);
+    let text = format!(
+        "{}size = 1234\nversion = \"6.12.8\"\n{}",
+        catalog_entry("generic-6.12", "https://example.org/k.tar.zst", &sha),
+        catalog_entry("mine", "http://10.0.0.1:8080/k.tar", &"0".repeat(64)),
+    );
+    let c = parse(&text).unwrap();
+    assert_eq!(
+        c.kernel_catalog,
+        [
+            KernelCatalogEntry {
+                name: "generic-6.12".into(),
+                url: "https://example.org/k.tar.zst".into(),
+                sha256: "ab".repeat(32),
+                size: Some(1234),
+                version: Some("6.12.8".into()),
+            },
+            KernelCatalogEntry {
+                name: "mine".into(),
+                url: "http://10.0.0.1:8080/k.tar".into(),
+                sha256: "0".repeat(64),
+                size: None,
+                version: None,
+            },
+        ]
+    );
+    assert!(Config::defaults(&dev()).kernel_catalog.is_empty());
+    // Serialized config reads back the same, with and without entries.
+    let out = toml::to_string(&c).unwrap();
+    assert!(out.contains("[[kernel_catalog]]"), "{out}");
+    assert_eq!(parse(&out).unwrap(), c, "{out}");
+    let d = Config::defaults(&dev());
+    assert_eq!(parse(&toml::to_string(&d).unwrap()).unwrap(), d);
+}
+
+#[test]
+fn kernel_catalog_rejections() {
+    let sha = "a".repeat(64);
+    let url = "https://example.org/k.tar.gz";
+    rejected(
+        &catalog_entry("Bad_Name", url, &sha),
+        &["kernel_catalog[0].name", "Bad_Name"],
+    );
+    rejected(
+        &catalog_entry("../k", url, &sha),
+        &["kernel_catalog[0].name"],
+    );
+    rejected(
+        &catalog_entry("debian-6.1-cloud", url, &sha),
+        &["kernel_catalog[0].name", "built-in"],
+    );
+    rejected(
+        &format!(
+            "{}{}",
+            catalog_entry("k", url, &sha),
+            catalog_entry("k", url, &sha)
+        ),
+        &["kernel_catalog[1].name", "another"],
+    );
+    for bad in [
+        "ftp://example.org/k",
+        "file:///k.tar",
+        "https://",
+        "k.tar",
+        "http://a b",
+    ] {
+        rejected(
+            &catalog_entry("k", bad, &sha),
+            &["kernel_catalog[0].url", bad],
+        );
+    }
+    for bad in ["abc", &"g".repeat(64), &"a".repeat(65)] {
+        rejected(
+            &catalog_entry("k", url, bad),
+            &["kernel_catalog[0].sha256", "64 hex"],
+        );
+    }
+    rejected(
+        &format!("{}size = 0\n", catalog_entry("k", url, &sha)),
+        &["kernel_catalog[0].size"],
+    );
+    rejected(
+        &format!("{}size = \"1G\"\n", catalog_entry("k", url, &sha)),
+        &["kernel_catalog[0].size", "expected an integer"],
+    );
+    rejected(
+        &format!("{}version = \"6 1\"\n", catalog_entry("k", url, &sha)),
+        &["kernel_catalog[0].version"],
+    );
+    rejected(
+        &format!("{}arch = \"arm64\"\n", catalog_entry("k", url, &sha)),
+        &["arch"],
+    );
+    rejected(
+        "[[kernel_catalog]]\nname = \"k\"\nurl = \"http://h/k\"\n",
+        &["sha256"],
+    );
+}

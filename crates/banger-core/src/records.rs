@@ -35,6 +35,55 @@ pub struct VmRecord {
     pub created_at: i64,
     pub updated_at: i64,
     pub started_at: Option<i64>,
+    /// The host repository copied into the guest by `vm run PATH` or `vm workspace prepare`.
+    #[serde(default)]
+    pub workspace: Option<WorkspaceInfo>,
+}
+
+/// Where a VM's workspace lives and what it was prepared from. The per-file sync manifest is
+/// the CLI's (it can be large); the daemon keeps only this summary.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkspaceInfo {
+    /// Absolute path of the repository in the guest, e.g. `/root/myrepo`.
+    pub guest_path: String,
+    /// The host repository's top-level directory.
+    pub host_path: PathBuf,
+    /// The commit the workspace was prepared at (the default base of `workspace export`).
+    pub head_commit: String,
+    /// Unix seconds.
+    pub prepared_at: i64,
+    /// Whether untracked, non-ignored files were copied too.
+    #[serde(default)]
+    pub include_untracked: bool,
+}
+
+impl WorkspaceInfo {
+    /// Checks what a client may record: an absolute, normalised guest path and a hex commit id.
+    pub fn validate(&self) -> Result<(), String> {
+        let g = &self.guest_path;
+        if !g.starts_with('/')
+            || g.contains('\0')
+            || g.split('/').any(|c| c == "." || c == "..")
+            || g == "/"
+        {
+            return Err(format!(
+                "invalid workspace guest path {g:?}: expected an absolute path below /, without . or .."
+            ));
+        }
+        let h = &self.head_commit;
+        if !(h.len() == 40 || h.len() == 64) || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!(
+                "invalid workspace head commit {h:?}: expected a full hex commit id"
+            ));
+        }
+        if !self.host_path.is_absolute() {
+            return Err(format!(
+                "invalid workspace host path {:?}: expected an absolute path",
+                self.host_path
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// A root filesystem image shared read-only by every VM built on it.

@@ -39,10 +39,6 @@ pub enum DiskError {
         #[source]
         source: std::io::Error,
     },
-    #[error(
-        "root_disk = \"dm-snapshot\" needs device-mapper, which this daemon cannot use here; set root_disk = \"overlay\""
-    )]
-    DmUnavailable,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DiskError + '_ {
@@ -109,7 +105,15 @@ pub async fn create_root_disk(
                 .await
                 .expect("copy task panicked")
         }
-        RootDiskStrategy::DmSnapshot => Err(DiskError::DmUnavailable),
+        // The copy-on-write store of the snapshot: raw and sparse; device-mapper formats it.
+        RootDiskStrategy::DmSnapshot => {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(dst)
+                .map_err(io_err(dst))?;
+            f.set_len(OVERLAY_UPPER_SIZE.bytes()).map_err(io_err(dst))
+        }
     }
 }
 

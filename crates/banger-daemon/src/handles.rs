@@ -25,6 +25,18 @@ pub struct Handles {
     /// Whether NAT rules (tagged with the VM id) may exist for this run.
     #[serde(default)]
     pub nat: bool,
+    /// Loop devices and the device-mapper snapshot of a `dm-snapshot` root disk, in the order
+    /// they were made (released in reverse).
+    #[serde(default)]
+    pub block: Vec<BlockResource>,
+}
+
+/// A host block device a run holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "name", rename_all = "snake_case")]
+pub enum BlockResource {
+    Loop(String),
+    Mapper(String),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +67,7 @@ impl Handles {
             vmm: None,
             tap: None,
             nat: false,
+            block: Vec::new(),
         }
     }
 

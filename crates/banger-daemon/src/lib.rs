@@ -5,6 +5,8 @@
 //! privileged steps it will need go through the root helper, never through a shell.
 
 pub mod disks;
+pub mod dm;
+pub mod dns;
 pub mod engine;
 pub mod error;
 pub mod handles;
@@ -91,6 +93,9 @@ pub async fn run(config: Config, log_file: PathBuf) -> anyhow::Result<()> {
         },
     );
     let reconcile = engine.reconcile().await;
+    let shutdown = CancellationToken::new();
+    // After reconcile, so the first names are the re-adopted VMs'. Never fails start-up.
+    let dns = dns::start(&engine, shutdown.clone()).await;
 
     let socket = layout.socket();
     match std::fs::remove_file(&socket) {
@@ -110,9 +115,10 @@ pub async fn run(config: Config, log_file: PathBuf) -> anyhow::Result<()> {
     let daemon = Arc::new(Daemon {
         engine,
         started: Instant::now(),
-        shutdown: CancellationToken::new(),
+        shutdown,
         reconcile,
         log_file,
+        dns,
     });
     info!(socket = %socket.display(), pid = std::process::id(), "bangerd listening");
 

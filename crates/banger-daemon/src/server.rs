@@ -32,6 +32,8 @@ pub struct Daemon {
     pub shutdown: CancellationToken,
     pub reconcile: ReconcileReport,
     pub log_file: std::path::PathBuf,
+    /// The `<name>.vm` responder's state, fixed at start-up.
+    pub dns: banger_protocol::DnsStatus,
 }
 
 /// Serves until `daemon.shutdown` is cancelled, then gives requests in flight up to `grace` to
@@ -263,6 +265,7 @@ async fn dispatch(
         Request::VmSet(p) => json(e.set(&p.vm, p.vcpu, p.memory_mib).await?),
         Request::VmLogs(p) => json(e.logs(&p.vm, p.lines)?),
         Request::VmSshInfo(p) => json(e.ssh_info(&p.vm)?),
+        Request::VmWorkspaceSet(p) => json(e.workspace_set(&p.vm, p.workspace).await?),
         Request::ImageBuild(p) => {
             let suite = p.suite.unwrap_or_else(|| "bookworm".to_string());
             let name = p.name.unwrap_or_else(|| format!("debian-{suite}"));
@@ -313,5 +316,7 @@ fn status(daemon: &Daemon) -> OpResult<DaemonStatus> {
             .filter(|v| v.state == banger_core::VmState::Running)
             .count(),
         uptime_secs: daemon.started.elapsed().as_secs(),
+        ssh_config: Some(crate::dns::ssh_config_path(daemon.engine.layout())),
+        dns: Some(daemon.dns.clone()),
     })
 }

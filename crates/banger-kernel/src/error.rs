@@ -66,6 +66,9 @@ pub enum KernelError {
     #[error("module dependency cycle: {}", chain.join(" -> "))]
     ModuleCycle { chain: Vec<String> },
 
+    #[error("catalog kernel {name}: {message}")]
+    Catalog { name: String, message: String },
+
     #[error("{} already exists", path.display())]
     AlreadyExists { path: PathBuf },
 

@@ -6,6 +6,9 @@
 //! boot, and extracts the modules banger's initramfs loads (virtio, vsock, overlay, ...) in
 //! dependency order. Everything is blocking; the daemon calls it from `spawn_blocking`.
 //!
+//! [`pull_catalog_kernel`] fetches other kernels: a tarball at a URL, pinned by its SHA256 (see
+//! [`catalog`]), unpacked into the same layout (plus `initrd.img` when the tarball has one).
+//!
 //! The result is a directory:
 //!
 //! ```text
@@ -17,6 +20,7 @@
 //! ```
 
 pub mod bzimage;
+pub mod catalog;
 pub mod compress;
 pub mod deb;
 pub mod deb822;
@@ -31,6 +35,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+pub use catalog::{CatalogEntry, pull_catalog_kernel};
 pub use compress::Compression;
 pub use error::KernelError;
 pub use mirror::{DebianMirror, KernelPackage};
@@ -80,6 +85,10 @@ pub struct PulledKernel {
     /// devices must be described by ACPI (QEMU microvm's default, Firecracker >= 1.8).
     #[serde(default)]
     pub virtio_mmio_cmdline_devices: Option<bool>,
+    /// An initrd shipped with the kernel (catalog tarballs may hold `initrd.img`); `None` means
+    /// banger builds its own initramfs from `modules/`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<PathBuf>,
 }
 
 /// The value of `name` (e.g. `CONFIG_EXT4_FS`) in a kernel `.config`: `Some("y")`, `Some("m")`,
@@ -161,6 +170,16 @@ pub fn pull_debian_cloud_kernel(
     dest: &Path,
     progress: &mut dyn FnMut(PullProgress),
 ) -> Result<PulledKernel, KernelError> {
+    pull_staged(dest, |staging| pull_into(mirror, staging, progress))
+}
+
+/// Runs `work` in a fresh [`staging_dir`]`(dest)` (a stale one is removed first) and renames it
+/// to `dest` when `work` succeeded; on any error the staging directory is removed. `work` returns
+/// the manifest with relative paths; the result has them joined onto `dest`.
+pub(crate) fn pull_staged(
+    dest: &Path,
+    work: impl FnOnce(&Path) -> Result<PulledKernel, KernelError>,
+) -> Result<PulledKernel, KernelError> {
     if dest.exists() {
         return Err(KernelError::AlreadyExists {
             path: dest.to_path_buf(),
@@ -171,7 +190,7 @@ pub fn pull_debian_cloud_kernel(
         std::fs::remove_dir_all(&staging).map_err(KernelError::io(&staging))?;
     }
     std::fs::create_dir_all(&staging).map_err(KernelError::io(&staging))?;
-    let result = pull_into(mirror, &staging, progress).and_then(|manifest| {
+    let result = work(&staging).and_then(|manifest| {
         std::fs::rename(&staging, dest).map_err(KernelError::io(dest))?;
         Ok(absolute(manifest, dest))
     });
@@ -196,11 +215,16 @@ pub fn read_manifest(dir: &Path) -> Result<PulledKernel, KernelError> {
 fn absolute(mut k: PulledKernel, dir: &Path) -> PulledKernel {
     k.vmlinux = dir.join(&k.vmlinux);
     k.config = k.config.map(|c| dir.join(c));
+    k.initrd = k.initrd.map(|i| dir.join(i));
     k.modules = k.modules.iter().map(|m| dir.join(m)).collect();
     k
 }
 
-fn stage(progress: &mut dyn FnMut(PullProgress), stage: PullStage, detail: impl Into<String>) {
+pub(crate) fn stage(
+    progress: &mut dyn FnMut(PullProgress),
+    stage: PullStage,
+    detail: impl Into<String>,
+) {
     progress(PullProgress::Stage {
         stage,
         detail: detail.into(),
@@ -280,6 +304,7 @@ fn pull_into(
         vmlinuz_compression: Some(vmlinux.compression),
         suite: Some(pkg.suite.clone()),
         virtio_mmio_cmdline_devices: Some(virtio_mmio_cmdline_devices),
+        initrd: None,
     };
     write_manifest(staging, &manifest)?;
     Ok(manifest)
@@ -693,6 +718,7 @@ mod tests {
             vmlinuz_compression: Some(Compression::Lz4Legacy),
             suite: Some("bookworm".into()),
             virtio_mmio_cmdline_devices: Some(false),
+            initrd: None,
         };
         write_manifest(dir.path(), &m).unwrap();
         let text = std::fs::read_to_string(dir.path().join(MANIFEST)).unwrap();

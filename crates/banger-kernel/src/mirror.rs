@@ -190,7 +190,7 @@ impl DebianMirror {
     ) -> Result<Vec<u8>, KernelError> {
         let url = self.url(rel);
         let mut out = Vec::with_capacity(usize::try_from(size).unwrap_or(0).min(1 << 30));
-        let actual = stream_verified(&url, size, what, &mut out, progress)?;
+        let actual = stream_verified(&url, Some(size), size, what, &mut out, progress)?;
         check_digest(what, &url, sha256, &actual)?;
         Ok(out)
     }
@@ -206,28 +206,10 @@ impl DebianMirror {
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<(), KernelError> {
         let url = self.url(rel);
-        let mut part = dest.as_os_str().to_owned();
-        part.push(".part");
-        let part = PathBuf::from(part);
         let what = dest
             .file_name()
             .map_or_else(|| rel.to_string(), |n| n.to_string_lossy().into_owned());
-        let result = (|| {
-            let file = std::fs::File::create(&part).map_err(KernelError::io(&part))?;
-            let mut w = std::io::BufWriter::new(file);
-            let actual = stream_verified(&url, size, &what, &mut w, progress)?;
-            check_digest(&what, &url, sha256, &actual)?;
-            let file = w.into_inner().map_err(|e| KernelError::Io {
-                path: part.clone(),
-                source: e.into_error(),
-            })?;
-            file.sync_all().map_err(KernelError::io(&part))?;
-            std::fs::rename(&part, dest).map_err(KernelError::io(dest))
-        })();
-        if result.is_err() {
-            let _ = std::fs::remove_file(&part);
-        }
-        result
+        download_url_verified(&url, Some(size), size, sha256, dest, &what, progress)
     }
 
     /// Finds the newest cloud kernel package across the configured suites.
@@ -503,10 +485,46 @@ fn get_bytes(url: &str, limit: u64) -> Result<Vec<u8>, KernelError> {
     Ok(out)
 }
 
-/// Streams `url` into `sink`, refusing more than `size` bytes; returns the SHA256 (hex).
+/// Downloads `url` to `dest`, hashing while it streams into `dest` + `.part`. The file is renamed
+/// into place only when its SHA256 (and its size, when `size` is given) match; otherwise the
+/// `.part` file is removed. More than `limit` bytes are refused even when `size` is unknown.
+/// `progress` gets (bytes done, expected total; 0 when neither `size` nor the response says).
+pub fn download_url_verified(
+    url: &str,
+    size: Option<u64>,
+    limit: u64,
+    sha256: &str,
+    dest: &Path,
+    what: &str,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<(), KernelError> {
+    let mut part = dest.as_os_str().to_owned();
+    part.push(".part");
+    let part = PathBuf::from(part);
+    let result = (|| {
+        let file = std::fs::File::create(&part).map_err(KernelError::io(&part))?;
+        let mut w = std::io::BufWriter::new(file);
+        let actual = stream_verified(url, size, limit, what, &mut w, progress)?;
+        check_digest(what, url, sha256, &actual)?;
+        let file = w.into_inner().map_err(|e| KernelError::Io {
+            path: part.clone(),
+            source: e.into_error(),
+        })?;
+        file.sync_all().map_err(KernelError::io(&part))?;
+        std::fs::rename(&part, dest).map_err(KernelError::io(dest))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&part);
+    }
+    result
+}
+
+/// Streams `url` into `sink`, refusing more than `size` bytes (or `limit` when the size is not
+/// known) and, when `size` is given, fewer; returns the SHA256 (hex).
 fn stream_verified(
     url: &str,
-    size: u64,
+    size: Option<u64>,
+    limit: u64,
     what: &str,
     sink: &mut dyn Write,
     progress: &mut dyn FnMut(u64, u64),
@@ -515,41 +533,51 @@ fn stream_verified(
         .get(url)
         .call()
         .map_err(|e| http_err(url, e))?;
-    let mut reader = resp.into_body().into_reader().take(size + 1);
+    let max = size.unwrap_or(limit);
+    let total = size.or_else(|| resp.body().content_length()).unwrap_or(0);
+    let mut reader = resp.into_body().into_reader().take(max + 1);
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 16];
     let mut done = 0u64;
     let mut last_report = 0u64;
-    progress(0, size);
+    progress(0, total);
     loop {
         let n = reader.read(&mut buf).map_err(|e| http_err(url, e))?;
         if n == 0 {
             break;
         }
         done += n as u64;
-        if done > size {
-            return Err(KernelError::SizeMismatch {
-                what: what.to_string(),
-                url: url.to_string(),
-                expected: size,
-                actual: done,
+        if done > max {
+            return Err(match size {
+                Some(expected) => KernelError::SizeMismatch {
+                    what: what.to_string(),
+                    url: url.to_string(),
+                    expected,
+                    actual: done,
+                },
+                None => http_err(url, format!("{what} is larger than {limit} bytes")),
             });
         }
         hasher.update(&buf[..n]);
         sink.write_all(&buf[..n])
             .map_err(|e| http_err(url, format!("writing {what}: {e}")))?;
-        if done - last_report >= PROGRESS_STEP || done == size {
-            progress(done, size);
+        if done - last_report >= PROGRESS_STEP || done == total {
+            progress(done, total);
             last_report = done;
         }
     }
-    if done != size {
+    if let Some(expected) = size
+        && done != expected
+    {
         return Err(KernelError::SizeMismatch {
             what: what.to_string(),
             url: url.to_string(),
-            expected: size,
+            expected,
             actual: done,
         });
+    }
+    if last_report != done {
+        progress(done, total.max(done));
     }
     Ok(hex::encode(hasher.finalize()))
 }

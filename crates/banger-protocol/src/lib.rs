@@ -95,6 +95,15 @@ pub struct VmLogsParams {
     pub lines: Option<usize>,
 }
 
+/// `vm.workspace.set`: records (or, with `null`, forgets) the workspace copied into a VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmWorkspaceSetParams {
+    pub vm: String,
+    #[serde(default)]
+    pub workspace: Option<banger_core::records::WorkspaceInfo>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ImageRegisterParams {
@@ -183,6 +192,8 @@ pub enum Request {
     VmLogs(VmLogsParams),
     #[serde(rename = "vm.ssh_info")]
     VmSshInfo(VmRef),
+    #[serde(rename = "vm.workspace.set")]
+    VmWorkspaceSet(VmWorkspaceSetParams),
     #[serde(rename = "image.register")]
     ImageRegister(ImageRegisterParams),
     #[serde(rename = "image.build")]
@@ -224,6 +235,7 @@ pub const METHODS: &[&str] = &[
     "vm.set",
     "vm.logs",
     "vm.ssh_info",
+    "vm.workspace.set",
     "image.register",
     "image.build",
     "image.import",
@@ -255,6 +267,7 @@ impl Request {
             Request::VmSet(_) => "vm.set",
             Request::VmLogs(_) => "vm.logs",
             Request::VmSshInfo(_) => "vm.ssh_info",
+            Request::VmWorkspaceSet(_) => "vm.workspace.set",
             Request::ImageRegister(_) => "image.register",
             Request::ImageBuild(_) => "image.build",
             Request::ImageImport(_) => "image.import",
@@ -465,6 +478,23 @@ pub struct DaemonStatus {
     pub vms_total: usize,
     pub vms_running: usize,
     pub uptime_secs: u64,
+    /// banger's generated ssh config (`Host <name>.vm` blocks), for `banger ssh-config`.
+    #[serde(default)]
+    pub ssh_config: Option<PathBuf>,
+    /// The `<name>.vm` DNS responder.
+    #[serde(default)]
+    pub dns: Option<DnsStatus>,
+}
+
+/// The `<name>.vm` DNS responder, as `daemon.status` reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DnsStatus {
+    /// Where it answers, e.g. `127.0.0.1:42069`; absent when it could not start.
+    pub listen: Option<std::net::SocketAddr>,
+    /// Why it does not run (the daemon works on without it).
+    pub error: Option<String>,
+    /// One line that sends the host's `.vm` lookups to the responder, for this host's resolver.
+    pub recipe: String,
 }
 
 /// `vm.list` result.
@@ -633,6 +663,31 @@ mod tests {
         }
         .to_line();
         assert_eq!(decode_request(ping.as_bytes()).unwrap().1, Request::Ping);
+    }
+
+    #[test]
+    fn workspace_set_round_trips_and_clears() {
+        let ws = banger_core::records::WorkspaceInfo {
+            guest_path: "/root/repo".into(),
+            host_path: "/src/repo".into(),
+            head_commit: "0".repeat(40),
+            prepared_at: 5,
+            include_untracked: false,
+        };
+        let op = OpId::generate();
+        for workspace in [Some(ws), None] {
+            let req = Request::VmWorkspaceSet(VmWorkspaceSetParams {
+                vm: "box".into(),
+                workspace,
+            });
+            let text = Envelope {
+                v: PROTOCOL_VERSION,
+                op_id: &op,
+                request: &req,
+            }
+            .to_line();
+            assert_eq!(decode_request(text.as_bytes()).unwrap().1, req);
+        }
     }
 
     #[test]

@@ -11,7 +11,7 @@ use rusqlite::{Connection, OptionalExtension, Transaction};
 use crate::StoreError;
 
 /// Every migration, in order. Versions start at 1 and increase by one.
-pub const MIGRATIONS: &[(u32, &str)] = &[(1, MIGRATION_1)];
+pub const MIGRATIONS: &[(u32, &str)] = &[(1, MIGRATION_1), (2, MIGRATION_2)];
 
 /// The schema version this binary creates and understands.
 pub const LATEST_VERSION: u32 = MIGRATIONS[MIGRATIONS.len() - 1].0;
@@ -60,6 +60,9 @@ CREATE TABLE kernels (
     created_at INTEGER NOT NULL
 ) STRICT;
 ";
+
+// A VM's workspace summary (banger_core::records::WorkspaceInfo as JSON); NULL when none.
+const MIGRATION_2: &str = "ALTER TABLE vms ADD COLUMN workspace_json TEXT;";
 
 const CREATE_VERSION_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_migrations (
     version    INTEGER PRIMARY KEY,
@@ -209,5 +212,32 @@ mod tests {
             .query_row("SELECT COUNT(*) FROM schema_migrations", [], |r| r.get(0))
             .unwrap();
         assert_eq!(rows, MIGRATIONS.len() as i64);
+    }
+
+    #[test]
+    fn migration_2_keeps_version_1_rows() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(CREATE_VERSION_TABLE).unwrap();
+        {
+            let tx = conn.transaction().unwrap();
+            apply(&tx, 1, MIGRATION_1).unwrap();
+            tx.commit().unwrap();
+        }
+        conn.execute(
+            "INSERT INTO vms (id, name, state, image, kernel, vcpu, memory_mib, work_disk_size, \
+             nat, created_at, updated_at) \
+             VALUES ('0123456789ab', 'old', 'stopped', 'i', 'k', 1, 256, 0, 0, 1, 1)",
+            [],
+        )
+        .unwrap();
+        assert_eq!(current_version(&conn).unwrap(), 1);
+        migrate(&mut conn, Path::new(":memory:")).unwrap();
+        assert_eq!(current_version(&conn).unwrap(), 2);
+        let (name, ws): (String, Option<String>) = conn
+            .query_row("SELECT name, workspace_json FROM vms", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .unwrap();
+        assert_eq!((name.as_str(), ws), ("old", None));
     }
 }

@@ -9,7 +9,7 @@ use crate::error::unique_violation;
 use crate::{Store, StoreError, to_i64};
 
 const COLUMNS: &str = "id, name, state, image, kernel, vcpu, memory_mib, work_disk_size, ip, nat, \
-                       vmm, last_error, created_at, updated_at, started_at";
+                       vmm, last_error, created_at, updated_at, started_at, workspace_json";
 
 /// A row as SQLite returns it, before banger's types validate it.
 struct RawVm {
@@ -28,6 +28,7 @@ struct RawVm {
     created_at: i64,
     updated_at: i64,
     started_at: Option<i64>,
+    workspace_json: Option<String>,
 }
 
 impl RawVm {
@@ -48,6 +49,7 @@ impl RawVm {
             created_at: r.get(12)?,
             updated_at: r.get(13)?,
             started_at: r.get(14)?,
+            workspace_json: r.get(15)?,
         })
     }
 
@@ -71,6 +73,12 @@ impl RawVm {
             None => None,
             Some(s) => Some(decode_ip(s).map_err(&corrupt)?),
         };
+        let workspace = match &self.workspace_json {
+            None => None,
+            Some(j) => Some(
+                serde_json::from_str(j).map_err(|e| corrupt(format!("bad workspace_json: {e}")))?,
+            ),
+        };
         Ok(VmRecord {
             id,
             name,
@@ -87,8 +95,15 @@ impl RawVm {
             created_at: self.created_at,
             updated_at: self.updated_at,
             started_at: self.started_at,
+            workspace,
         })
     }
+}
+
+fn encode_workspace(vm: &VmRecord) -> Option<String> {
+    vm.workspace
+        .as_ref()
+        .map(|w| serde_json::to_string(w).expect("a workspace summary always serializes"))
 }
 
 fn decode_ip(s: &str) -> Result<Ipv4Addr, String> {
@@ -123,11 +138,12 @@ impl Store {
     /// the table's constraints so two concurrent inserts cannot both win.
     pub fn insert_vm(&self, vm: &VmRecord) -> Result<(), StoreError> {
         let size = to_i64("work_disk_size", vm.work_disk_size.bytes())?;
+        let workspace_json = encode_workspace(vm);
         self.lock()
             .execute(
                 &format!(
                     "INSERT INTO vms ({COLUMNS}) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
                 ),
                 params![
                     vm.id.as_str(),
@@ -145,6 +161,7 @@ impl Store {
                     vm.created_at,
                     vm.updated_at,
                     vm.started_at,
+                    workspace_json,
                 ],
             )
             .map_err(conflict(vm, "inserting"))?;
@@ -154,12 +171,14 @@ impl Store {
     /// Rewrites every field of the VM with `vm.id`. [`StoreError::NotFound`] if there is none.
     pub fn update_vm(&self, vm: &VmRecord) -> Result<(), StoreError> {
         let size = to_i64("work_disk_size", vm.work_disk_size.bytes())?;
+        let workspace_json = encode_workspace(vm);
         let changed = self
             .lock()
             .execute(
                 "UPDATE vms SET name = ?2, state = ?3, image = ?4, kernel = ?5, vcpu = ?6, \
                  memory_mib = ?7, work_disk_size = ?8, ip = ?9, nat = ?10, vmm = ?11, \
-                 last_error = ?12, created_at = ?13, updated_at = ?14, started_at = ?15 \
+                 last_error = ?12, created_at = ?13, updated_at = ?14, started_at = ?15, \
+                 workspace_json = ?16 \
                  WHERE id = ?1",
                 params![
                     vm.id.as_str(),
@@ -177,6 +196,7 @@ impl Store {
                     vm.created_at,
                     vm.updated_at,
                     vm.started_at,
+                    workspace_json,
                 ],
             )
             .map_err(conflict(vm, "updating"))?;
@@ -315,6 +335,7 @@ mod tests {
             created_at: 1_700_000_000,
             updated_at: 1_700_000_000,
             started_at: None,
+            workspace: None,
         }
     }
 
@@ -332,6 +353,43 @@ mod tests {
         assert_eq!(s.get_vm("plain").unwrap(), Some(v.clone()));
         assert_eq!(s.get_vm(v.id.as_str()).unwrap(), Some(v));
         assert_eq!(s.get_vm("nope").unwrap(), None);
+    }
+
+    #[test]
+    fn workspace_round_trips_and_is_cleared() {
+        let (_d, s) = store();
+        let mut v = vm("ws");
+        s.insert_vm(&v).unwrap();
+        v.workspace = Some(banger_core::records::WorkspaceInfo {
+            guest_path: "/root/my repo".into(),
+            host_path: "/home/dev/my repo".into(),
+            head_commit: "a".repeat(40),
+            prepared_at: 1_700_000_500,
+            include_untracked: true,
+        });
+        s.update_vm(&v).unwrap();
+        assert_eq!(s.get_vm("ws").unwrap(), Some(v.clone()));
+        v.workspace = None;
+        s.update_vm(&v).unwrap();
+        assert_eq!(s.get_vm("ws").unwrap().unwrap().workspace, None);
+    }
+
+    #[test]
+    fn bad_workspace_json_is_corrupt() {
+        let (_d, s) = store();
+        let v = vm("wsbad");
+        s.insert_vm(&v).unwrap();
+        s.lock()
+            .execute(
+                "UPDATE vms SET workspace_json = '{\"guest_path\": 1}' WHERE name = 'wsbad'",
+                [],
+            )
+            .unwrap();
+        let e = s.get_vm("wsbad").unwrap_err();
+        assert!(
+            e.to_string().contains("workspace_json"),
+            "error names the column: {e}"
+        );
     }
 
     #[test]

@@ -205,7 +205,8 @@ pub struct TestEnv {
 }
 
 impl TestEnv {
-    /// A new environment using the fake Firecracker, with `extra` appended to its config.
+    /// A new environment using the fake Firecracker, with `extra` (top-level keys first, then
+    /// any tables) added to its config before its `[vm_defaults]` table.
     pub fn new(extra: &str) -> TestEnv {
         let dir = tempfile::Builder::new()
             .prefix("bgt")
@@ -218,7 +219,7 @@ impl TestEnv {
         let root = dir.path();
         let config = root.join("config.toml");
         let text = format!(
-            "state_dir = \"{s}\"\nruntime_dir = \"{r}\"\ncache_dir = \"{c}\"\nvmm = \"firecracker\"\nnetwork = \"none\"\nfirecracker_bin = \"{fc}\"\nlog_level = \"debug\"\nstop_timeout_secs = 5\ndefault_image = \"test-image\"\ndefault_kernel = \"test-kernel\"\nagent_bin = \"{agent}\"\n\n[vm_defaults]\nvcpu = 1\nmemory_mib = 256\nwork_disk_size = \"256M\"\n{extra}",
+            "state_dir = \"{s}\"\nruntime_dir = \"{r}\"\ncache_dir = \"{c}\"\nvmm = \"firecracker\"\nnetwork = \"none\"\nfirecracker_bin = \"{fc}\"\nlog_level = \"debug\"\nstop_timeout_secs = 5\ndefault_image = \"test-image\"\ndefault_kernel = \"test-kernel\"\nagent_bin = \"{agent}\"\n{extra}\n[vm_defaults]\nvcpu = 1\nmemory_mib = 256\nwork_disk_size = \"256M\"\n",
             s = root.join("state").display(),
             r = root.join("run").display(),
             c = root.join("cache").display(),
@@ -284,7 +285,13 @@ impl TestEnv {
         let root = dir.path();
         let config = root.join("config.toml");
         let text = format!(
-            "state_dir = \"{s}\"\nruntime_dir = \"{r}\"\ncache_dir = \"{c}\"\nvmm = \"qemu\"\nagent_bin = \"{agent}\"\nlog_level = \"debug\"\nbridge_name = \"br-banger-t{n}\"\nbridge_cidr = \"172.31.{n}.0/24\"\nstop_timeout_secs = 20\nboot_timeout_secs = 240\n\n[vm_defaults]\nvcpu = 2\nmemory_mib = 1024\nwork_disk_size = \"2G\"\n{extra}",
+            "state_dir = \"{s}\"\nruntime_dir = \"{r}\"\ncache_dir = \"{c}\"\n{vmm}agent_bin = \"{agent}\"\nlog_level = \"debug\"\nbridge_name = \"br-banger-t{n}\"\nbridge_cidr = \"172.31.{n}.0/24\"\nstop_timeout_secs = 20\nboot_timeout_secs = 240\n{extra}\n[vm_defaults]\nvcpu = 2\nmemory_mib = 1024\nwork_disk_size = \"2G\"\n",
+            // QEMU unless the caller picks the backend (top-level keys come before tables).
+            vmm = if extra.contains("vmm =") {
+                ""
+            } else {
+                "vmm = \"qemu\"\n"
+            },
             s = root.join("state").display(),
             r = root.join("run").display(),
             c = root.join("cache").display(),

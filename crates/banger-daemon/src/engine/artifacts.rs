@@ -14,13 +14,17 @@ use crate::error::{OpError, OpResult};
 use crate::layout::create_private_dir;
 
 impl Engine {
-    /// Imports `dir/vmlinux` (an ELF kernel) and optional `dir/initrd.img` as kernel `name`.
+    /// Imports `dir/vmlinux` (an ELF kernel), optional `dir/initrd.img` and optional
+    /// `dir/modules/` (its `load-order` and every `*.ko` listed there) as kernel `name`. Without
+    /// an `initrd.img` the record has no initrd, so starts build banger's initramfs from the
+    /// copied modules, as for a pulled kernel.
     pub async fn kernel_import(&self, name: &str, dir: &Path) -> OpResult<KernelRecord> {
         validate_artifact_name("kernel", name).map_err(OpError::bad_request)?;
         let src = dir.join("vmlinux");
         check_magic(&src, 0, b"\x7fELF", "an ELF vmlinux")?;
         let initrd_src = dir.join("initrd.img");
         let has_initrd = initrd_src.is_file();
+        let modules = import_modules(&dir.join("modules"))?;
         let _g = self.inner.artifact_lock.lock().await;
         if self.store().get_kernel(name)?.is_some() {
             return Err(OpError::new(
@@ -36,6 +40,16 @@ impl Engine {
             copy_file(&src, &staging.join("vmlinux")).await?;
             if has_initrd {
                 copy_file(&initrd_src, &staging.join("initrd.img")).await?;
+            }
+            if let Some(m) = &modules {
+                let out = staging.join("modules");
+                create_private_dir(&out).map_err(|e| io_fail(&out, e))?;
+                for name in &m.load_order {
+                    copy_file(&m.dir.join(name), &out.join(name)).await?;
+                }
+                let order = out.join(banger_kernel::LOAD_ORDER);
+                let text: String = m.load_order.iter().map(|n| format!("{n}\n")).collect();
+                std::fs::write(&order, text).map_err(|e| io_fail(&order, e))?;
             }
             let vmlinux = staging.join("vmlinux");
             let (sha, version) = tokio::task::spawn_blocking(move || kernel_facts(&vmlinux))
@@ -162,6 +176,70 @@ impl Engine {
         }
         Ok(rec)
     }
+}
+
+/// The modules `kernel import` takes from a `modules/` dir.
+struct ImportModules {
+    dir: PathBuf,
+    /// `*.ko` file names, in load order.
+    load_order: Vec<String>,
+}
+
+/// Checks `dir` (a kernel dir's `modules/`): absent is fine (a kernel with everything built in,
+/// or one booting its own initrd); present, it must hold a `load-order` whose every line names
+/// an uncompressed `.ko` file in it, which is what banger's initramfs loads.
+fn import_modules(dir: &Path) -> OpResult<Option<ImportModules>> {
+    match std::fs::metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(OpError::bad_request(format!("{}: {e}", dir.display()))),
+        Ok(m) if !m.is_dir() => {
+            return Err(OpError::bad_request(format!(
+                "{} is not a directory",
+                dir.display()
+            )));
+        }
+        Ok(_) => {}
+    }
+    let order_path = dir.join(banger_kernel::LOAD_ORDER);
+    let text = match std::fs::read_to_string(&order_path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(OpError::bad_request(format!(
+                "{} has no {}: list the modules to load, one .ko file name per line, dependencies first",
+                dir.display(),
+                banger_kernel::LOAD_ORDER
+            )));
+        }
+        Err(e) => {
+            return Err(OpError::bad_request(format!(
+                "{}: {e}",
+                order_path.display()
+            )));
+        }
+    };
+    let entries = banger_guest::initramfs::parse_load_order(&text).map_err(|(line, reason)| {
+        OpError::bad_request(format!("{} line {line}: {reason}", order_path.display()))
+    })?;
+    let mut load_order: Vec<String> = Vec::with_capacity(entries.len());
+    for (line, name) in entries {
+        if load_order.contains(&name) {
+            return Err(OpError::bad_request(format!(
+                "{} line {line}: {name} is listed twice",
+                order_path.display()
+            )));
+        }
+        check_magic(
+            &dir.join(&name),
+            0,
+            b"\x7fELF",
+            "an uncompressed kernel module (.ko)",
+        )?;
+        load_order.push(name);
+    }
+    Ok(Some(ImportModules {
+        dir: dir.to_path_buf(),
+        load_order,
+    }))
 }
 
 fn join_names(names: &[banger_core::VmName]) -> String {

@@ -75,6 +75,7 @@ impl Engine {
                 created_at: t,
                 updated_at: t,
                 started_at: None,
+                workspace: None,
             };
             self.store().insert_vm(&vm)?;
             vm

@@ -96,6 +96,8 @@ impl Engine {
                 lower_uuid: uuid(image)?,
                 upper_uuid: uuid(&layout.root_disk(&vm.id))?,
             },
+            // The snapshot shows the image's filesystem, UUID included.
+            RootDiskStrategy::DmSnapshot => RootLayout::Direct { uuid: uuid(image)? },
             _ => RootLayout::Direct {
                 uuid: uuid(&layout.root_disk(&vm.id))?,
             },

@@ -141,9 +141,12 @@ fn unpack_tarball(src: &Path, dest: &Path) -> OpResult<usize> {
             continue;
         }
         // unpack_in refuses (returns false for) entries that would escape `dest`.
-        let inside = entry
-            .unpack_in(dest)
-            .map_err(|e| bad(format!("unpacking {}: {e}", path.display())))?;
+        let inside = entry.unpack_in(dest).map_err(|e| {
+            let cause = std::error::Error::source(&e)
+                .map(|s| format!(": {s}"))
+                .unwrap_or_default();
+            bad(format!("unpacking {}: {e}{cause}", path.display()))
+        })?;
         if !inside {
             return Err(bad(format!(
                 "entry {} points outside the root filesystem",
@@ -164,6 +167,9 @@ mod tests {
             let mut h = tar::Header::new_gnu();
             h.set_size(data.len() as u64);
             h.set_mode(0o644);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mtime(0);
             h.set_entry_type(tar::EntryType::Regular);
             // Bypass the builder's own path checks: the point is to feed hostile names.
             let bytes = name.as_bytes();

@@ -13,6 +13,7 @@ mod ops;
 mod provision;
 mod reconcile;
 mod start;
+mod workspace;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -95,6 +96,8 @@ struct Inner {
     artifact_lock: tokio::sync::Mutex<()>,
     live: Mutex<HashMap<VmId, Live>>,
     generation: std::sync::atomic::AtomicU64,
+    /// Bumped whenever a VM record is saved or deleted; the DNS/ssh_config task follows it.
+    vm_changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl Engine {
@@ -115,6 +118,7 @@ impl Engine {
                 artifact_lock: tokio::sync::Mutex::new(()),
                 live: Mutex::new(HashMap::new()),
                 generation: std::sync::atomic::AtomicU64::new(1),
+                vm_changes: tokio::sync::watch::Sender::new(0),
             }),
         }
     }
@@ -183,7 +187,21 @@ impl Engine {
     fn save(&self, vm: &mut VmRecord) -> OpResult<()> {
         vm.updated_at = now();
         self.inner.store.update_vm(vm)?;
+        self.vms_changed();
         Ok(())
+    }
+
+    /// Tells the followers of [`Engine::subscribe_vm_changes`] that VM records changed.
+    fn vms_changed(&self) {
+        self.inner
+            .vm_changes
+            .send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// A receiver that sees a change whenever a VM record is saved or deleted (changes made
+    /// while nobody looks coalesce into one).
+    pub fn subscribe_vm_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.vm_changes.subscribe()
     }
 
     fn next_generation(&self) -> u64 {

@@ -213,6 +213,7 @@ impl Engine {
             )));
         }
         self.store().delete_vm(&vm.id)?;
+        self.vms_changed();
         self.inner.vm_locks.lock().expect("poisoned").remove(&vm.id);
         if let Err(e) = self.ssh().remove_known_host(&known_host_names(&vm)) {
             ctx.progress.warn(format!(
@@ -374,6 +375,23 @@ impl Engine {
                     h.kind.as_str(),
                     h.pid
                 )),
+            }
+        }
+        // The snapshot, then its loop devices: only once the VMM no longer holds them.
+        for b in handles
+            .map(|h| h.block.as_slice())
+            .unwrap_or_default()
+            .iter()
+            .rev()
+        {
+            let r = match b {
+                crate::handles::BlockResource::Loop(d) => crate::dm::DmResource::Loop(d.clone()),
+                crate::handles::BlockResource::Mapper(n) => {
+                    crate::dm::DmResource::Mapper(n.clone())
+                }
+            };
+            if let Err(e) = crate::dm::release(self.inner.runner.as_ref(), &r).await {
+                errors.push(e.to_string());
             }
         }
         if handles.is_some_and(|h| h.nat)

@@ -15,8 +15,20 @@ use crate::error::{OpError, OpResult};
 use crate::layout::create_private_dir;
 use crate::progress::OpCtx;
 
-/// Kernels `kernel pull` knows: name → Debian suite whose cloud kernel it is.
+/// Kernels `kernel pull` knows without configuration: name → Debian suite whose cloud kernel it
+/// is. More come from `[[kernel_catalog]]` in the config (tarballs pinned by SHA256). Every name
+/// here must be in `banger_config::Config::BUILTIN_KERNELS`, which the config loader keeps
+/// catalog entries from taking.
 pub const KERNEL_CATALOG: &[(&str, &str)] = &[("debian-6.1-cloud", "bookworm")];
+
+/// Where a catalog kernel comes from.
+#[derive(Debug, Clone)]
+enum CatalogKernel {
+    /// Debian's cloud kernel of this suite, from the configured mirror.
+    Debian { suite: &'static str },
+    /// A tarball pinned by its SHA256.
+    Tarball(banger_kernel::CatalogEntry),
+}
 
 /// Packages of the default image, on top of Debian's minbase.
 pub const DEBIAN_PACKAGES: &[&str] = &[
@@ -61,7 +73,8 @@ impl Engine {
         Err(OpError::not_found("image", name))
     }
 
-    /// The kernel, pulling the default one first when it is missing.
+    /// The kernel, pulling it first when it is missing and `kernel pull` knows it (the built-in
+    /// Debian kernel or a `[[kernel_catalog]]` entry), as for the default kernel.
     pub(super) async fn kernel_or_provision(
         &self,
         name: &str,
@@ -70,7 +83,7 @@ impl Engine {
         if let Some(k) = self.store().get_kernel(name)? {
             return Ok(k);
         }
-        if KERNEL_CATALOG.iter().any(|(n, _)| *n == name) {
+        if self.catalog_kernel(name)?.is_some() {
             ctx.progress.stage(
                 "kernel_pull",
                 Some(format!("the kernel {name} is missing: pulling it once")),
@@ -80,18 +93,50 @@ impl Engine {
         Err(OpError::not_found("kernel", name))
     }
 
-    /// Fetches a catalog kernel from the Debian mirror into `<state>/kernels/<name>`.
+    /// Where `kernel pull NAME` gets `name` from: the built-in Debian entry or a configured
+    /// `[[kernel_catalog]]` one. The config loader refuses a configured entry named like a
+    /// built-in one; a config built some other way that does so is refused here, rather than one
+    /// silently shadowing the other.
+    fn catalog_kernel(&self, name: &str) -> OpResult<Option<CatalogKernel>> {
+        let builtin = KERNEL_CATALOG.iter().find(|(n, _)| *n == name);
+        let configured = self.config().kernel_catalog.iter().find(|e| e.name == name);
+        Ok(match (builtin, configured) {
+            (Some(_), Some(_)) => {
+                return Err(OpError::bad_request(format!(
+                    "kernel {name} is built in and also a [[kernel_catalog]] entry; rename the entry"
+                )));
+            }
+            (Some(&(_, suite)), None) => Some(CatalogKernel::Debian { suite }),
+            (None, Some(e)) => Some(CatalogKernel::Tarball(banger_kernel::CatalogEntry {
+                name: e.name.clone(),
+                url: e.url.clone(),
+                sha256: e.sha256.clone(),
+                size: e.size,
+                version: e.version.clone(),
+            })),
+            (None, None) => None,
+        })
+    }
+
+    /// Names `kernel pull` knows: built-in first, then configured.
+    pub fn catalog_kernel_names(&self) -> Vec<String> {
+        KERNEL_CATALOG
+            .iter()
+            .map(|(n, _)| n.to_string())
+            .chain(self.config().kernel_catalog.iter().map(|e| e.name.clone()))
+            .collect()
+    }
+
+    /// Fetches a catalog kernel into `<state>/kernels/<name>`: the built-in Debian kernel from
+    /// the configured mirror (signature-checked), or a `[[kernel_catalog]]` tarball (checked
+    /// against its SHA256).
     pub async fn kernel_pull(&self, name: &str, ctx: &OpCtx<'_>) -> OpResult<KernelRecord> {
-        let Some(&(_, suite)) = KERNEL_CATALOG.iter().find(|(n, _)| *n == name) else {
+        let Some(source) = self.catalog_kernel(name)? else {
             return Err(OpError::not_found(
                 "kernel in the catalog",
                 &format!(
                     "{name}\" (known: {})",
-                    KERNEL_CATALOG
-                        .iter()
-                        .map(|(n, _)| *n)
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                    self.catalog_kernel_names().join(", ")
                 ),
             ));
         };
@@ -106,19 +151,28 @@ impl Engine {
             std::fs::remove_dir_all(&dest)
                 .map_err(|e| OpError::failed(format!("removing stale {}: {e}", dest.display())))?;
         }
-        let mirror = DebianMirror {
-            base_url: self.config().debian_mirror.clone(),
-            suite: suite.to_string(),
-            extra_suites: vec![format!("{suite}-updates")],
-            ..DebianMirror::default()
-        };
+        let mirror_url = self.config().debian_mirror.clone();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<PullProgress>();
         let dest2 = dest.clone();
+        let source2 = source.clone();
         let task = tokio::task::spawn_blocking(move || {
             let mut report = |p: PullProgress| {
                 let _ = tx.send(p);
             };
-            banger_kernel::pull_debian_cloud_kernel(&mirror, &dest2, &mut report)
+            match &source2 {
+                CatalogKernel::Debian { suite } => {
+                    let mirror = DebianMirror {
+                        base_url: mirror_url,
+                        suite: suite.to_string(),
+                        extra_suites: vec![format!("{suite}-updates")],
+                        ..DebianMirror::default()
+                    };
+                    banger_kernel::pull_debian_cloud_kernel(&mirror, &dest2, &mut report)
+                }
+                CatalogKernel::Tarball(entry) => {
+                    banger_kernel::pull_catalog_kernel(entry, &dest2, &mut report)
+                }
+            }
         });
         let mut last = Instant::now() - Duration::from_secs(1);
         while let Some(p) = rx.recv().await {
@@ -131,10 +185,13 @@ impl Engine {
                 } => {
                     if last.elapsed() > Duration::from_millis(250) || done == total {
                         last = Instant::now();
-                        ctx.progress.stage(
-                            &format!("kernel_{}", stage.as_str()),
-                            Some(format!("{:.1} / {:.1} MiB", mib(done), mib(total))),
-                        );
+                        let detail = if total > 0 {
+                            format!("{:.1} / {:.1} MiB", mib(done), mib(total))
+                        } else {
+                            format!("{:.1} MiB", mib(done))
+                        };
+                        ctx.progress
+                            .stage(&format!("kernel_{}", stage.as_str()), Some(detail));
                     }
                 }
             }
@@ -142,21 +199,37 @@ impl Engine {
         let pulled = task
             .await
             .map_err(|e| OpError::failed(format!("kernel pull task: {e}")))?
-            .map_err(|e| OpError::failed(format!("pulling kernel {name}: {e}")))?;
+            .map_err(|e| match &source {
+                CatalogKernel::Debian { .. } => {
+                    OpError::failed(format!("pulling kernel {name}: {e}"))
+                }
+                CatalogKernel::Tarball(entry) => {
+                    OpError::failed(format!("pulling kernel {name} from {}: {e}", entry.url))
+                }
+            })?;
+        let (source, initrd) = match &source {
+            CatalogKernel::Debian { .. } => (
+                format!("debian:{}={}", pulled.package, pulled.package_version),
+                None,
+            ),
+            CatalogKernel::Tarball(entry) => {
+                (format!("catalog:{}", entry.url), pulled.initrd.clone())
+            }
+        };
         let rec = KernelRecord {
             name: name.to_string(),
             vmlinux: pulled.vmlinux.clone(),
-            initrd: None,
+            initrd,
             version: pulled.version.clone(),
             sha256: pulled.vmlinux_sha256.clone(),
-            source: format!("debian:{}={}", pulled.package, pulled.package_version),
+            source,
             created_at: now(),
         };
         if let Err(e) = self.store().insert_kernel(&rec) {
             let _ = std::fs::remove_dir_all(&dest);
             return Err(e.into());
         }
-        info!(kernel = name, version = %rec.version, "kernel pulled");
+        info!(kernel = name, version = %rec.version, source = %rec.source, "kernel pulled");
         Ok(rec)
     }
 
@@ -434,4 +507,19 @@ fn dir_size(root: &Path) -> u64 {
         }
     }
     total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtin_kernels_are_reserved_in_the_config() {
+        for (name, _) in KERNEL_CATALOG {
+            assert!(
+                banger_config::Config::BUILTIN_KERNELS.contains(name),
+                "{name} is not in Config::BUILTIN_KERNELS"
+            );
+        }
+    }
 }

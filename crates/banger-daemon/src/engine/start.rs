@@ -11,7 +11,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use banger_config::NetworkMode;
+use banger_config::{NetworkMode, RootDiskStrategy};
 use banger_core::{VmRecord, VmState};
 use banger_net::{BridgeName, MacAddr, TapName};
 use banger_vmm::{DriveSpec, LaunchSpec, NetSpec, Vmm, VmmHandle};
@@ -19,8 +19,9 @@ use tracing::{info, warn};
 
 use super::{Engine, Live, join_errors, now};
 use crate::disks;
+use crate::dm::{self, DmResource};
 use crate::error::{OpError, OpResult};
-use crate::handles::Handles;
+use crate::handles::{BlockResource, Handles};
 use crate::layout::create_private_dir;
 use crate::progress::OpCtx;
 
@@ -28,6 +29,7 @@ use crate::progress::OpCtx;
 pub const START_STEPS: &[&str] = &[
     "preflight",
     "runtime_dir",
+    "root_device",
     "initramfs",
     "config_disk",
     "network",
@@ -277,6 +279,53 @@ impl Engine {
                 }
                 create_private_dir(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
                 attempt.save_handles()
+            }
+            "root_device" => {
+                if self.config().root_disk != RootDiskStrategy::DmSnapshot {
+                    return Ok(());
+                }
+                let runner = self.inner.runner.clone();
+                let undo_runner = runner.clone();
+                let made: Arc<std::sync::Mutex<Vec<DmResource>>> = Arc::default();
+                let undo_made = made.clone();
+                rollback.push(step, move || async move {
+                    let items = std::mem::take(&mut *undo_made.lock().expect("poisoned"));
+                    let mut errors = Vec::new();
+                    for r in items.iter().rev() {
+                        if let Err(e) = dm::release(undo_runner.as_ref(), r).await {
+                            errors.push(e.to_string());
+                        }
+                    }
+                    if errors.is_empty() {
+                        Ok(())
+                    } else {
+                        Err(join_errors(&errors))
+                    }
+                });
+                let image = attempt.image_rootfs.clone();
+                let cow = layout.root_disk(&vm.id);
+                let handles_path = attempt.handles_path.clone();
+                let mut handles = attempt.handles.clone();
+                // Each device is in the handles file before the next command runs.
+                let mut record = |r: &DmResource| -> Result<(), String> {
+                    made.lock().expect("poisoned").push(r.clone());
+                    handles.block.push(match r {
+                        DmResource::Loop(d) => BlockResource::Loop(d.clone()),
+                        DmResource::Mapper(n) => BlockResource::Mapper(n.clone()),
+                    });
+                    handles.write(&handles_path).map_err(|e| e.to_string())
+                };
+                let device = dm::attach(runner.as_ref(), vm.id.as_str(), &image, &cow, &mut record)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                attempt.handles = handles;
+                // The VM boots from the snapshot instead of the image plus its own disk.
+                let spec = attempt.spec();
+                spec.drives.retain(|d| d.id != "image");
+                if let Some(root) = spec.drives.iter_mut().find(|d| d.id == "root") {
+                    root.path = PathBuf::from(device);
+                }
+                Ok(())
             }
             "initramfs" => {
                 if attempt.spec().initrd.is_none() {

@@ -177,3 +177,35 @@ fn vmm_api_failures_name_the_step_through_the_daemon() {
     env.request(&Request::VmStart(VmRef { vm: "boot".into() }))
         .ok();
 }
+
+#[test]
+fn dm_snapshot_without_device_mapper_fails_at_root_device_and_leaves_nothing() {
+    if std::path::Path::new("/dev/mapper/control").exists() {
+        println!(
+            "SKIP: this host has device-mapper; the recording-runner tests in dm.rs cover the commands"
+        );
+        return;
+    }
+    let mut env = TestEnv::new("root_disk = \"dm-snapshot\"\n");
+    env.start_daemon();
+    env.seed_artifacts();
+    let (_, msg) = env
+        .request(&Request::VmCreate(VmCreateParams {
+            name: Some("dm".into()),
+            ..Default::default()
+        }))
+        .err();
+    assert!(msg.contains("at step root_device"), "{msg}");
+    assert!(msg.contains("device-mapper"), "{msg}");
+    let v = env
+        .request(&Request::VmShow(VmRef { vm: "dm".into() }))
+        .ok();
+    assert_eq!(v["state"], "error");
+    assert!(
+        !env.runtime_dir()
+            .join("vms")
+            .join(v["id"].as_str().unwrap())
+            .exists()
+    );
+    assert!(env.stray_processes().is_empty());
+}

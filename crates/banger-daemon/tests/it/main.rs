@@ -1,8 +1,11 @@
 //! bangerd's integration tests: the real daemon binary, the real CLI, the fake Firecracker.
 
+mod dns;
 mod engine_faults;
 mod images;
+mod kernels;
 mod lifecycle;
 mod protocol;
 mod real_guest;
 mod recovery;
+mod workspace;

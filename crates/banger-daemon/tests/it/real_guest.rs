@@ -180,3 +180,32 @@ fn real_guest_end_to_end() {
     assert_nothing_left(&env, "after rm");
     env.stop_daemon();
 }
+
+/// The same path under real Firecracker: needs its binary and hardware KVM, neither of which
+/// this development host has (its /dev/kvm is a software KVM that Firecracker guests crash on).
+#[test]
+fn real_guest_under_firecracker() {
+    let Some(fc) = banger_sys::find_in_path("firecracker") else {
+        println!("SKIP: real Firecracker boot: no firecracker binary in PATH");
+        return;
+    };
+    let probe = banger_vmm::qemu::detect_accel();
+    if probe.accel != banger_vmm::qemu::Accel::Kvm {
+        println!(
+            "SKIP: real Firecracker boot needs hardware KVM: {}",
+            probe.reason
+        );
+        return;
+    }
+    let extra = format!(
+        "vmm = \"firecracker\"\nfirecracker_bin = \"{}\"\n",
+        fc.display()
+    );
+    let Some(mut env) = TestEnv::real(&extra) else {
+        return;
+    };
+    env.start_daemon();
+    let o = env.cli(&["vm", "run", "--rm", "--", "sh", "-c", "uname -r; exit 7"]);
+    assert_eq!(o.status.code(), Some(7), "{}", text(&o));
+    assert_nothing_left(&env, "firecracker vm run --rm");
+}

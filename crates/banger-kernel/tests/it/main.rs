@@ -1,5 +1,8 @@
 //! Integration tests against the real Debian mirror. Each test prints `SKIP: <reason>` and passes
-//! when the mirror, gpgv or the archive keyring is not available.
+//! when the mirror, gpgv or the archive keyring is not available. Catalog pulls (`catalog`) run
+//! against a local HTTP server and need no network.
+
+mod catalog;
 
 use std::path::Path;
 use std::time::Instant;
