@@ -112,3 +112,41 @@ pub struct KernelRecord {
     pub source: String,
     pub created_at: i64,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workspace_info_validation() {
+        let good = WorkspaceInfo {
+            guest_path: "/root/repo".into(),
+            host_path: "/src/repo".into(),
+            head_commit: "ab".repeat(20),
+            prepared_at: 1,
+            include_untracked: false,
+        };
+        assert_eq!(good.validate(), Ok(()));
+        for (g, h, host) in [
+            ("root/repo", "ab".repeat(20), "/src"),
+            ("/", "ab".repeat(20), "/src"),
+            ("/root/../etc", "ab".repeat(20), "/src"),
+            ("/root/repo", "HEAD".into(), "/src"),
+            ("/root/repo", "ab".repeat(20), "src"),
+        ] {
+            let w = WorkspaceInfo {
+                guest_path: g.into(),
+                head_commit: h,
+                host_path: host.into(),
+                ..good.clone()
+            };
+            assert!(w.validate().is_err(), "{w:?}");
+        }
+        // Older records without the field still decode.
+        let old: WorkspaceInfo = serde_json::from_str(
+            r#"{"guest_path":"/root/r","host_path":"/r","head_commit":"x","prepared_at":0}"#,
+        )
+        .unwrap();
+        assert!(!old.include_untracked);
+    }
+}
