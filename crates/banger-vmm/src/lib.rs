@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+mod common;
 pub mod firecracker;
 pub mod process;
 pub mod qemu;

@@ -11,7 +11,6 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use nix::sys::signal::Signal;
 use nix::unistd::AccessFlags;
 
 pub use client::FirecrackerClient;
@@ -20,6 +19,7 @@ use client::{
     SnapshotLoadParams, Vsock,
 };
 
+use crate::common::{self, Waited, check_socket_path, is_valid_mac, remove_stale_socket};
 use crate::process::{self, DetachedCommand};
 use crate::{LaunchSpec, Vmm, VmmError, VmmHandle, VmmKind};
 
@@ -30,7 +30,7 @@ pub const API_SOCKET_NAME: &str = "fc.sock";
 pub const MIN_VERSION: Version = Version::new(1, 5, 0);
 
 /// The longest Unix socket path (`sun_path` holds 108 bytes including the terminating NUL).
-pub const MAX_SOCKET_PATH: usize = 107;
+pub use crate::common::MAX_SOCKET_PATH;
 
 /// The guest interface banger configures.
 const IFACE_ID: &str = "eth0";
@@ -267,25 +267,6 @@ impl Firecracker {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
-
-    async fn kill_pid(&self, pid: i32, start_time: u64) -> Result<(), VmmError> {
-        if !process::signal_process(pid, start_time, Signal::SIGKILL)? {
-            return Ok(());
-        }
-        if process::wait_gone(pid, start_time, self.kill_timeout).await {
-            Ok(())
-        } else {
-            Err(VmmError::Signal {
-                pid,
-                reason: format!("still running {:?} after SIGKILL", self.kill_timeout),
-            })
-        }
-    }
-}
-
-enum Waited {
-    Exited,
-    Timeout,
 }
 
 fn check_kind(handle: &VmmHandle) -> Result<(), VmmError> {
@@ -314,40 +295,6 @@ fn check_instance_id(id: &str) -> Result<(), VmmError> {
     }
 }
 
-fn check_socket_path(what: &str, path: &Path) -> Result<(), VmmError> {
-    let len = path.as_os_str().len();
-    if len > MAX_SOCKET_PATH {
-        return Err(VmmError::Spec(format!(
-            "{what} {} is {len} bytes long; Unix socket paths are limited to {MAX_SOCKET_PATH} bytes",
-            path.display()
-        )));
-    }
-    Ok(())
-}
-
-/// Removes a Unix socket left at `path` by an earlier VMM (Firecracker's bind would fail on it).
-/// Anything else at that path is left alone and reported.
-fn remove_stale_socket(path: &Path) -> Result<(), VmmError> {
-    use std::os::unix::fs::FileTypeExt;
-    match std::fs::symlink_metadata(path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(VmmError::Io {
-            path: path.to_path_buf(),
-            source,
-        }),
-        Ok(meta) if meta.file_type().is_socket() => {
-            std::fs::remove_file(path).map_err(|source| VmmError::Io {
-                path: path.to_path_buf(),
-                source,
-            })
-        }
-        Ok(_) => Err(VmmError::Spec(format!(
-            "{} exists and is not a socket; refusing to replace it with the VM's socket",
-            path.display()
-        ))),
-    }
-}
-
 fn check_utf8(what: &str, path: &Path) -> Result<(), VmmError> {
     if path.to_str().is_none() {
         return Err(VmmError::Spec(format!(
@@ -356,14 +303,6 @@ fn check_utf8(what: &str, path: &Path) -> Result<(), VmmError> {
         )));
     }
     Ok(())
-}
-
-fn is_valid_mac(mac: &str) -> bool {
-    let parts: Vec<&str> = mac.split(':').collect();
-    parts.len() == 6
-        && parts
-            .iter()
-            .all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 /// Checks everything `configure` sends, so a bad spec fails before the VMM is half configured.
@@ -479,7 +418,9 @@ impl Vmm for Firecracker {
             }),
             Err(Waited::Timeout) => {
                 // The contract is that a failed spawn leaves no process behind.
-                if let Err(e) = self.kill_pid(spawned.pid, spawned.start_time).await {
+                if let Err(e) =
+                    common::kill_pid(spawned.pid, spawned.start_time, self.kill_timeout).await
+                {
                     tracing::warn!(pid = spawned.pid, error = %e, "killing unresponsive firecracker failed");
                 }
                 Err(VmmError::SocketTimeout {
@@ -582,7 +523,7 @@ impl Vmm for Firecracker {
 
     async fn kill(&self, handle: &VmmHandle) -> Result<(), VmmError> {
         check_kind(handle)?;
-        self.kill_pid(handle.pid, handle.start_time).await
+        common::kill_pid(handle.pid, handle.start_time, self.kill_timeout).await
     }
 
     async fn wait_exit(&self, handle: &VmmHandle) {

@@ -21,12 +21,12 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use nix::sys::signal::Signal;
 use nix::unistd::AccessFlags;
 
 pub use accel::{Accel, AccelPaths, AccelProbe, detect_accel, detect_accel_with};
 pub use qmp::{KvmInfo, QmpClient, QmpConnection, QmpGreeting, StatusInfo};
 
+use crate::common::{self, Waited, check_socket_path, is_valid_mac, remove_stale_socket};
 pub use crate::firecracker::Version;
 use crate::process::{self, DetachedCommand};
 use crate::{LaunchSpec, Vmm, VmmError, VmmHandle, VmmKind};
@@ -56,7 +56,7 @@ pub const MACHINE: &str = "microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=o
 pub const VHOST_VSOCK_DEVICE: &str = "/dev/vhost-vsock";
 
 /// The longest Unix socket path (`sun_path` holds 108 bytes including the terminating NUL).
-pub const MAX_SOCKET_PATH: usize = 107;
+pub use crate::common::MAX_SOCKET_PATH;
 
 /// The most vCPUs banger gives a QEMU guest.
 pub const MAX_VCPUS: u32 = 255;
@@ -393,20 +393,6 @@ impl Qemu {
         }
     }
 
-    async fn kill_pid(&self, pid: i32, start_time: u64) -> Result<(), VmmError> {
-        if !process::signal_process(pid, start_time, Signal::SIGKILL)? {
-            return Ok(());
-        }
-        if process::wait_gone(pid, start_time, self.kill_timeout).await {
-            Ok(())
-        } else {
-            Err(VmmError::Signal {
-                pid,
-                reason: format!("still running {:?} after SIGKILL", self.kill_timeout),
-            })
-        }
-    }
-
     fn exited(&self, handle: &VmmHandle) -> VmmError {
         VmmError::Exited {
             pid: handle.pid,
@@ -463,11 +449,6 @@ fn find_binary_in(path_var: Option<&OsStr>, fallback: &Path) -> Option<PathBuf> 
         .or_else(|| is_exe(fallback).then(|| fallback.to_path_buf()))
 }
 
-enum Waited {
-    Exited,
-    Timeout,
-}
-
 fn check_kind(handle: &VmmHandle) -> Result<Accel, VmmError> {
     Accel::from_kind(handle.kind).ok_or_else(|| {
         VmmError::Spec(format!(
@@ -476,48 +457,6 @@ fn check_kind(handle: &VmmHandle) -> Result<Accel, VmmError> {
             handle.kind.as_str()
         ))
     })
-}
-
-fn check_socket_path(what: &str, path: &Path) -> Result<(), VmmError> {
-    let len = path.as_os_str().len();
-    if len > MAX_SOCKET_PATH {
-        return Err(VmmError::Spec(format!(
-            "{what} {} is {len} bytes long; Unix socket paths are limited to {MAX_SOCKET_PATH} bytes",
-            path.display()
-        )));
-    }
-    Ok(())
-}
-
-/// Removes a Unix socket left at `path` by an earlier VMM. Anything else at that path is left
-/// alone and reported.
-fn remove_stale_socket(path: &Path) -> Result<(), VmmError> {
-    use std::os::unix::fs::FileTypeExt;
-    match std::fs::symlink_metadata(path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(VmmError::Io {
-            path: path.to_path_buf(),
-            source,
-        }),
-        Ok(meta) if meta.file_type().is_socket() => {
-            std::fs::remove_file(path).map_err(|source| VmmError::Io {
-                path: path.to_path_buf(),
-                source,
-            })
-        }
-        Ok(_) => Err(VmmError::Spec(format!(
-            "{} exists and is not a socket; refusing to replace it with the VM's socket",
-            path.display()
-        ))),
-    }
-}
-
-fn is_valid_mac(mac: &str) -> bool {
-    let parts: Vec<&str> = mac.split(':').collect();
-    parts.len() == 6
-        && parts
-            .iter()
-            .all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 fn is_valid_drive_id(id: &str) -> bool {
@@ -687,7 +626,9 @@ impl Vmm for Qemu {
             }),
             Err(Waited::Timeout) => {
                 // The contract is that a failed spawn leaves no process behind.
-                if let Err(e) = self.kill_pid(spawned.pid, spawned.start_time).await {
+                if let Err(e) =
+                    common::kill_pid(spawned.pid, spawned.start_time, self.kill_timeout).await
+                {
                     tracing::warn!(pid = spawned.pid, error = %e, "killing unresponsive qemu failed");
                 }
                 Err(VmmError::SocketTimeout {
@@ -780,7 +721,7 @@ impl Vmm for Qemu {
 
     async fn kill(&self, handle: &VmmHandle) -> Result<(), VmmError> {
         check_kind(handle)?;
-        self.kill_pid(handle.pid, handle.start_time).await
+        common::kill_pid(handle.pid, handle.start_time, self.kill_timeout).await
     }
 
     async fn wait_exit(&self, handle: &VmmHandle) {

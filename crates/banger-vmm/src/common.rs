@@ -1,0 +1,77 @@
+//! Pieces both backends need: socket path rules, stale socket removal, MAC syntax, killing a
+//! VMM by pid and start time.
+
+use std::path::Path;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+
+use crate::{VmmError, process};
+
+/// Longest Unix socket path (`sun_path` holds 108 bytes including the NUL).
+pub const MAX_SOCKET_PATH: usize = 107;
+
+/// How waiting for a freshly spawned VMM's control socket ended.
+pub(crate) enum Waited {
+    Exited,
+    Timeout,
+}
+
+pub(crate) fn check_socket_path(what: &str, path: &Path) -> Result<(), VmmError> {
+    let len = path.as_os_str().len();
+    if len > MAX_SOCKET_PATH {
+        return Err(VmmError::Spec(format!(
+            "{what} {} is {len} bytes long; Unix socket paths are limited to {MAX_SOCKET_PATH} bytes",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Removes a Unix socket left at `path` by an earlier VMM (binding would fail on it). Anything
+/// else at that path is left alone and reported.
+pub(crate) fn remove_stale_socket(path: &Path) -> Result<(), VmmError> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(VmmError::Io {
+            path: path.to_path_buf(),
+            source,
+        }),
+        Ok(meta) if meta.file_type().is_socket() => {
+            std::fs::remove_file(path).map_err(|source| VmmError::Io {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+        Ok(_) => Err(VmmError::Spec(format!(
+            "{} exists and is not a socket; refusing to replace it with the VM's socket",
+            path.display()
+        ))),
+    }
+}
+
+/// `aa:bb:cc:dd:ee:ff`, hex digits only.
+pub(crate) fn is_valid_mac(mac: &str) -> bool {
+    let parts: Vec<&str> = mac.split(':').collect();
+    parts.len() == 6
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// SIGKILLs the process if it is still the one we launched, and waits up to `timeout` for it to
+/// be gone. A process that is already gone is not an error.
+pub(crate) async fn kill_pid(pid: i32, start_time: u64, timeout: Duration) -> Result<(), VmmError> {
+    if !process::signal_process(pid, start_time, Signal::SIGKILL)? {
+        return Ok(());
+    }
+    if process::wait_gone(pid, start_time, timeout).await {
+        Ok(())
+    } else {
+        Err(VmmError::Signal {
+            pid,
+            reason: format!("still running {timeout:?} after SIGKILL"),
+        })
+    }
+}
