@@ -197,26 +197,8 @@ pub struct WorkspaceFlags {
 
 #[derive(Debug, Args)]
 pub struct CreateArgs {
-    /// A DNS label; generated when absent.
-    #[arg(long)]
-    pub name: Option<VmName>,
-    /// Image to build the root disk on (daemon default when absent).
-    #[arg(long, value_parser = parse_image_name)]
-    pub image: Option<String>,
-    /// Kernel to boot (the image's or the daemon default when absent).
-    #[arg(long, value_parser = parse_kernel_name)]
-    pub kernel: Option<String>,
-    #[arg(long, value_parser = parse_vcpu, allow_negative_numbers = true, value_name = "N")]
-    pub vcpu: Option<u32>,
-    /// Memory: 2G, 512M, or a bare number of MiB.
-    #[arg(long, value_parser = parse_memory_mib, allow_hyphen_values = true, value_name = "SIZE")]
-    pub memory: Option<u32>,
-    /// Size of the writable work disk: 8G, 512M, or a bare number of MiB.
-    #[arg(long, value_parser = parse_disk_size, allow_hyphen_values = true, value_name = "SIZE")]
-    pub disk_size: Option<ByteSize>,
-    /// Give the VM outbound network access through NAT.
-    #[arg(long)]
-    pub nat: bool,
+    #[command(flatten)]
+    pub spec: VmSpecArgs,
     /// Create the VM without booting it.
     #[arg(long)]
     pub no_start: bool,
@@ -225,7 +207,7 @@ pub struct CreateArgs {
 #[derive(Debug, Args)]
 pub struct RunArgs {
     #[command(flatten)]
-    pub create: RunCreateArgs,
+    pub create: VmSpecArgs,
     /// Delete the VM when the shell or command ends.
     #[arg(long, conflicts_with = "detach")]
     pub rm: bool,
@@ -246,9 +228,9 @@ pub struct RunArgs {
     pub command: Vec<String>,
 }
 
-/// The create flags `vm run` shares with `vm create` (everything but --no-start).
+/// What a new VM looks like: the flags `vm create` and `vm run` share.
 #[derive(Debug, Args)]
-pub struct RunCreateArgs {
+pub struct VmSpecArgs {
     /// A DNS label; generated when absent.
     #[arg(long)]
     pub name: Option<VmName>,
@@ -485,6 +467,23 @@ pub fn clap_failure(e: &clap::Error) -> (String, i32, bool) {
             (format!("banger: {flag}{reason}\n"), 2, false)
         }
         _ => (e.render().to_string(), 2, false),
+    }
+}
+
+impl VmSpecArgs {
+    /// The `vm.create` parameters; only the flags the user gave are set, so the daemon's
+    /// defaults apply to the rest.
+    pub fn into_params(self, no_start: bool) -> banger_protocol::VmCreateParams {
+        banger_protocol::VmCreateParams {
+            name: self.name.map(|n| n.to_string()),
+            image: self.image,
+            kernel: self.kernel,
+            vcpu: self.vcpu,
+            memory_mib: self.memory,
+            work_disk_size: self.disk_size,
+            nat: self.nat,
+            no_start,
+        }
     }
 }
 

@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 use banger_core::{ImageRecord, KernelRecord, VmName, VmRecord};
 use banger_protocol::{
     DaemonStatus, ImageRegisterParams, KernelImportParams, Logs, NameForceParams, NameParams,
-    Removed, Request, VmCreateParams, VmDeleteParams, VmKillParams, VmList, VmLogsParams, VmRef,
-    VmSetParams, VmStopParams,
+    Removed, Request, VmDeleteParams, VmKillParams, VmList, VmLogsParams, VmRef, VmSetParams,
+    VmStopParams,
 };
 
 use crate::cli::{Command, DaemonCmd, ImageCmd, KernelCmd, VmCmd};
@@ -72,19 +72,7 @@ fn vm(cmd: VmCmd, ctx: &mut Ctx<'_>) -> Result<(), CliError> {
         } => crate::workspace::exec(ctx, &name, tty, sync, &command),
         VmCmd::Workspace(c) => crate::workspace::command(ctx, c),
         VmCmd::Cp { src, dest } => crate::workspace::cp(ctx, &src, &dest),
-        VmCmd::Create(a) => vm_summary(
-            ctx,
-            Request::VmCreate(VmCreateParams {
-                name: a.name.map(|n| n.to_string()),
-                image: a.image,
-                kernel: a.kernel,
-                vcpu: a.vcpu,
-                memory_mib: a.memory,
-                work_disk_size: a.disk_size,
-                nat: a.nat,
-                no_start: a.no_start,
-            }),
-        ),
+        VmCmd::Create(a) => vm_summary(ctx, Request::VmCreate(a.spec.into_params(a.no_start))),
         VmCmd::Start { name } => vm_summary(ctx, Request::VmStart(vm_ref(&name))),
         VmCmd::Restart(a) => vm_summary(
             ctx,

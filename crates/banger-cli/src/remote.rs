@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use banger_core::{VmName, VmRecord};
-use banger_protocol::{Request, SshInfo, VmCreateParams, VmDeleteParams, VmRef};
+use banger_protocol::{Request, SshInfo, VmDeleteParams, VmRef};
 
 use crate::Ctx;
 use crate::cli::RunArgs;
@@ -47,18 +47,8 @@ pub fn run(ctx: &mut Ctx<'_>, a: RunArgs) -> Result<(), CliError> {
         Some(path) => Some(crate::workspace::build(path, &a.workspace)?),
         None => None,
     };
-    let c = a.create;
     let vm: VmRecord = ctx
-        .request(&Request::VmCreate(VmCreateParams {
-            name: c.name.map(|n| n.to_string()),
-            image: c.image,
-            kernel: c.kernel,
-            vcpu: c.vcpu,
-            memory_mib: c.memory,
-            work_disk_size: c.disk_size,
-            nat: c.nat,
-            no_start: false,
-        }))?
+        .request(&Request::VmCreate(a.create.into_params(false)))?
         .decode("vm.create")?;
     ctx.note(&format!(
         "spec: {} vcpu | {} MiB | {} disk | {}",

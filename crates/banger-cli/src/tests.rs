@@ -452,10 +452,10 @@ fn sizes_parse_with_units() {
     let Cmd::Vm(VmCmd::Create(a)) = cli.command else {
         panic!()
     };
-    assert_eq!(a.memory, Some(2048));
-    assert_eq!(a.disk_size, Some(ByteSize::mib(512)));
-    assert_eq!(a.vcpu, Some(4));
-    assert!(a.name.is_none() && a.image.is_none() && !a.nat && !a.no_start);
+    assert_eq!(a.spec.memory, Some(2048));
+    assert_eq!(a.spec.disk_size, Some(ByteSize::mib(512)));
+    assert_eq!(a.spec.vcpu, Some(4));
+    assert!(a.spec.name.is_none() && a.spec.image.is_none() && !a.spec.nat && !a.no_start);
     let cli = parse(&["vm", "set", "box", "--memory", "1024"]).unwrap();
     let Cmd::Vm(VmCmd::Set { memory, vcpu, .. }) = cli.command else {
         panic!()
