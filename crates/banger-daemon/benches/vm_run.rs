@@ -607,13 +607,24 @@ fn print_table(title: &str, ph: &Phases) {
     }
 }
 
-fn ratio_line(what: &str, banger: Duration, raw: Duration) {
-    let r = secs(banger) / secs(raw);
+/// Prints the ratio of the medians and the median of the per-iteration ratios: each banger run
+/// is paired with the raw run next to it in time, which cancels slow drifts in machine load.
+fn ratio_line(what: &str, banger: &[Duration], raw: &[Duration]) {
+    let (b, r) = (median(banger), median(raw));
+    let ratio = secs(b) / secs(r);
+    let mut paired: Vec<f64> = banger
+        .iter()
+        .zip(raw)
+        .map(|(b, r)| secs(*b) / secs(*r))
+        .collect();
+    paired.sort_by(f64::total_cmp);
+    let paired = paired[paired.len() / 2];
     println!(
-        "    {what:<58} {:>6.2} s / {:>6.2} s = {r:.2}x ({:+.0}%)",
-        secs(banger),
-        secs(raw),
-        (r - 1.0) * 100.0
+        "    {what:<58} {:>6.2} s / {:>6.2} s = {ratio:.2}x ({:+.0}%), paired {paired:.2}x ({:+.0}%)",
+        secs(b),
+        secs(r),
+        (ratio - 1.0) * 100.0,
+        (paired - 1.0) * 100.0
     );
 }
 
@@ -692,48 +703,47 @@ fn main() {
     println!("  ratios (banger / raw, medians)");
     ratio_line(
         "vm.create -> ready vs raw launch -> ssh ready",
-        proto.median("create total"),
-        raw.median("launch -> ssh ready"),
+        &proto.values["create total"],
+        &raw.values["launch -> ssh ready"],
     );
     ratio_line(
         "vm.create launch -> ready vs raw launch -> ssh ready",
-        proto.median("launch -> ready"),
-        raw.median("launch -> ssh ready"),
+        &proto.values["launch -> ready"],
+        &raw.values["launch -> ssh ready"],
     );
     ratio_line(
         "vm.create -> ready vs raw prep + launch -> ssh ready",
-        proto.median("create total"),
-        raw.median("full (prep + boot + true)"),
+        &proto.values["create total"],
+        &raw.values["full (prep + boot + true)"],
     );
     ratio_line(
         "vm run --rm -- true vs raw (prep + boot + true)",
-        cli.median("vm run --rm -- true"),
-        raw.median("full (prep + boot + true)"),
+        &cli.values["vm run --rm -- true"],
+        &raw.values["full (prep + boot + true)"],
     );
     ratio_line(
         "vm run --rm -- true vs raw (prep + boot + true + teardown)",
-        cli.median("vm run --rm -- true"),
-        raw.median("full + teardown"),
+        &cli.values["vm run --rm -- true"],
+        &raw.values["full + teardown"],
     );
     // The guest's boot and its sshd are the same work on both sides and dominate under TCG,
     // where a busy machine moves them by seconds: the host-side rest is the daemon's cost.
-    let host_side = |ph: &Phases, total: &str, guest: &[&str]| {
-        let per_run: Vec<Duration> = (0..iterations)
+    let host_side = |ph: &Phases, total: &str, guest: &[&str]| -> Vec<Duration> {
+        (0..iterations)
             .map(|k| {
                 let g: Duration = guest.iter().map(|n| ph.values[n][k]).sum();
                 ph.values[total][k].saturating_sub(g)
             })
-            .collect();
-        median(&per_run)
+            .collect()
     };
     ratio_line(
         "host-side work only (all but boot to sshd and ssh true)",
-        host_side(
+        &host_side(
             &proto,
             "create total",
             &["boot to sshd banner", "ssh ready (-> result)"],
         ),
-        host_side(
+        &host_side(
             &raw,
             "full (prep + boot + true)",
             &["boot to sshd banner", "ssh true"],

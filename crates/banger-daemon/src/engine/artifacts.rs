@@ -120,31 +120,18 @@ impl Engine {
                 format!("an image named {name:?} already exists (banger image rm {name} first)"),
             ));
         }
-        let dir = self.layout().images_dir().join(name);
         let staging = self.layout().images_dir().join(format!(".{name}.staging"));
         let _ = std::fs::remove_dir_all(&staging);
         let result = async {
             create_private_dir(&staging).map_err(|e| io_fail(&staging, e))?;
             copy_file(rootfs, &staging.join("rootfs.ext4")).await?;
             make_read_only(&staging.join("rootfs.ext4"))?;
-            std::fs::rename(&staging, &dir).map_err(|e| io_fail(&dir, e))?;
-            let path = dir.join("rootfs.ext4");
-            let rec = ImageRecord {
-                name: name.to_string(),
-                size_bytes: std::fs::metadata(&path)
-                    .map_err(|e| io_fail(&path, e))?
-                    .len(),
-                rootfs: path,
+            self.publish_image(
+                &staging,
+                name,
                 kernel,
-                source: format!("register:{}", rootfs.display()),
-                managed: true,
-                created_at: now(),
-            };
-            if let Err(e) = self.store().insert_image(&rec) {
-                let _ = std::fs::remove_dir_all(&dir);
-                return Err(e.into());
-            }
-            Ok(rec)
+                &format!("register:{}", rootfs.display()),
+            )
         }
         .await;
         let _ = std::fs::remove_dir_all(&staging);

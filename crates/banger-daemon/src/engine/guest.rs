@@ -236,7 +236,7 @@ impl Engine {
                     Err(_) => {}
                 }
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 

@@ -372,27 +372,44 @@ impl Engine {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(&image_file, std::fs::Permissions::from_mode(0o400))
                 .map_err(|e| OpError::failed(format!("{}: {e}", image_file.display())))?;
-            let dir = self.layout().images_dir().join(name);
-            std::fs::rename(&staging, &dir)
-                .map_err(|e| OpError::failed(format!("{}: {e}", dir.display())))?;
-            let rec = ImageRecord {
-                name: name.to_string(),
-                size_bytes: size_mib << 20,
-                rootfs: dir.join("rootfs.ext4"),
-                kernel,
-                source: source.to_string(),
-                managed: true,
-                created_at: now(),
-            };
-            if let Err(e) = self.store().insert_image(&rec) {
-                let _ = std::fs::remove_dir_all(&dir);
-                return Err(e.into());
-            }
-            Ok(rec)
+            self.publish_image(&staging, name, kernel, source)
         }
         .await;
         let _ = std::fs::remove_dir_all(&staging);
         r
+    }
+}
+
+impl Engine {
+    /// Moves a staged image dir (holding `rootfs.ext4`) to `<images>/<name>` and records it;
+    /// the dir is removed again if the record cannot be written.
+    pub(super) fn publish_image(
+        &self,
+        staging: &Path,
+        name: &str,
+        kernel: Option<String>,
+        source: &str,
+    ) -> OpResult<ImageRecord> {
+        let dir = self.layout().images_dir().join(name);
+        std::fs::rename(staging, &dir)
+            .map_err(|e| OpError::failed(format!("{}: {e}", dir.display())))?;
+        let rootfs = dir.join("rootfs.ext4");
+        let rec = ImageRecord {
+            name: name.to_string(),
+            size_bytes: std::fs::metadata(&rootfs)
+                .map_err(|e| OpError::failed(format!("{}: {e}", rootfs.display())))?
+                .len(),
+            rootfs,
+            kernel,
+            source: source.to_string(),
+            managed: true,
+            created_at: now(),
+        };
+        if let Err(e) = self.store().insert_image(&rec) {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e.into());
+        }
+        Ok(rec)
     }
 }
 
