@@ -8,4 +8,5 @@ cd "$(dirname "$0")/.."
 RUSTFLAGS="-C target-feature=+crt-static" \
   cargo build --release --locked -p banger-agent --target x86_64-unknown-linux-gnu
 cargo build --workspace --all-targets --locked
-cargo test --workspace --locked -- --test-threads="${BANGER_TEST_THREADS:-2}"
+# --nocapture: tests that cannot run here print "SKIP: <reason>", and CI should show it.
+cargo test --workspace --locked -- --test-threads="${BANGER_TEST_THREADS:-2}" --nocapture
