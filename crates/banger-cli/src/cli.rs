@@ -35,6 +35,9 @@ pub enum Command {
     /// The bangerd background daemon.
     #[command(subcommand)]
     Daemon(DaemonCmd),
+    /// Check this host and banger's state, read-only: one PASS, WARN or FAIL line per check;
+    /// exits 1 if any check fails. Does not start bangerd.
+    Doctor,
     /// Print banger's ssh config (a `Host <name>.vm` block per VM), or include it from
     /// ~/.ssh/config so plain `ssh NAME.vm` works.
     SshConfig {

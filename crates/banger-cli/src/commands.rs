@@ -23,6 +23,7 @@ pub fn execute(command: Command, ctx: &mut Ctx<'_>) -> Result<(), CliError> {
         Command::Image(c) => image(c, ctx),
         Command::Kernel(c) => kernel(c, ctx),
         Command::Daemon(c) => daemon(c, ctx),
+        Command::Doctor => crate::doctor::run(ctx),
         Command::SshConfig { install, uninstall } => {
             crate::ssh_config::run(ctx, install, uninstall)
         }

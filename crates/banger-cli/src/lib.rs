@@ -9,6 +9,7 @@ pub mod autostart;
 pub mod cli;
 pub mod client;
 pub mod commands;
+pub mod doctor;
 pub mod error;
 pub mod json;
 pub mod progress;
@@ -317,6 +318,9 @@ pub fn main_with_args(args: impl IntoIterator<Item = OsString>) -> i32 {
     };
     let daemon = match DaemonTarget::from_config(cli.config.clone()) {
         Ok(d) => d,
+        Err(e) if matches!(cli.command, cli::Command::Doctor) => {
+            return doctor::run_without_config(&e, &mut std::io::stdout().lock());
+        }
         Err(e) => {
             if let Some(line) = e.line() {
                 eprintln!("{line}");

@@ -11,6 +11,7 @@ pub mod engine;
 pub mod error;
 pub mod handles;
 pub mod layout;
+pub mod leaks;
 pub mod logging;
 pub mod progress;
 pub mod server;

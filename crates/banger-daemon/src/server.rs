@@ -249,6 +249,7 @@ async fn dispatch(
             daemon.shutdown.cancel();
             json(serde_json::json!({"stopping": true}))
         }
+        Request::DaemonLeaks => json(crate::leaks::host_report(e).await),
         Request::VmCreate(p) => json(e.create(p, ctx).await?),
         Request::VmStart(p) => json(e.start(&p.vm, ctx).await?),
         Request::VmStop(p) => json(e.stop(&p.vm, p.timeout_secs, ctx).await?),

@@ -168,6 +168,8 @@ pub enum Request {
     DaemonStatus,
     #[serde(rename = "daemon.shutdown")]
     DaemonShutdown,
+    #[serde(rename = "daemon.leaks")]
+    DaemonLeaks,
     #[serde(rename = "vm.create")]
     VmCreate(VmCreateParams),
     #[serde(rename = "vm.start")]
@@ -223,6 +225,7 @@ pub const METHODS: &[&str] = &[
     "ping",
     "daemon.status",
     "daemon.shutdown",
+    "daemon.leaks",
     "vm.create",
     "vm.start",
     "vm.stop",
@@ -255,6 +258,7 @@ impl Request {
             Request::Ping => "ping",
             Request::DaemonStatus => "daemon.status",
             Request::DaemonShutdown => "daemon.shutdown",
+            Request::DaemonLeaks => "daemon.leaks",
             Request::VmCreate(_) => "vm.create",
             Request::VmStart(_) => "vm.start",
             Request::VmStop(_) => "vm.stop",
@@ -495,6 +499,68 @@ pub struct DnsStatus {
     pub error: Option<String>,
     /// One line that sends the host's `.vm` lookups to the responder, for this host's resolver.
     pub recipe: String,
+}
+
+/// What kind of host resource a [`Leak`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LeakKind {
+    /// A `bgt<vm id>` tap.
+    Tap,
+    /// nftables rules commented `banger:<vm id>` in `table ip banger`.
+    NatRule,
+    /// A process whose command line names a VM's state or runtime dir.
+    Process,
+    /// A loop device backed by a file under the state dir.
+    Loop,
+    /// A `banger-<vm id>` device-mapper device.
+    Mapper,
+    /// A mount point under the state or runtime dir.
+    Mount,
+    /// A per-VM directory under `<state_dir>/vms` or `<runtime_dir>/vms`.
+    Dir,
+    /// A handles file of a VM that is not running.
+    HandlesFile,
+}
+
+impl LeakKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LeakKind::Tap => "tap",
+            LeakKind::NatRule => "nat_rule",
+            LeakKind::Process => "process",
+            LeakKind::Loop => "loop",
+            LeakKind::Mapper => "mapper",
+            LeakKind::Mount => "mount",
+            LeakKind::Dir => "dir",
+            LeakKind::HandlesFile => "handles_file",
+        }
+    }
+}
+
+impl std::fmt::Display for LeakKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A host resource carrying banger's marks that no VM of the store accounts for.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Leak {
+    pub kind: LeakKind,
+    /// The resource: an interface name, a VM id, a pid, a device or a path.
+    pub name: String,
+    /// Why it counts as leaked, and what it is.
+    pub detail: String,
+}
+
+/// `daemon.leaks` result.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeakReport {
+    pub leaks: Vec<Leak>,
+    /// Checks that could not run (e.g. `nft` needs root), each saying why.
+    #[serde(default)]
+    pub unchecked: Vec<String>,
 }
 
 /// `vm.list` result.

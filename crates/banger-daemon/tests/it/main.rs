@@ -4,6 +4,7 @@ mod dns;
 mod engine_faults;
 mod images;
 mod kernels;
+mod leaks;
 mod lifecycle;
 mod protocol;
 mod real_guest;
