@@ -41,6 +41,8 @@ fn vm_summary(ctx: &mut Ctx<'_>, request: Request) -> Result<(), CliError> {
     let started = Instant::now();
     let method = request.method();
     let vm: VmRecord = ctx.request(&request)?.decode(method)?;
+    // A new boot: a shared ssh connection to the previous one is dead.
+    crate::sshmux::close(vm.id.as_str());
     let line = render::vm_summary(&vm, started.elapsed().as_secs_f64());
     ctx.print(&format!("{line}\n"))
 }
@@ -89,6 +91,7 @@ fn vm(cmd: VmCmd, ctx: &mut Ctx<'_>) -> Result<(), CliError> {
                     timeout_secs: a.timeout,
                 }))?
                 .decode("vm.stop")?;
+            crate::sshmux::close(vm.id.as_str());
             ctx.print(&format!("vm {} {}\n", vm.name, vm.state))
         }
         VmCmd::Kill { name, signal } => {
@@ -98,6 +101,7 @@ fn vm(cmd: VmCmd, ctx: &mut Ctx<'_>) -> Result<(), CliError> {
                     signal,
                 }))?
                 .decode("vm.kill")?;
+            crate::sshmux::close(vm.id.as_str());
             ctx.print(&format!("vm {} {}\n", vm.name, vm.state))
         }
         VmCmd::Rm { names, force } => vm_rm(ctx, &names, force),
@@ -203,6 +207,13 @@ fn vm_prune(ctx: &mut Ctx<'_>, force: bool) -> Result<(), CliError> {
         }
     }
     let removed: Removed = ctx.request(&Request::VmPrune)?.decode("vm.prune")?;
+    for vm in list
+        .vms
+        .iter()
+        .filter(|v| removed.removed.iter().any(|n| n == v.name.as_str()))
+    {
+        crate::workspace::forget(ctx, vm);
+    }
     if removed.removed.is_empty() {
         return ctx.print("no VMs removed\n");
     }

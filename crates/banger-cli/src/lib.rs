@@ -16,6 +16,7 @@ pub mod progress;
 mod remote;
 pub mod render;
 pub mod ssh_config;
+mod sshmux;
 mod workspace;
 
 use std::ffi::OsString;

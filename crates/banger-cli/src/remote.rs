@@ -4,7 +4,6 @@
 //! the CLI runs `ssh` itself, because only it has the user's terminal. The remote command's exit
 //! status becomes banger's.
 
-use std::process::Command;
 use std::time::Instant;
 
 use banger_core::{VmName, VmRecord};
@@ -125,11 +124,9 @@ fn exit_with(status: i32) -> Result<(), CliError> {
 /// Runs ssh with the user's terminal and returns the remote exit status (ssh's own failures
 /// are 255).
 fn run_ssh(info: &SshInfo, tty: bool, command: &[String]) -> Result<i32, CliError> {
-    let args = info.ssh_args(tty, 10, command);
     // Ctrl-C belongs to the remote command while it runs: banger waits for ssh to report it.
     let _guard = IgnoreInterrupts::new();
-    let mut cmd = Command::new("ssh");
-    cmd.args(&args);
+    let mut cmd = crate::sshmux::command(info, tty, command);
     // SAFETY: only async-signal-safe calls between fork and exec: restore default SIGINT and
     // SIGQUIT handling in the child, which must not inherit banger's ignore.
     unsafe {

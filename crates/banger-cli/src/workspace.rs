@@ -93,13 +93,12 @@ fn show(ctx: &mut Ctx<'_>, name: &VmName) -> Result<VmRecord, CliError> {
 
 /// `ssh … -- sh -c SCRIPT`, no terminal, guest errors on our stderr.
 fn guest_command(info: &SshInfo, script: &str) -> Command {
-    let mut c = Command::new("ssh");
-    c.args(info.ssh_args(
+    let mut c = crate::sshmux::command(
+        info,
         false,
-        10,
         &["sh".to_string(), "-c".to_string(), script.to_string()],
-    ))
-    .stderr(Stdio::inherit());
+    );
+    c.stderr(Stdio::inherit());
     c
 }
 
@@ -109,8 +108,9 @@ fn manifest_path(ctx: &Ctx<'_>, vm: &VmRecord) -> PathBuf {
         .join(format!("{}.json", vm.id.as_str()))
 }
 
-/// Drops a deleted VM's manifest (best effort).
+/// Drops a deleted VM's manifest and its shared ssh connection (best effort).
 pub(crate) fn forget(ctx: &mut Ctx<'_>, vm: &VmRecord) {
+    crate::sshmux::close(vm.id.as_str());
     let _ = std::fs::remove_file(manifest_path(ctx, vm));
 }
 

@@ -488,6 +488,7 @@ fn raw_iteration(env: &TestEnv, a: &Artifacts, i: usize, ph: &mut Phases) {
 
     // ssh true, strict host key checking against our known_hosts.
     let info = SshInfo {
+        id: String::new(),
         name: RAW_NAME.into(),
         ip: net.ip,
         user: "root".into(),

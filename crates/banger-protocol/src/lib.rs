@@ -583,6 +583,9 @@ pub struct VmDetails {
 /// user's terminal, so the CLI runs ssh, not the daemon).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SshInfo {
+    /// The VM's id: unique for ever, so it can key per-VM client state (ssh connection sharing).
+    #[serde(default)]
+    pub id: String,
     pub name: String,
     pub ip: std::net::Ipv4Addr,
     pub user: String,
@@ -846,6 +849,7 @@ mod tests {
     #[test]
     fn ssh_args_are_strict_and_quote_the_command() {
         let info = SshInfo {
+            id: "0123456789ab".into(),
             name: "box".into(),
             ip: "172.30.0.2".parse().unwrap(),
             user: "root".into(),

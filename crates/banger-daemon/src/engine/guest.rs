@@ -249,6 +249,7 @@ impl Engine {
         timeout: Duration,
     ) -> Result<Vec<u8>, String> {
         let info = banger_protocol::SshInfo {
+            id: vm.id.to_string(),
             name: vm.name.to_string(),
             ip,
             user: "root".into(),

@@ -335,6 +335,7 @@ impl Engine {
             }
         };
         Ok(banger_protocol::SshInfo {
+            id: vm.id.to_string(),
             name: vm.name.to_string(),
             ip,
             user: "root".into(),
