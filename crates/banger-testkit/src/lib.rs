@@ -54,6 +54,10 @@ fn claim_test_network() -> (std::fs::File, u8) {
         };
         // SAFETY: flock on an fd we own.
         if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            // A bridge of that number left by a killed run still has its VMs' addresses.
+            if Path::new(&format!("/sys/class/net/br-banger-t{n}")).exists() {
+                continue;
+            }
             return (f, n);
         }
     }
