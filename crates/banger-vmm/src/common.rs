@@ -1,6 +1,7 @@
 //! Pieces both backends need: socket path rules, stale socket removal, MAC syntax, killing a
 //! VMM by pid and start time.
 
+use std::ffi::OsString;
 use std::path::Path;
 use std::time::Duration;
 
@@ -74,4 +75,39 @@ pub(crate) async fn kill_pid(pid: i32, start_time: u64, timeout: Duration) -> Re
             reason: format!("still running {timeout:?} after SIGKILL"),
         })
     }
+}
+
+/// Runs `<bin> --version` (5 s at most) and returns its standard output; a failure or a hang
+/// is an error naming the binary.
+pub(crate) async fn version_output(
+    bin: &Path,
+    env: &[(OsString, OsString)],
+) -> Result<String, VmmError> {
+    let run = tokio::process::Command::new(bin)
+        .arg("--version")
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(5), run)
+        .await
+        .map_err(|_| VmmError::Binary {
+            path: bin.to_path_buf(),
+            reason: "--version did not finish within 5s".into(),
+        })?
+        .map_err(|source| VmmError::Spawn {
+            program: bin.to_path_buf(),
+            source,
+        })?;
+    if !output.status.success() {
+        return Err(VmmError::Binary {
+            path: bin.to_path_buf(),
+            reason: format!(
+                "--version failed with {}: {}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
+            ),
+        });
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }

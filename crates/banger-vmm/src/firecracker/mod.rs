@@ -157,33 +157,7 @@ impl Firecracker {
 
     /// Runs `<bin> --version` and refuses versions older than [`MIN_VERSION`].
     pub async fn check_version(&self) -> Result<Version, VmmError> {
-        let run = tokio::process::Command::new(&self.bin)
-            .arg("--version")
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .stdin(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .output();
-        let output = tokio::time::timeout(Duration::from_secs(5), run)
-            .await
-            .map_err(|_| VmmError::Binary {
-                path: self.bin.clone(),
-                reason: "--version did not finish within 5s".into(),
-            })?
-            .map_err(|source| VmmError::Spawn {
-                program: self.bin.clone(),
-                source,
-            })?;
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        if !output.status.success() {
-            return Err(VmmError::Binary {
-                path: self.bin.clone(),
-                reason: format!(
-                    "--version failed with {}: {}",
-                    output.status,
-                    String::from_utf8_lossy(&output.stderr).trim()
-                ),
-            });
-        }
+        let stdout = common::version_output(&self.bin, &self.env).await?;
         let version = parse_version_output(&stdout).ok_or_else(|| VmmError::Binary {
             path: self.bin.clone(),
             reason: format!(
