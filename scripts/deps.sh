@@ -12,6 +12,8 @@ pkgs=(
   gpgv               # verifies the Debian archive's signature
   debian-archive-keyring
   ca-certificates
+  # for `banger kernel build` (the kernel's own build needs these besides gcc and make)
+  gcc make flex bison bc libelf-dev libssl-dev xz-utils
 )
 missing=()
 for p in "${pkgs[@]}"; do

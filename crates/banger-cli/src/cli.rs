@@ -336,6 +336,14 @@ pub enum KernelCmd {
         #[arg(value_parser = parse_kernel_name)]
         name: String,
     },
+    /// Compile banger's guest kernel from Debian's linux-source-6.1 (~10-20 minutes; needs
+    /// gcc make flex bison bc libelf-dev libssl-dev on the daemon's host). Everything is built
+    /// in. Building again with an unchanged config and source does nothing.
+    Build {
+        /// Kernel name (default banger-6.1).
+        #[arg(long, value_parser = parse_kernel_name)]
+        name: Option<String>,
+    },
     /// List kernels.
     #[command(visible_alias = "list")]
     Ls {

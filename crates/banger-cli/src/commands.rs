@@ -4,9 +4,9 @@ use std::time::{Duration, Instant};
 
 use banger_core::{ImageRecord, KernelRecord, VmName, VmRecord};
 use banger_protocol::{
-    DaemonStatus, ImageRegisterParams, KernelImportParams, Logs, NameForceParams, NameParams,
-    Removed, Request, VmDeleteParams, VmKillParams, VmList, VmLogsParams, VmRef, VmSetParams,
-    VmStopParams,
+    DaemonStatus, ImageRegisterParams, KernelBuildParams, KernelImportParams, Logs,
+    NameForceParams, NameParams, Removed, Request, VmDeleteParams, VmKillParams, VmList,
+    VmLogsParams, VmRef, VmSetParams, VmStopParams,
 };
 
 use crate::cli::{Command, DaemonCmd, ImageCmd, KernelCmd, VmCmd};
@@ -310,6 +310,15 @@ fn kernel(cmd: KernelCmd, ctx: &mut Ctx<'_>) -> Result<(), CliError> {
             let k: KernelRecord = ctx
                 .request(&Request::KernelPull(NameParams { name }))?
                 .decode("kernel.pull")?;
+            ctx.print(&format!(
+                "kernel {} ready ({}, {})\n",
+                k.name, k.version, k.source
+            ))
+        }
+        KernelCmd::Build { name } => {
+            let k: KernelRecord = ctx
+                .request(&Request::KernelBuild(KernelBuildParams { name }))?
+                .decode("kernel.build")?;
             ctx.print(&format!(
                 "kernel {} ready ({}, {})\n",
                 k.name, k.version, k.source

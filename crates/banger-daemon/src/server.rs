@@ -274,6 +274,7 @@ async fn dispatch(
         }
         Request::ImageImport(p) => json(e.image_import(&p.name, &p.source, p.kernel, ctx).await?),
         Request::KernelPull(p) => json(e.kernel_pull(&p.name, ctx).await?),
+        Request::KernelBuild(p) => json(e.kernel_build(p.name.as_deref(), ctx).await?),
         Request::ImageRegister(p) => json(e.image_register(&p.name, &p.rootfs, p.kernel).await?),
         Request::ImageList => json(ImageList {
             images: e.store().list_images()?,

@@ -69,6 +69,16 @@ pub enum KernelError {
     #[error("catalog kernel {name}: {message}")]
     Catalog { name: String, message: String },
 
+    #[error("kernel config fragment line {line}: {message}")]
+    Fragment { line: usize, message: String },
+
+    #[error(
+        "kernel build tools missing: {}; install them with: apt-get install {}",
+        packages.join(" "),
+        packages.join(" ")
+    )]
+    MissingBuildTools { packages: Vec<String> },
+
     #[error("{} already exists", path.display())]
     AlreadyExists { path: PathBuf },
 

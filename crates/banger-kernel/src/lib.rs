@@ -19,6 +19,7 @@
 //! manifest.json        PulledKernel, paths relative to the directory
 //! ```
 
+pub mod build;
 pub mod bzimage;
 pub mod catalog;
 pub mod compress;
@@ -35,6 +36,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+pub use build::{DEFAULT_FRAGMENT, Fragment, build_kernel, check_build_tools, config_hash};
 pub use catalog::{CatalogEntry, pull_catalog_kernel};
 pub use compress::Compression;
 pub use error::KernelError;
@@ -118,6 +120,10 @@ pub enum PullStage {
     Vmlinux,
     /// Selecting modules.
     Modules,
+    /// Configuring a kernel build (`kernel build`).
+    Configure,
+    /// Compiling a kernel (`kernel build`); details are make's output lines.
+    Build,
     /// Writing the manifest and moving the directory into place.
     Finish,
 }
@@ -132,6 +138,8 @@ impl PullStage {
             PullStage::Extract => "extract",
             PullStage::Vmlinux => "vmlinux",
             PullStage::Modules => "modules",
+            PullStage::Configure => "configure",
+            PullStage::Build => "build",
             PullStage::Finish => "finish",
         }
     }

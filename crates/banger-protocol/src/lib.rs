@@ -150,6 +150,19 @@ pub struct NameParams {
     pub name: String,
 }
 
+/// `kernel.build`: compile banger's guest kernel from Debian's `linux-source-6.1`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KernelBuildParams {
+    /// Kernel name; [`KernelBuildParams::DEFAULT_NAME`] when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+impl KernelBuildParams {
+    pub const DEFAULT_NAME: &'static str = "banger-6.1";
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NameForceParams {
@@ -212,6 +225,8 @@ pub enum Request {
     KernelImport(KernelImportParams),
     #[serde(rename = "kernel.pull")]
     KernelPull(NameParams),
+    #[serde(rename = "kernel.build")]
+    KernelBuild(KernelBuildParams),
     #[serde(rename = "kernel.list")]
     KernelList,
     #[serde(rename = "kernel.show")]
@@ -247,6 +262,7 @@ pub const METHODS: &[&str] = &[
     "image.delete",
     "kernel.import",
     "kernel.pull",
+    "kernel.build",
     "kernel.list",
     "kernel.show",
     "kernel.delete",
@@ -280,6 +296,7 @@ impl Request {
             Request::ImageDelete(_) => "image.delete",
             Request::KernelImport(_) => "kernel.import",
             Request::KernelPull(_) => "kernel.pull",
+            Request::KernelBuild(_) => "kernel.build",
             Request::KernelList => "kernel.list",
             Request::KernelShow(_) => "kernel.show",
             Request::KernelDelete(_) => "kernel.delete",

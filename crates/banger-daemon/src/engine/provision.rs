@@ -174,28 +174,7 @@ impl Engine {
                 }
             }
         });
-        let mut last = Instant::now() - Duration::from_secs(1);
-        while let Some(p) = rx.recv().await {
-            match p {
-                PullProgress::Stage { stage, detail } => ctx
-                    .progress
-                    .stage(&format!("kernel_{}", stage.as_str()), Some(detail)),
-                PullProgress::Download {
-                    stage, done, total, ..
-                } => {
-                    if last.elapsed() > Duration::from_millis(250) || done == total {
-                        last = Instant::now();
-                        let detail = if total > 0 {
-                            format!("{:.1} / {:.1} MiB", mib(done), mib(total))
-                        } else {
-                            format!("{:.1} MiB", mib(done))
-                        };
-                        ctx.progress
-                            .stage(&format!("kernel_{}", stage.as_str()), Some(detail));
-                    }
-                }
-            }
-        }
+        forward_pull_progress(&mut rx, ctx).await;
         let pulled = task
             .await
             .map_err(|e| OpError::failed(format!("kernel pull task: {e}")))?
@@ -230,6 +209,109 @@ impl Engine {
             return Err(e.into());
         }
         info!(kernel = name, version = %rec.version, source = %rec.source, "kernel pulled");
+        Ok(rec)
+    }
+
+    /// Compiles banger's guest kernel from Debian's `linux-source-6.1` with
+    /// [`banger_kernel::DEFAULT_FRAGMENT`] into `<state>/kernels/<name>` (default
+    /// `banger-6.1`) and records it. Build tools are checked first (one error line naming the
+    /// missing packages; the daemon installs nothing). A kernel of that name built with the same
+    /// config hash is returned as is; one built with another hash is replaced. A kernel of that
+    /// name that was not built here (pulled, imported) is never overwritten.
+    pub async fn kernel_build(
+        &self,
+        name: Option<&str>,
+        ctx: &OpCtx<'_>,
+    ) -> OpResult<KernelRecord> {
+        let name = name.unwrap_or(banger_protocol::KernelBuildParams::DEFAULT_NAME);
+        validate_artifact_name("kernel", name).map_err(OpError::bad_request)?;
+        if self.catalog_kernel(name)?.is_some() {
+            return Err(OpError::bad_request(format!(
+                "{name} is the name of a kernel `kernel pull` fetches; pick another name for a build"
+            )));
+        }
+        let _g = self.inner.artifact_lock.lock().await;
+        let existing = self.store().get_kernel(name)?;
+        if let Some(k) = &existing
+            && !k.source.starts_with("build:")
+        {
+            return Err(OpError::new(
+                ErrorCode::AlreadyExists,
+                format!(
+                    "kernel {name} exists and was not built by banger ({}); banger kernel rm {name} first",
+                    k.source
+                ),
+            ));
+        }
+        banger_kernel::check_build_tools().map_err(|e| OpError::failed(e.to_string()))?;
+        // A directory without a record (daemon killed before recording it) is fine: the build
+        // reuses it when its config hash matches and replaces it otherwise.
+        let dest = self.layout().kernels_dir().join(name);
+        let work = self
+            .layout()
+            .build_dir()
+            .join(format!("kernel-{name}.{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&work);
+        create_private_dir(&work)
+            .map_err(|e| OpError::failed(format!("creating {}: {e}", work.display())))?;
+        let mirror = DebianMirror {
+            base_url: self.config().debian_mirror.clone(),
+            suite: "bookworm".into(),
+            extra_suites: vec!["bookworm-updates".into()],
+            ..DebianMirror::default()
+        };
+        let jobs = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let started = Instant::now();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<PullProgress>();
+        let (work2, dest2) = (work.clone(), dest.clone());
+        let task = tokio::task::spawn_blocking(move || {
+            let mut report = |p: PullProgress| {
+                let _ = tx.send(p);
+            };
+            banger_kernel::build_kernel(
+                &mirror,
+                banger_kernel::DEFAULT_FRAGMENT,
+                &work2,
+                &dest2,
+                jobs,
+                &mut report,
+            )
+        });
+        forward_pull_progress(&mut rx, ctx).await;
+        let result = task
+            .await
+            .map_err(|e| OpError::failed(format!("kernel build task: {e}")));
+        let _ = std::fs::remove_dir_all(&work);
+        let built = result?.map_err(|e| OpError::failed(format!("building kernel {name}: {e}")))?;
+        if let Some(k) = existing {
+            if k.sha256 == built.vmlinux_sha256 && k.source == built.source_url {
+                info!(
+                    kernel = name,
+                    "kernel build: config unchanged, nothing built"
+                );
+                return Ok(k);
+            }
+            self.store().delete_kernel(name)?;
+        }
+        let rec = KernelRecord {
+            name: name.to_string(),
+            vmlinux: built.vmlinux.clone(),
+            initrd: None,
+            version: built.version.clone(),
+            sha256: built.vmlinux_sha256.clone(),
+            source: built.source_url.clone(),
+            created_at: now(),
+        };
+        if let Err(e) = self.store().insert_kernel(&rec) {
+            let _ = std::fs::remove_dir_all(&dest);
+            return Err(e.into());
+        }
+        info!(
+            kernel = name,
+            version = %rec.version,
+            secs = started.elapsed().as_secs(),
+            "kernel built"
+        );
         Ok(rec)
     }
 
@@ -413,6 +495,43 @@ impl Engine {
     }
 }
 
+/// Forwards a blocking pull's or build's progress to the client until the worker is done:
+/// stages as they come, download byte counts and make output lines a few times a second.
+async fn forward_pull_progress(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<PullProgress>,
+    ctx: &OpCtx<'_>,
+) {
+    let mut last = Instant::now() - Duration::from_secs(1);
+    while let Some(p) = rx.recv().await {
+        match p {
+            PullProgress::Stage { stage, detail } => {
+                let chatty = stage == banger_kernel::PullStage::Build;
+                if !chatty || last.elapsed() > Duration::from_millis(300) {
+                    last = Instant::now();
+                    ctx.progress.stage(
+                        &format!("kernel_{}", stage.as_str()),
+                        Some(detail.chars().take(160).collect()),
+                    );
+                }
+            }
+            PullProgress::Download {
+                stage, done, total, ..
+            } => {
+                if last.elapsed() > Duration::from_millis(250) || done == total {
+                    last = Instant::now();
+                    let detail = if total > 0 {
+                        format!("{:.1} / {:.1} MiB", mib(done), mib(total))
+                    } else {
+                        format!("{:.1} MiB", mib(done))
+                    };
+                    ctx.progress
+                        .stage(&format!("kernel_{}", stage.as_str()), Some(detail));
+                }
+            }
+        }
+    }
+}
+
 fn mib(b: u64) -> f64 {
     b as f64 / (1 << 20) as f64
 }
@@ -502,6 +621,15 @@ fn customize_rootfs(root: &Path) -> std::io::Result<()> {
     )?;
     // Each VM gets its own machine-id from the agent; an empty one here marks the image generic.
     std::fs::write(root.join("etc/machine-id"), "")?;
+    // No udev in a minimal image, so dev-ttyS0.device never appears and a serial getty would
+    // keep the boot "starting" forever; the console is a log (the VMM's stdin is closed), so
+    // nobody could log in on it anyway.
+    let units = root.join("etc/systemd/system");
+    std::fs::create_dir_all(&units)?;
+    let masked = units.join("serial-getty@ttyS0.service");
+    if std::fs::symlink_metadata(&masked).is_err() {
+        std::os::unix::fs::symlink("/dev/null", &masked)?;
+    }
     Ok(())
 }
 

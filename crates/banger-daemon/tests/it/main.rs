@@ -3,6 +3,7 @@
 mod dns;
 mod engine_faults;
 mod images;
+mod kernel_build;
 mod kernels;
 mod leaks;
 mod lifecycle;
