@@ -7,7 +7,10 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 
-use crate::{VmmError, process};
+use crate::{VmmError, VmmHandle, VmmKind, process};
+
+/// How many log lines an error about a VMM quotes.
+pub(crate) const LOG_TAIL_LINES: usize = 20;
 
 /// Longest Unix socket path (`sun_path` holds 108 bytes including the NUL).
 pub const MAX_SOCKET_PATH: usize = 107;
@@ -110,4 +113,40 @@ pub(crate) async fn version_output(
         });
     }
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// Turns the outcome of waiting for a new VMM's control socket into its handle or an error;
+/// a VMM that never answered is killed first, so a failed spawn leaves no process behind.
+pub(crate) async fn finish_spawn(
+    kind: VmmKind,
+    spawned: process::Spawned,
+    socket: std::path::PathBuf,
+    log_path: &Path,
+    waited: Result<(), Waited>,
+    socket_timeout: Duration,
+    kill_timeout: Duration,
+) -> Result<VmmHandle, VmmError> {
+    match waited {
+        Ok(()) => Ok(VmmHandle {
+            kind,
+            pid: spawned.pid,
+            start_time: spawned.start_time,
+            control_socket: socket,
+            log_path: log_path.to_path_buf(),
+        }),
+        Err(Waited::Exited) => Err(VmmError::Exited {
+            pid: spawned.pid,
+            log_tail: process::tail_file(log_path, LOG_TAIL_LINES),
+        }),
+        Err(Waited::Timeout) => {
+            if let Err(e) = kill_pid(spawned.pid, spawned.start_time, kill_timeout).await {
+                tracing::warn!(pid = spawned.pid, error = %e, "killing an unresponsive VMM failed");
+            }
+            Err(VmmError::SocketTimeout {
+                socket,
+                timeout: socket_timeout,
+                log_tail: process::tail_file(log_path, LOG_TAIL_LINES),
+            })
+        }
+    }
 }

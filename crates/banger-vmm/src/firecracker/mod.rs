@@ -35,9 +35,6 @@ pub use crate::common::MAX_SOCKET_PATH;
 /// The guest interface banger configures.
 const IFACE_ID: &str = "eth0";
 
-/// Lines of the VMM log quoted in error reports.
-const LOG_TAIL_LINES: usize = 20;
-
 /// A `major.minor.patch` version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Version {
@@ -378,32 +375,17 @@ impl Vmm for Firecracker {
         })?;
         tracing::debug!(pid = spawned.pid, vm_id = %spec.vm_id, socket = %socket.display(), "firecracker spawned");
 
-        match self.wait_ready(spawned, &socket).await {
-            Ok(()) => Ok(VmmHandle {
-                kind: VmmKind::Firecracker,
-                pid: spawned.pid,
-                start_time: spawned.start_time,
-                control_socket: socket,
-                log_path: spec.log_path.clone(),
-            }),
-            Err(Waited::Exited) => Err(VmmError::Exited {
-                pid: spawned.pid,
-                log_tail: process::tail_file(&spec.log_path, LOG_TAIL_LINES),
-            }),
-            Err(Waited::Timeout) => {
-                // The contract is that a failed spawn leaves no process behind.
-                if let Err(e) =
-                    common::kill_pid(spawned.pid, spawned.start_time, self.kill_timeout).await
-                {
-                    tracing::warn!(pid = spawned.pid, error = %e, "killing unresponsive firecracker failed");
-                }
-                Err(VmmError::SocketTimeout {
-                    socket,
-                    timeout: self.socket_timeout,
-                    log_tail: process::tail_file(&spec.log_path, LOG_TAIL_LINES),
-                })
-            }
-        }
+        let waited = self.wait_ready(spawned, &socket).await;
+        common::finish_spawn(
+            VmmKind::Firecracker,
+            spawned,
+            socket,
+            &spec.log_path,
+            waited,
+            self.socket_timeout,
+            self.kill_timeout,
+        )
+        .await
     }
 
     async fn configure(&self, handle: &VmmHandle, spec: &LaunchSpec) -> Result<(), VmmError> {

@@ -26,7 +26,9 @@ use nix::unistd::AccessFlags;
 pub use accel::{Accel, AccelPaths, AccelProbe, detect_accel, detect_accel_with};
 pub use qmp::{KvmInfo, QmpClient, QmpConnection, QmpGreeting, StatusInfo};
 
-use crate::common::{self, Waited, check_socket_path, is_valid_mac, remove_stale_socket};
+use crate::common::{
+    self, LOG_TAIL_LINES, Waited, check_socket_path, is_valid_mac, remove_stale_socket,
+};
 pub use crate::firecracker::Version;
 use crate::process::{self, DetachedCommand};
 use crate::{LaunchSpec, Vmm, VmmError, VmmHandle, VmmKind};
@@ -60,9 +62,6 @@ pub use crate::common::MAX_SOCKET_PATH;
 
 /// The most vCPUs banger gives a QEMU guest.
 pub const MAX_VCPUS: u32 = 255;
-
-/// Lines of the VMM log quoted in error reports.
-const LOG_TAIL_LINES: usize = 20;
 
 /// QEMU's netdev id for the guest interface.
 const NETDEV_ID: &str = "net0";
@@ -586,32 +585,17 @@ impl Vmm for Qemu {
         })?;
         tracing::debug!(pid = spawned.pid, vm_id = %spec.vm_id, accel = %self.accel, socket = %socket.display(), "qemu spawned");
 
-        match self.wait_ready(spawned, &socket).await {
-            Ok(()) => Ok(VmmHandle {
-                kind: self.kind(),
-                pid: spawned.pid,
-                start_time: spawned.start_time,
-                control_socket: socket,
-                log_path: spec.log_path.clone(),
-            }),
-            Err(Waited::Exited) => Err(VmmError::Exited {
-                pid: spawned.pid,
-                log_tail: process::tail_file(&spec.log_path, LOG_TAIL_LINES),
-            }),
-            Err(Waited::Timeout) => {
-                // The contract is that a failed spawn leaves no process behind.
-                if let Err(e) =
-                    common::kill_pid(spawned.pid, spawned.start_time, self.kill_timeout).await
-                {
-                    tracing::warn!(pid = spawned.pid, error = %e, "killing unresponsive qemu failed");
-                }
-                Err(VmmError::SocketTimeout {
-                    socket,
-                    timeout: self.socket_timeout,
-                    log_tail: process::tail_file(&spec.log_path, LOG_TAIL_LINES),
-                })
-            }
-        }
+        let waited = self.wait_ready(spawned, &socket).await;
+        common::finish_spawn(
+            self.kind(),
+            spawned,
+            socket,
+            &spec.log_path,
+            waited,
+            self.socket_timeout,
+            self.kill_timeout,
+        )
+        .await
     }
 
     /// QEMU got its whole configuration on the command line at spawn; this checks that the
