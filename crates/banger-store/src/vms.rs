@@ -137,14 +137,21 @@ impl Store {
     /// Adds a VM. A taken name, id or IP address is [`StoreError::AlreadyExists`], detected by
     /// the table's constraints so two concurrent inserts cannot both win.
     pub fn insert_vm(&self, vm: &VmRecord) -> Result<(), StoreError> {
+        let sql = format!(
+            "INSERT INTO vms ({COLUMNS}) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
+        );
+        self.write_vm(&sql, vm, "inserting").map(drop)
+    }
+
+    /// Runs `sql` with every field of `vm` bound as ?1..?16 in [`COLUMNS`] order; name, id and
+    /// address conflicts become [`StoreError::AlreadyExists`].
+    fn write_vm(&self, sql: &str, vm: &VmRecord, op: &'static str) -> Result<usize, StoreError> {
         let size = to_i64("work_disk_size", vm.work_disk_size.bytes())?;
         let workspace_json = encode_workspace(vm);
         self.lock()
             .execute(
-                &format!(
-                    "INSERT INTO vms ({COLUMNS}) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
-                ),
+                sql,
                 params![
                     vm.id.as_str(),
                     vm.name.as_str(),
@@ -164,42 +171,20 @@ impl Store {
                     workspace_json,
                 ],
             )
-            .map_err(conflict(vm, "inserting"))?;
-        Ok(())
+            .map_err(conflict(vm, op))
     }
 
     /// Rewrites every field of the VM with `vm.id`. [`StoreError::NotFound`] if there is none.
     pub fn update_vm(&self, vm: &VmRecord) -> Result<(), StoreError> {
-        let size = to_i64("work_disk_size", vm.work_disk_size.bytes())?;
-        let workspace_json = encode_workspace(vm);
-        let changed = self
-            .lock()
-            .execute(
-                "UPDATE vms SET name = ?2, state = ?3, image = ?4, kernel = ?5, vcpu = ?6, \
-                 memory_mib = ?7, work_disk_size = ?8, ip = ?9, nat = ?10, vmm = ?11, \
-                 last_error = ?12, created_at = ?13, updated_at = ?14, started_at = ?15, \
-                 workspace_json = ?16 \
-                 WHERE id = ?1",
-                params![
-                    vm.id.as_str(),
-                    vm.name.as_str(),
-                    vm.state.as_str(),
-                    vm.image,
-                    vm.kernel,
-                    vm.vcpu,
-                    vm.memory_mib,
-                    size,
-                    vm.ip.map(|ip| ip.to_string()),
-                    vm.nat,
-                    vm.vmm,
-                    vm.last_error,
-                    vm.created_at,
-                    vm.updated_at,
-                    vm.started_at,
-                    workspace_json,
-                ],
-            )
-            .map_err(conflict(vm, "updating"))?;
+        let changed = self.write_vm(
+            "UPDATE vms SET name = ?2, state = ?3, image = ?4, kernel = ?5, vcpu = ?6, \
+             memory_mib = ?7, work_disk_size = ?8, ip = ?9, nat = ?10, vmm = ?11, \
+             last_error = ?12, created_at = ?13, updated_at = ?14, started_at = ?15, \
+             workspace_json = ?16 \
+             WHERE id = ?1",
+            vm,
+            "updating",
+        )?;
         if changed == 0 {
             return Err(StoreError::NotFound {
                 what: "VM",
