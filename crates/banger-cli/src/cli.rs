@@ -314,7 +314,7 @@ pub enum ImageCmd {
     Rm {
         #[arg(value_parser = parse_image_name)]
         name: String,
-        /// Delete even if VMs use it.
+        /// Delete even if stopped VMs use it (they will not start again); running ones never.
         #[arg(long, short = 'f')]
         force: bool,
     },

@@ -145,16 +145,25 @@ impl Engine {
             .get_image(name)?
             .ok_or_else(|| OpError::not_found("image", name))?;
         let users = self.store().vms_using_image(name)?;
-        if !users.is_empty() {
-            // Even --force keeps a base image that VMs boot from: their root disks read it.
-            let hint = if force {
-                "; --force cannot remove the base of existing VMs"
-            } else {
-                ""
-            };
+        if !users.is_empty() && !force {
             return Err(OpError::busy(format!(
-                "image {name} is used by VM(s) {}: delete them first{hint}",
+                "image {name} is used by VM(s) {}: delete them first, or pass --force (they will not start again)",
                 join_names(&users)
+            )));
+        }
+        // Even with --force, a running VM keeps its base: its VMM has the file open and its
+        // next start would fail half-way through a user's work.
+        let running: Vec<_> = self
+            .store()
+            .list_vms()?
+            .into_iter()
+            .filter(|v| v.image == name && v.state.may_have_vmm())
+            .map(|v| v.name)
+            .collect();
+        if !running.is_empty() {
+            return Err(OpError::busy(format!(
+                "image {name} is the base of running VM(s) {}: stop them first",
+                join_names(&running)
             )));
         }
         self.store().delete_image(name)?;

@@ -300,3 +300,37 @@ fn parallel_creates_and_name_races() {
     );
     assert!(env.vm_leftovers().is_empty(), "{:?}", env.vm_leftovers());
 }
+
+#[test]
+fn image_rm_refuses_used_images_and_force_spares_running_vms() {
+    let mut env = TestEnv::new("");
+    env.start_daemon();
+    env.seed_artifacts();
+    env.request(&create("user")).ok();
+    let rm = |force| {
+        env.request(&Request::ImageDelete(banger_protocol::NameForceParams {
+            name: "test-image".into(),
+            force,
+        }))
+    };
+    let (code, msg) = rm(false).err();
+    assert_eq!(code, ErrorCode::Busy);
+    assert!(msg.contains("user") && msg.contains("--force"), "{msg}");
+    let (code, msg) = rm(true).err();
+    assert_eq!(code, ErrorCode::Busy, "a running VM keeps its base: {msg}");
+    assert!(msg.contains("running"), "{msg}");
+    env.request(&Request::VmStop(VmStopParams {
+        vm: "user".into(),
+        timeout_secs: Some(2),
+    }))
+    .ok();
+    rm(true).ok();
+    assert!(!env.state_dir().join("images/test-image").exists());
+    let (_, msg) = env
+        .request(&Request::VmStart(VmRef { vm: "user".into() }))
+        .err();
+    assert!(
+        msg.contains("at step preflight") && msg.contains("test-image"),
+        "{msg}"
+    );
+}
