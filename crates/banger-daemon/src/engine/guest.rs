@@ -54,13 +54,29 @@ impl Engine {
         })
     }
 
+    /// The agent's sha256, hashed once per (path, size, mtime): every start needs it to find
+    /// the cached initramfs, and the agent is megabytes.
+    fn agent_digest(&self, agent: &Path) -> Result<String, String> {
+        let meta = std::fs::metadata(agent).map_err(|e| format!("{}: {e}", agent.display()))?;
+        let key = (agent.to_path_buf(), meta.len(), meta.modified().ok());
+        let mut cache = self.inner.agent_digest.lock().expect("poisoned");
+        if let Some((k, d)) = cache.as_ref()
+            && *k == key
+        {
+            return Ok(d.clone());
+        }
+        let bytes =
+            std::fs::read(agent).map_err(|e| format!("reading {}: {e}", agent.display()))?;
+        let digest = hex::encode(sha2::Sha256::digest(&bytes));
+        *cache = Some((key, digest.clone()));
+        Ok(digest)
+    }
+
     /// banger's initramfs for the kernel in `kernel_dir`: the agent as `/init` plus the kernel's
     /// modules, cached per (kernel, agent build) so it is built once.
     pub(super) async fn ensure_initramfs(&self, kernel_dir: &Path) -> Result<PathBuf, String> {
         let agent = self.agent_path()?;
-        let bytes =
-            std::fs::read(&agent).map_err(|e| format!("reading {}: {e}", agent.display()))?;
-        let digest = hex::encode(sha2::Sha256::digest(&bytes));
+        let digest = self.agent_digest(&agent)?;
         let out = kernel_dir.join(format!("initramfs-{}.cpio", &digest[..16]));
         if out.is_file() {
             return Ok(out);

@@ -98,7 +98,11 @@ struct Inner {
     generation: std::sync::atomic::AtomicU64,
     /// Bumped whenever a VM record is saved or deleted; the DNS/ssh_config task follows it.
     vm_changes: tokio::sync::watch::Sender<u64>,
+    /// (agent path, size, mtime) → sha256, see `ensure_initramfs`.
+    agent_digest: Mutex<Option<(AgentKey, String)>>,
 }
+
+type AgentKey = (std::path::PathBuf, u64, Option<std::time::SystemTime>);
 
 impl Engine {
     pub fn new(store: Store, config: Arc<Config>, layout: Layout, deps: Deps) -> Self {
@@ -118,6 +122,7 @@ impl Engine {
                 artifact_lock: tokio::sync::Mutex::new(()),
                 live: Mutex::new(HashMap::new()),
                 generation: std::sync::atomic::AtomicU64::new(1),
+                agent_digest: Mutex::new(None),
                 vm_changes: tokio::sync::watch::Sender::new(0),
             }),
         }
