@@ -13,8 +13,10 @@ use std::time::Duration;
 
 use banger_sys::{Cmd, CommandRunner};
 
-/// One resource of a snapshot, reported as soon as it exists.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One resource of a snapshot, reported as soon as it exists and recorded as such in the
+/// VM's handles file.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", content = "name", rename_all = "snake_case")]
 pub enum DmResource {
     Loop(String),
     Mapper(String),

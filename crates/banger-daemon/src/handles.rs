@@ -31,13 +31,8 @@ pub struct Handles {
     pub block: Vec<BlockResource>,
 }
 
-/// A host block device a run holds.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", content = "name", rename_all = "snake_case")]
-pub enum BlockResource {
-    Loop(String),
-    Mapper(String),
-}
+/// A host block device a run holds (a loop device or a device-mapper snapshot).
+pub use crate::dm::DmResource as BlockResource;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HandlesError {

@@ -150,3 +150,26 @@ pub(crate) async fn finish_spawn(
         }
     }
 }
+
+/// Waits for a VMM to exit after a shutdown request (Ctrl-Alt-Del, ACPI power button) was sent
+/// with outcome `requested`. `Ok(true)`: gone within `timeout`; `Ok(false)`: still running.
+/// A failed request still counts as a shutdown when the process is gone anyway: it may have
+/// exited between the liveness check and the request, and a refused or reset connection
+/// (a transport error) may mean it is exiting right now, so that one gets a short grace.
+pub(crate) async fn await_shutdown(
+    handle: &VmmHandle,
+    timeout: Duration,
+    requested: Result<(), VmmError>,
+) -> Result<bool, VmmError> {
+    if let Err(e) = requested {
+        let grace = match e {
+            VmmError::Transport { .. } => timeout.min(Duration::from_millis(500)),
+            _ => Duration::ZERO,
+        };
+        if process::wait_gone(handle.pid, handle.start_time, grace).await {
+            return Ok(true);
+        }
+        return Err(e);
+    }
+    Ok(process::wait_gone(handle.pid, handle.start_time, timeout).await)
+}

@@ -379,19 +379,13 @@ impl Engine {
             }
         }
         // The snapshot, then its loop devices: only once the VMM no longer holds them.
-        for b in handles
+        for r in handles
             .map(|h| h.block.as_slice())
             .unwrap_or_default()
             .iter()
             .rev()
         {
-            let r = match b {
-                crate::handles::BlockResource::Loop(d) => crate::dm::DmResource::Loop(d.clone()),
-                crate::handles::BlockResource::Mapper(n) => {
-                    crate::dm::DmResource::Mapper(n.clone())
-                }
-            };
-            if let Err(e) = crate::dm::release(self.inner.runner.as_ref(), &r).await {
+            if let Err(e) = crate::dm::release(self.inner.runner.as_ref(), r).await {
                 errors.push(e.to_string());
             }
         }

@@ -21,7 +21,7 @@ use super::{Engine, Live, join_errors, now};
 use crate::disks;
 use crate::dm::{self, DmResource};
 use crate::error::{OpError, OpResult};
-use crate::handles::{BlockResource, Handles};
+use crate::handles::Handles;
 use crate::layout::create_private_dir;
 use crate::progress::OpCtx;
 
@@ -309,10 +309,7 @@ impl Engine {
                 // Each device is in the handles file before the next command runs.
                 let mut record = |r: &DmResource| -> Result<(), String> {
                     made.lock().expect("poisoned").push(r.clone());
-                    handles.block.push(match r {
-                        DmResource::Loop(d) => BlockResource::Loop(d.clone()),
-                        DmResource::Mapper(n) => BlockResource::Mapper(n.clone()),
-                    });
+                    handles.block.push(r.clone());
                     handles.write(&handles_path).map_err(|e| e.to_string())
                 };
                 let device = dm::attach(runner.as_ref(), vm.id.as_str(), &image, &cow, &mut record)

@@ -462,19 +462,8 @@ impl Vmm for Firecracker {
             return Ok(true);
         }
         // A guest reboot (which Ctrl-Alt-Del triggers) ends the Firecracker process.
-        if let Err(e) = self.client(handle).action(ActionType::SendCtrlAltDel).await {
-            // The process may have exited between the check and the request; a transport error
-            // (refused or reset connection) may mean it is exiting right now.
-            let grace = match e {
-                VmmError::Transport { .. } => timeout.min(Duration::from_millis(500)),
-                _ => Duration::ZERO,
-            };
-            if process::wait_gone(handle.pid, handle.start_time, grace).await {
-                return Ok(true);
-            }
-            return Err(e);
-        }
-        Ok(process::wait_gone(handle.pid, handle.start_time, timeout).await)
+        let requested = self.client(handle).action(ActionType::SendCtrlAltDel).await;
+        common::await_shutdown(handle, timeout, requested).await
     }
 
     async fn kill(&self, handle: &VmmHandle) -> Result<(), VmmError> {

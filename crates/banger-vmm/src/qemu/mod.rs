@@ -662,19 +662,7 @@ impl Vmm for Qemu {
             }
         }
         .await;
-        if let Err(e) = request {
-            // The process may have exited between the check and the request; a transport error
-            // (refused or reset connection) may mean it is exiting right now.
-            let grace = match e {
-                VmmError::Transport { .. } => timeout.min(Duration::from_millis(500)),
-                _ => Duration::ZERO,
-            };
-            if process::wait_gone(handle.pid, handle.start_time, grace).await {
-                return Ok(true);
-            }
-            return Err(e);
-        }
-        Ok(process::wait_gone(handle.pid, handle.start_time, timeout).await)
+        common::await_shutdown(handle, timeout, request).await
     }
 
     async fn kill(&self, handle: &VmmHandle) -> Result<(), VmmError> {
