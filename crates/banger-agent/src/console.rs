@@ -49,6 +49,12 @@ pub struct Console {
     current: &'static str,
 }
 
+impl Default for Console {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Console {
     pub fn new() -> Self {
         line(&format!("starting (t={:.3}s)", uptime()));

@@ -238,6 +238,10 @@ pub(crate) mod tests {
             ssh: None,
             files: vec![],
             init: None,
+            init_mode: Default::default(),
+            ssh_server: Default::default(),
+            env: vec![],
+            workdir: None,
         }
     }
 

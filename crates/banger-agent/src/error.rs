@@ -40,6 +40,10 @@ pub enum AgentError {
     Network(String),
     #[error("no init to run: tried {0}")]
     NoInit(String),
+    #[error("ssh server: {0}")]
+    Sshd(#[from] crate::sshd::SshdError),
+    #[error("config has ssh_server \"agent\" but no ssh identity")]
+    NoSshIdentity,
 }
 
 impl AgentError {

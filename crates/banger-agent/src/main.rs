@@ -1,31 +1,16 @@
-//! `banger-agent`: PID 1 of banger's initramfs.
-//!
-//! It turns a generic image into one particular VM without ever writing the shared image:
-//! mount the pseudo filesystems, load the virtio and overlay modules, find the config disk and
-//! the root/work disks by content (magic, ext4 UUID), assemble the root (overlay of the read-only
-//! image and a per-VM upper disk, or a direct per-VM copy), mount and seed the work disk at
-//! `/root`, configure the network, `switch_root`, write the VM identity (hostname, machine id,
-//! ssh keys, resolv.conf, extra files) and exec the image's own init.
+//! `banger-agent`: PID 1 of banger's initramfs. See the library's documentation for what it
+//! does; this is the boot sequence.
 //!
 //! Each step logs one line to the console with its duration. Any failure prints
 //! `banger-agent: FATAL: <step>: <error>` and powers the VM off, so the VMM exits and the daemon
 //! can report the console tail.
 
-mod console;
-mod disks;
-mod error;
-mod identity;
-mod modules;
-mod net;
-mod root;
-mod seed;
-mod switch;
-mod sys;
-
 use std::path::Path;
 use std::time::Duration;
 
-use error::AgentError;
+use banger_agent::error::AgentError;
+use banger_agent::{console, disks, identity, modules, net, pid1, root, services, switch, sys};
+use banger_guest::{InitMode, SshServer};
 
 /// How long to wait for the config disk and every disk it names to appear.
 const DISK_TIMEOUT: Duration = Duration::from_secs(10);
@@ -41,6 +26,12 @@ fn main() {
         );
         std::process::exit(2);
     }
+    // PID 1 must never exit (the kernel panics when init dies, and the VMM keeps running with a
+    // dead guest): a panic powers the VM off instead of unwinding out of main.
+    std::panic::set_hook(Box::new(|info| {
+        console::line(&format!("FATAL: panic: {info}"));
+        sys::power_off();
+    }));
     let mut log = console::Console::new();
     let err = match run(&mut log) {
         Ok(never) => match never {},
@@ -51,7 +42,7 @@ fn main() {
 }
 
 /// The boot sequence. Returns only on failure: on success the process image is replaced by the
-/// image's init.
+/// image's init, or the agent stays PID 1 for good.
 fn run(log: &mut console::Console) -> Result<std::convert::Infallible, AgentError> {
     log.step("mount /dev /proc /sys /run", || {
         sys::mount_early()?;
@@ -116,7 +107,31 @@ fn run(log: &mut console::Console) -> Result<std::convert::Infallible, AgentErro
         Ok(summary)
     })?;
 
-    let init = switch::choose_init(Path::new("/"), &config.init_candidates())?;
-    log.total(&format!("exec {}", init.display()));
-    Err(switch::exec(&init))
+    match config.init_mode {
+        InitMode::Image => {
+            // Chosen before anything is started, so a missing init fails the boot cleanly.
+            let init = switch::choose_init(Path::new("/"), &config.init_candidates())?;
+            if config.ssh_server == SshServer::Agent {
+                log.step("ssh server", || {
+                    // The image's init may mount devpts later; ptys are needed as soon as the
+                    // server answers.
+                    sys::ensure_devpts()?;
+                    let server = services::AgentSshd::prepare(&config)?;
+                    let pid = server.fork()?;
+                    Ok(format!("built-in server on port 22, pid {pid}"))
+                })?;
+            }
+            log.total(&format!("exec {}", init.display()));
+            Err(switch::exec(&init))
+        }
+        InitMode::Agent => {
+            let sup = log.step_with("agent init", || {
+                let sup = pid1::Supervisor::prepare(&config)?;
+                let detail = sup.describe();
+                Ok((sup, detail))
+            })?;
+            log.total("the agent stays PID 1");
+            sup.run()
+        }
+    }
 }

@@ -136,6 +136,12 @@ impl Sock {
     }
 }
 
+/// Brings `lo` up: with the agent as PID 1 nothing else would (and without a network config,
+/// [`configure`] does not run).
+pub fn loopback_up() -> Result<(), AgentError> {
+    Sock::new()?.up("lo")
+}
+
 /// Waits for the interface, assigns the address, brings it and `lo` up and adds the default
 /// route. Returns a one-line summary.
 pub fn configure(

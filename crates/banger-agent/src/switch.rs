@@ -80,6 +80,11 @@ pub fn choose_init(root: &Path, candidates: &[&str]) -> Result<PathBuf, AgentErr
 pub fn exec(init: &Path) -> AgentError {
     let path = sys::cstr(init);
     let argv = [path.as_ptr(), std::ptr::null()];
+    // Rust's runtime ignores SIGPIPE, and an ignored signal survives exec: without this the
+    // image's init and everything it starts would get EPIPE errors instead of SIGPIPE
+    // (`yes | head` printing "Broken pipe").
+    // SAFETY: restoring a signal's default disposition has no preconditions.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     // SAFETY: argv is a NULL-terminated array of valid C strings that outlive the call.
     unsafe { libc::execv(path.as_ptr(), argv.as_ptr()) };
     AgentError::io("exec", init)(std::io::Error::last_os_error())

@@ -237,8 +237,9 @@ pub struct VmSpecArgs {
     /// A DNS label; generated when absent.
     #[arg(long)]
     pub name: Option<VmName>,
-    /// Image to build the root disk on (daemon default when absent).
-    #[arg(long, value_parser = parse_image_name)]
+    /// Image to build the root disk on: a name, or an OCI reference / catalog name pulled
+    /// when missing (daemon default when absent).
+    #[arg(long, value_parser = parse_image_ref)]
     pub image: Option<String>,
     /// Kernel to boot (the image's or the daemon default when absent).
     #[arg(long, value_parser = parse_kernel_name)]
@@ -275,13 +276,44 @@ pub enum ImageCmd {
         #[arg(long)]
         suite: Option<String>,
     },
-    /// Import an ext4 image, a root filesystem directory, or a tarball of one.
-    Import {
+    /// Pull an image from an OCI/Docker registry (`alpine`, `docker.io/library/python:3.12`,
+    /// `localhost:5000/app@sha256:…`) or a bundle named in the image catalog.
+    Pull {
+        /// An image reference or a catalog name.
+        #[arg(value_parser = parse_image_ref)]
+        reference: String,
+        /// Image name (default: derived from the reference, e.g. python-3.12).
+        #[arg(long, value_parser = parse_image_name)]
+        name: Option<String>,
+        /// Kernel VMs of this image boot by default.
+        #[arg(long, value_parser = parse_kernel_name)]
+        kernel: Option<String>,
+        /// Plain HTTP: only for loopback registries or ones listed in `insecure_registries`.
+        #[arg(long)]
+        insecure: bool,
+    },
+    /// Write an image bundle (`.tar.zst` of manifest.json and rootfs.ext4) for `image import`.
+    Export {
         #[arg(value_parser = parse_image_name)]
         name: String,
-        /// An ext4 file, a directory, or a .tar/.tar.gz/.tar.zst/.tar.xz.
-        #[arg(long = "from", value_parser = parse_existing_path, value_name = "PATH")]
+        /// The bundle to write; it must not exist.
+        #[arg(short = 'o', long = "output", value_parser = parse_new_file, value_name = "FILE")]
+        output: PathBuf,
+    },
+    /// Manage the registry blob cache.
+    Cache {
+        #[command(subcommand)]
+        cmd: ImageCacheCmd,
+    },
+    /// Import an image bundle (`image export`), an ext4 image, a root filesystem directory, or
+    /// a tarball of one.
+    Import {
+        /// A bundle .tar.zst, an ext4 file, a directory, or a .tar/.tar.gz/.tar.zst/.tar.xz.
+        #[arg(value_parser = parse_existing_path, value_name = "PATH")]
         from: PathBuf,
+        /// Image name (default for a bundle: the name in its manifest; required otherwise).
+        #[arg(long, value_parser = parse_image_name)]
+        name: Option<String>,
         /// Kernel VMs of this image boot by default.
         #[arg(long, value_parser = parse_kernel_name)]
         kernel: Option<String>,
@@ -317,6 +349,16 @@ pub enum ImageCmd {
         /// Delete even if stopped VMs use it (they will not start again); running ones never.
         #[arg(long, short = 'f')]
         force: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImageCacheCmd {
+    /// Delete every cached registry blob (images already pulled keep working).
+    Prune {
+        /// Only say what would be freed.
+        #[arg(long)]
+        dry_run: bool,
     },
 }
 
@@ -419,6 +461,39 @@ fn parse_positive_size(what: &str, s: &str) -> Result<ByteSize, String> {
 
 pub fn parse_image_name(s: &str) -> Result<String, String> {
     validate_artifact_name("image", s).map(|()| s.to_string())
+}
+
+/// An image name, an OCI reference (`alpine`, `ghcr.io/a/b:1`, `x@sha256:…`) or a catalog name;
+/// the daemon resolves which. Checked here only for what none of them may hold.
+pub fn parse_image_ref(s: &str) -> Result<String, String> {
+    if s.is_empty() || s.len() > 512 {
+        return Err(format!("invalid image {s:?}: it needs 1 to 512 characters"));
+    }
+    if s.starts_with('-') || s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!(
+            "invalid image {s:?}: expected an image name or a reference like docker.io/library/alpine:3.20"
+        ));
+    }
+    Ok(s.to_string())
+}
+
+/// A file to create: absolute (resolved against the current dir), its directory existing, the
+/// file itself not.
+pub fn parse_new_file(s: &str) -> Result<PathBuf, String> {
+    let p = std::path::absolute(s).map_err(|e| format!("cannot use {s:?}: {e}"))?;
+    if std::fs::symlink_metadata(&p).is_ok() {
+        return Err(format!("{} already exists", p.display()));
+    }
+    let dir = p
+        .parent()
+        .filter(|d| d.is_dir())
+        .ok_or_else(|| format!("cannot write {}: its directory does not exist", p.display()))?;
+    let dir =
+        std::fs::canonicalize(dir).map_err(|e| format!("cannot use {}: {e}", dir.display()))?;
+    Ok(dir.join(
+        p.file_name()
+            .ok_or_else(|| format!("{s:?} is not a file name"))?,
+    ))
 }
 
 pub fn parse_kernel_name(s: &str) -> Result<String, String> {

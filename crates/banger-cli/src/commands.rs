@@ -240,6 +240,57 @@ fn image(cmd: ImageCmd, ctx: &mut Ctx<'_>) -> Result<(), CliError> {
                 banger_core::ByteSize(img.size_bytes)
             ))
         }
+        ImageCmd::Pull {
+            reference,
+            name,
+            kernel,
+            insecure,
+        } => {
+            let img: ImageRecord = ctx
+                .request(&Request::ImagePull(banger_protocol::ImagePullParams {
+                    reference,
+                    name,
+                    kernel,
+                    insecure,
+                }))?
+                .decode("image.pull")?;
+            ctx.print(&format!(
+                "image {} pulled ({}; {})\n",
+                img.name,
+                banger_core::ByteSize(img.size_bytes),
+                render::image_access(&img.meta)
+            ))
+        }
+        ImageCmd::Export { name, output } => {
+            let r: serde_json::Value = ctx
+                .request(&Request::ImageExport(banger_protocol::ImageExportParams {
+                    name: name.clone(),
+                    output: output.clone(),
+                }))?
+                .decode("image.export")?;
+            let bytes = r.get("bytes").and_then(|b| b.as_u64()).unwrap_or(0);
+            ctx.print(&format!(
+                "image {name} exported to {} ({})\n",
+                output.display(),
+                banger_core::ByteSize(bytes)
+            ))
+        }
+        ImageCmd::Cache {
+            cmd: crate::cli::ImageCacheCmd::Prune { dry_run },
+        } => {
+            let r: banger_protocol::CachePruneReport = ctx
+                .request(&Request::ImageCachePrune(
+                    banger_protocol::ImageCachePruneParams { dry_run },
+                ))?
+                .decode("image.cache.prune")?;
+            ctx.print(&format!(
+                "{} {} across {} blob(s) in {}\n",
+                if r.dry_run { "would free" } else { "freed" },
+                banger_core::ByteSize(r.bytes),
+                r.blobs,
+                r.dir.display()
+            ))
+        }
         ImageCmd::Import { name, from, kernel } => {
             let img: ImageRecord = ctx
                 .request(&Request::ImageImport(banger_protocol::ImageImportParams {

@@ -202,9 +202,19 @@ pub fn image_details(i: &ImageRecord, now: i64) -> String {
         ("kernel", or_dash(i.kernel.clone())),
         ("size", ByteSize(i.size_bytes).to_string()),
         ("source", i.source.clone()),
+        ("digest", or_dash(i.meta.digest.clone())),
+        ("access", i.meta.access_summary()),
+        ("package manager", or_dash(i.meta.package_manager.clone())),
+        ("workdir", or_dash(i.meta.workdir.clone())),
+        ("env", i.meta.env.join(" ")),
         ("managed", if i.managed { "yes" } else { "no" }.to_string()),
         ("created", when(now, i.created_at)),
     ])
+}
+
+/// One line on how an image's VMs are reached.
+pub fn image_access(meta: &banger_core::ImageMeta) -> String {
+    meta.access_summary()
 }
 
 /// `kernel show`.

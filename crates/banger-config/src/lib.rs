@@ -207,6 +207,56 @@ pub struct KernelCatalogEntry {
     pub version: Option<String>,
 }
 
+/// An image bundle `image pull NAME` can fetch: a `.tar.zst` of `manifest.json` and
+/// `rootfs.ext4` (what `image export` writes) at `url`, trusted because its SHA256 matches.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageCatalogEntry {
+    pub name: String,
+    /// `http://` or `https://`.
+    pub url: String,
+    /// 64 lowercase hex digits.
+    pub sha256: String,
+    /// Bundle size in bytes; any other size is refused when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+    /// The kernel the image boots; the configured default when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<String>,
+}
+
+impl ImageCatalogEntry {
+    /// Checks one entry (from the config file or a remote catalog); the error names the field.
+    pub fn validate(&self) -> Result<(), String> {
+        banger_core::validate_artifact_name("image", &self.name)?;
+        check_url(&self.url).map_err(|e| format!("url {:?}: {e}", self.url))?;
+        check_sha256(&self.sha256).map_err(|e| format!("sha256 {:?}: {e}", self.sha256))?;
+        if let Some(k) = &self.kernel {
+            banger_core::validate_artifact_name("kernel", k)?;
+        }
+        Ok(())
+    }
+}
+
+fn check_url(url: &str) -> Result<(), &'static str> {
+    let host = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"));
+    if !host.is_some_and(|h| !h.is_empty() && !h.starts_with('/'))
+        || url.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err("expected an http:// or https:// URL");
+    }
+    Ok(())
+}
+
+fn check_sha256(s: &str) -> Result<(), &'static str> {
+    if s.len() != 64 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err("expected 64 hex digits");
+    }
+    Ok(())
+}
+
 /// The effective configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Config {
@@ -243,6 +293,15 @@ pub struct Config {
     /// Kernels `kernel pull` knows besides the built-in ones.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub kernel_catalog: Vec<KernelCatalogEntry>,
+    /// Registries (`host` or `host:port`) `image pull --insecure` may reach over plain HTTP
+    /// besides loopback ones.
+    pub insecure_registries: Vec<String>,
+    /// A JSON list of [`ImageCatalogEntry`] fetched by `image pull NAME` for names not in
+    /// `[[image_catalog]]`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image_catalog_url: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub image_catalog: Vec<ImageCatalogEntry>,
 }
 
 impl Config {
@@ -309,6 +368,9 @@ impl Config {
             vm_defaults: VmDefaults::for_host(host),
             file_sync: Vec::new(),
             kernel_catalog: Vec::new(),
+            insecure_registries: Vec::new(),
+            image_catalog_url: None,
+            image_catalog: Vec::new(),
         }
     }
 
@@ -409,6 +471,9 @@ struct RawConfig {
     vm_defaults: Option<RawVmDefaults>,
     file_sync: Option<Vec<RawFileSync>>,
     kernel_catalog: Option<Vec<RawKernelCatalogEntry>>,
+    insecure_registries: Option<Vec<Value>>,
+    image_catalog_url: Option<Value>,
+    image_catalog: Option<Vec<Value>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -574,6 +639,42 @@ impl Checker<'_> {
         if let Some(entries) = &raw.kernel_catalog {
             c.kernel_catalog = self.kernel_catalog(entries)?;
         }
+        if let Some(list) = &raw.insecure_registries {
+            for (i, v) in list.iter().enumerate() {
+                let key = format!("insecure_registries[{i}]");
+                let s = self.string(&key, v)?;
+                let ok = !s.is_empty()
+                    && s.len() <= 253
+                    && s.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || ".-:[]".contains(c));
+                if !ok {
+                    return Err(self.invalid(&key, v, "expected a registry host or host:port"));
+                }
+                c.insecure_registries.push(s.to_ascii_lowercase());
+            }
+        }
+        if let Some(v) = &raw.image_catalog_url {
+            let s = self.string("image_catalog_url", v)?;
+            check_url(s).map_err(|e| self.invalid("image_catalog_url", v, e))?;
+            c.image_catalog_url = Some(s.to_string());
+        }
+        if let Some(entries) = &raw.image_catalog {
+            for (i, v) in entries.iter().enumerate() {
+                let key = format!("image_catalog[{i}]");
+                let e: ImageCatalogEntry = v
+                    .clone()
+                    .try_into()
+                    .map_err(|e: toml::de::Error| self.invalid(&key, v, e.message()))?;
+                e.validate().map_err(|e| self.invalid(&key, v, e))?;
+                if c.image_catalog.iter().any(|o| o.name == e.name) {
+                    return Err(self.invalid(&key, v, "another image_catalog entry has this name"));
+                }
+                c.image_catalog.push(ImageCatalogEntry {
+                    sha256: e.sha256.to_ascii_lowercase(),
+                    ..e
+                });
+            }
+        }
         Ok(c)
     }
 
@@ -713,20 +814,11 @@ impl Checker<'_> {
 
             let url_key = key("url");
             let url = self.string(&url_key, &e.url)?;
-            let host = url
-                .strip_prefix("http://")
-                .or_else(|| url.strip_prefix("https://"));
-            if !host.is_some_and(|h| !h.is_empty() && !h.starts_with('/'))
-                || url.chars().any(|c| c.is_whitespace() || c.is_control())
-            {
-                return Err(self.invalid(&url_key, &e.url, "expected an http:// or https:// URL"));
-            }
+            check_url(url).map_err(|r| self.invalid(&url_key, &e.url, r))?;
 
             let sha_key = key("sha256");
             let sha256 = self.string(&sha_key, &e.sha256)?;
-            if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return Err(self.invalid(&sha_key, &e.sha256, "expected 64 hex digits"));
-            }
+            check_sha256(sha256).map_err(|r| self.invalid(&sha_key, &e.sha256, r))?;
 
             let size = match &e.size {
                 None => None,

@@ -535,3 +535,52 @@ fn kernel_catalog_rejections() {
         &["sha256"],
     );
 }
+
+#[test]
+fn image_catalog_and_registries() {
+    let sha = "b".repeat(64);
+    let c = parse(&format!(
+        "insecure_registries = [\"Registry.lan:5000\", \"10.0.0.2\"]\n\
+         image_catalog_url = \"https://example.org/images.json\"\n\
+         [[image_catalog]]\nname = \"alpine-dev\"\nurl = \"http://h/a.tar.zst\"\nsha256 = \"{sha}\"\nkernel = \"k1\"\n"
+    ))
+    .unwrap();
+    assert_eq!(c.insecure_registries, ["registry.lan:5000", "10.0.0.2"]);
+    assert_eq!(
+        c.image_catalog_url.as_deref(),
+        Some("https://example.org/images.json")
+    );
+    assert_eq!(c.image_catalog.len(), 1);
+    assert_eq!(c.image_catalog[0].kernel.as_deref(), Some("k1"));
+    assert_eq!(parse(&toml::to_string(&c).unwrap()).unwrap(), c);
+
+    let entry = |name: &str, url: &str, sha: &str| {
+        format!("[[image_catalog]]\nname = \"{name}\"\nurl = \"{url}\"\nsha256 = \"{sha}\"\n")
+    };
+    rejected(
+        &entry("Bad", "http://h/x", &sha),
+        &["image_catalog[0]", "Bad"],
+    );
+    rejected(&entry("x", "ftp://h/x", &sha), &["image_catalog[0]", "url"]);
+    rejected(
+        &entry("x", "http://h/x", "abc"),
+        &["image_catalog[0]", "sha256"],
+    );
+    rejected(
+        &format!("{}size = 3\nextra = 1\n", entry("x", "http://h/x", &sha)),
+        &["image_catalog[0]", "extra"],
+    );
+    rejected(
+        &format!(
+            "{}{}",
+            entry("x", "http://h/x", &sha),
+            entry("x", "http://h/y", &sha)
+        ),
+        &["image_catalog[1]", "another"],
+    );
+    rejected("image_catalog_url = \"x\"\n", &["image_catalog_url"]);
+    rejected(
+        "insecure_registries = [\"a b\"]\n",
+        &["insecure_registries[0]"],
+    );
+}

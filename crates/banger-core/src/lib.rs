@@ -13,6 +13,6 @@ pub mod state;
 pub use error_code::ErrorCode;
 pub use ids::{OpId, VmId};
 pub use name::{NameError, VmName, validate_artifact_name};
-pub use records::{ImageRecord, KernelRecord, VmRecord};
+pub use records::{ImageMeta, ImageRecord, KernelRecord, VmRecord};
 pub use size::{ByteSize, SizeError};
 pub use state::VmState;

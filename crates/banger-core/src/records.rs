@@ -99,6 +99,73 @@ pub struct ImageRecord {
     /// Whether banger owns the files (and deletes them with the image).
     pub managed: bool,
     pub created_at: i64,
+    /// What banger learned about the image's contents when it made it.
+    #[serde(default)]
+    pub meta: ImageMeta,
+}
+
+/// Facts about an image's root filesystem that decide how its VMs boot and run commands.
+/// Images built or registered before these were recorded have the defaults: `None` means
+/// "unknown", which banger treats as "the image has its own init and sshd".
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageMeta {
+    /// The OCI manifest digest or the bundle's sha256 the image was made from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+    /// The image's environment (`KEY=VALUE`), given to commands banger runs in its VMs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<String>,
+    /// The image's working directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<String>,
+    /// The image's configured user (recorded; sessions run as root).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entrypoint: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmd: Option<Vec<String>>,
+    /// Whether the image has an init system (`/sbin/init`, systemd); `None`: unknown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub has_init: Option<bool>,
+    /// Whether the image has an sshd; `None`: unknown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub has_sshd: Option<bool>,
+    /// `apt`, `apk`, `dnf`, `yum`, `zypper` or `pacman` when the image has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub package_manager: Option<String>,
+}
+
+impl ImageMeta {
+    /// Whether VMs of this image are reached through the agent's built-in ssh server.
+    pub fn agent_ssh(&self) -> bool {
+        self.has_sshd == Some(false)
+    }
+
+    /// Whether the agent stays PID 1 (the image has no init system).
+    pub fn agent_init(&self) -> bool {
+        self.has_init == Some(false)
+    }
+
+    /// How VMs of the image are reached and booted, in words (`image show`, `vm show`).
+    pub fn access_summary(&self) -> String {
+        let ssh = if self.agent_ssh() {
+            match &self.package_manager {
+                Some(pm) => format!(
+                    "banger's agent serves ssh (no sshd in the image; with --nat the first boot installs one via {pm})"
+                ),
+                None => "banger's agent serves ssh (no sshd in the image)".to_string(),
+            }
+        } else {
+            "the image's sshd".to_string()
+        };
+        let init = if self.agent_init() {
+            "banger's agent is PID 1 (no init in the image)"
+        } else {
+            "the image's init"
+        };
+        format!("{ssh}; {init}")
+    }
 }
 
 /// A bootable kernel: an ELF vmlinux and an optional initramfs.

@@ -371,6 +371,10 @@ fn raw_iteration(env: &TestEnv, a: &Artifacts, i: usize, ph: &mut Phases) {
         }),
         files: Vec::new(),
         init: None,
+        init_mode: Default::default(),
+        ssh_server: Default::default(),
+        env: Vec::new(),
+        workdir: None,
     };
     let config_disk = dir.join("config.img");
     banger_guest::write_config_disk(&config_disk, &config).expect("write config disk");

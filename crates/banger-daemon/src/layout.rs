@@ -82,6 +82,12 @@ impl Layout {
         self.vm_dir(id).join("ssh_host_ed25519_key")
     }
 
+    /// Marks a VM of an sshd-less image whose first boot installed an sshd: later boots use it
+    /// instead of the agent's built-in server.
+    pub fn sshd_installed(&self, id: &VmId) -> PathBuf {
+        self.vm_dir(id).join("sshd-installed")
+    }
+
     pub fn config_disk(&self, id: &VmId) -> PathBuf {
         self.vm_run_dir(id).join("config.img")
     }

@@ -272,7 +272,16 @@ async fn dispatch(
             let name = p.name.unwrap_or_else(|| format!("debian-{suite}"));
             json(e.image_build(&name, &suite, ctx).await?)
         }
-        Request::ImageImport(p) => json(e.image_import(&p.name, &p.source, p.kernel, ctx).await?),
+        Request::ImageImport(p) => json(
+            e.image_import(p.name.as_deref(), &p.source, p.kernel, ctx)
+                .await?,
+        ),
+        Request::ImagePull(p) => json(e.image_pull(p, ctx).await?),
+        Request::ImageExport(p) => json(serde_json::json!({
+            "path": p.output,
+            "bytes": e.image_export(&p.name, &p.output, ctx).await?,
+        })),
+        Request::ImageCachePrune(p) => json(e.image_cache_prune(p.dry_run).await?),
         Request::KernelPull(p) => json(e.kernel_pull(&p.name, ctx).await?),
         Request::KernelBuild(p) => json(e.kernel_build(p.name.as_deref(), ctx).await?),
         Request::ImageRegister(p) => json(e.image_register(&p.name, &p.rootfs, p.kernel).await?),

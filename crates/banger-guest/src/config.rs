@@ -12,6 +12,9 @@ pub const CONFIG_VERSION: u32 = 1;
 /// in the assembled root.
 pub const DEFAULT_INITS: [&str; 3] = ["/sbin/init", "/lib/systemd/systemd", "/bin/sh"];
 
+/// The `PATH` of commands the agent starts when [`GuestConfig::env`] sets none (Docker's default).
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
 /// A VM's identity and disk layout, version 1.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GuestConfig {
@@ -32,8 +35,49 @@ pub struct GuestConfig {
     #[serde(default)]
     pub files: Vec<GuestFile>,
     /// Absolute path of the init to run; unset means the first of [`DEFAULT_INITS`] that exists.
+    /// Only meaningful with [`InitMode::Image`].
     #[serde(default)]
     pub init: Option<String>,
+    /// Who is PID 1 once the root is assembled.
+    #[serde(default)]
+    pub init_mode: InitMode,
+    /// Who serves ssh on port 22.
+    #[serde(default)]
+    pub ssh_server: SshServer,
+    /// The image's environment (`KEY=VALUE`, from the OCI config), for the commands the agent
+    /// starts: ssh sessions of its own server and an sshd it spawns. Without a `PATH` entry,
+    /// [`DEFAULT_PATH`] is used.
+    #[serde(default)]
+    pub env: Vec<String>,
+    /// Working directory of ssh sessions of the agent's server (the OCI `WorkingDir`); unset
+    /// means the user's home.
+    #[serde(default)]
+    pub workdir: Option<String>,
+}
+
+/// Who is PID 1 after the switch to the image's root.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InitMode {
+    /// Exec the image's init ([`GuestConfig::init`] or the first of [`DEFAULT_INITS`]).
+    #[default]
+    Image,
+    /// The image has no init system: the agent stays PID 1, reaps orphans, runs the ssh service
+    /// and turns shutdown requests (signals, power button) into a clean power-off.
+    Agent,
+}
+
+/// Who answers ssh on port 22.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SshServer {
+    /// The image's own sshd: started by the image's init, or, with [`InitMode::Agent`], spawned
+    /// (and restarted) by the agent as `sshd -D -e`.
+    #[default]
+    Image,
+    /// The agent's built-in server: publickey auth for `root` with [`SshIdentity`]'s keys only;
+    /// exec, shell, pty. Needs [`GuestConfig::ssh`].
+    Agent,
 }
 
 /// How the root filesystem is assembled. Disks are named by ext4 UUID, never by attach order.
@@ -136,6 +180,18 @@ pub enum ConfigError {
     FileContent { path: String, reason: String },
     #[error("init {0:?} must be an absolute path without '..'")]
     Init(String),
+    #[error(
+        "init {0:?} is set but init_mode is \"agent\" (the agent stays PID 1 and runs no init)"
+    )]
+    InitWithAgentInit(String),
+    #[error("ssh_server \"agent\" needs the ssh identity (host key and authorized keys)")]
+    SshServerWithoutIdentity,
+    #[error("ssh_server \"agent\" needs at least one authorized key")]
+    SshServerWithoutKeys,
+    #[error("env entry {0:?} is not KEY=VALUE (non-empty KEY, no NUL)")]
+    Env(String),
+    #[error("workdir {0:?} must be an absolute path without '..' components or NUL")]
+    Workdir(String),
 }
 
 impl GuestConfig {
@@ -182,12 +238,54 @@ impl GuestConfig {
             }
             f.content()?;
         }
-        if let Some(init) = &self.init
-            && !is_clean_absolute(init)
-        {
-            return Err(ConfigError::Init(init.clone()));
+        if let Some(init) = &self.init {
+            if !is_clean_absolute(init) {
+                return Err(ConfigError::Init(init.clone()));
+            }
+            if self.init_mode == InitMode::Agent {
+                return Err(ConfigError::InitWithAgentInit(init.clone()));
+            }
+        }
+        if self.ssh_server == SshServer::Agent {
+            match &self.ssh {
+                None => return Err(ConfigError::SshServerWithoutIdentity),
+                Some(ssh) if ssh.authorized_keys.is_empty() => {
+                    return Err(ConfigError::SshServerWithoutKeys);
+                }
+                Some(_) => {}
+            }
+        }
+        for e in &self.env {
+            if env_pair(e).is_none() {
+                return Err(ConfigError::Env(e.clone()));
+            }
+        }
+        if let Some(w) = &self.workdir {
+            // OCI configs carry whatever the image author wrote ("/app/", "/a//b"), so only what
+            // could escape or break a C string is refused; the path is used as is.
+            let abs = w.starts_with('/');
+            if !abs || w.contains('\0') || w.split('/').any(|c| c == "..") {
+                return Err(ConfigError::Workdir(w.clone()));
+            }
         }
         Ok(())
+    }
+
+    /// The environment of commands the agent starts: [`env`](Self::env) in order (a later entry
+    /// replaces an earlier one with the same key), plus `PATH` = [`DEFAULT_PATH`] if none is
+    /// set. Malformed entries (refused by [`validate`](Self::validate)) are skipped.
+    pub fn command_env(&self) -> Vec<(String, String)> {
+        let mut out: Vec<(String, String)> = Vec::new();
+        for (k, v) in self.env.iter().filter_map(|e| env_pair(e)) {
+            match out.iter_mut().find(|(ok, _)| ok == k) {
+                Some(slot) => slot.1 = v.to_string(),
+                None => out.push((k.to_string(), v.to_string())),
+            }
+        }
+        if !out.iter().any(|(k, _)| k == "PATH") {
+            out.push(("PATH".into(), DEFAULT_PATH.into()));
+        }
+        out
     }
 
     /// The disk UUIDs this config names, in the order the agent needs them.
@@ -269,6 +367,12 @@ impl SshIdentity {
         }
         Ok(())
     }
+}
+
+/// Splits `KEY=VALUE` at the first `=`; `None` for an empty key, no `=` or a NUL byte.
+pub fn env_pair(entry: &str) -> Option<(&str, &str)> {
+    let (k, v) = entry.split_once('=')?;
+    (!k.is_empty() && !entry.contains('\0')).then_some((k, v))
 }
 
 /// Parses `aa:bb:cc:dd:ee:ff` (either case).
@@ -359,6 +463,10 @@ pub(crate) mod tests {
             }),
             files: vec![GuestFile::new("/etc/banger/hello", 0o644, b"hi\n")],
             init: None,
+            init_mode: InitMode::Image,
+            ssh_server: SshServer::Image,
+            env: vec!["PATH=/usr/bin:/bin".into(), "LANG=C.UTF-8".into()],
+            workdir: Some("/srv/app".into()),
         }
     }
 
@@ -390,6 +498,64 @@ pub(crate) mod tests {
         assert_eq!(c.disk_uuids(), ["11111111-2222-3333-4444-555555555555"]);
         assert_eq!(c.init_candidates(), DEFAULT_INITS);
         assert!(c.files.is_empty() && c.network.is_none() && c.ssh.is_none());
+        // A config written before the modes existed means: the image's init and sshd.
+        assert_eq!(c.init_mode, InitMode::Image);
+        assert_eq!(c.ssh_server, SshServer::Image);
+        assert!(c.env.is_empty() && c.workdir.is_none());
+        assert_eq!(
+            c.command_env(),
+            [("PATH".to_string(), DEFAULT_PATH.to_string())]
+        );
+    }
+
+    #[test]
+    fn modes_env_and_workdir_json_shape() {
+        let mut c = sample();
+        c.init_mode = InitMode::Agent;
+        c.ssh_server = SshServer::Agent;
+        c.validate().unwrap();
+        let json = serde_json::to_value(&c).unwrap();
+        assert_eq!(json["init_mode"], "agent");
+        assert_eq!(json["ssh_server"], "agent");
+        assert_eq!(json["env"][1], "LANG=C.UTF-8");
+        assert_eq!(json["workdir"], "/srv/app");
+        let back: GuestConfig = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(back, c);
+        let image = serde_json::to_value(sample()).unwrap();
+        assert_eq!(image["init_mode"], "image");
+        assert_eq!(image["ssh_server"], "image");
+        let mut bad = json;
+        bad["init_mode"] = "systemd".into();
+        let err = serde_json::from_value::<GuestConfig>(bad)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("systemd"), "{err}");
+    }
+
+    #[test]
+    fn command_env_adds_path_and_keeps_the_last_duplicate() {
+        let mut c = sample();
+        assert_eq!(
+            c.command_env(),
+            [
+                ("PATH".to_string(), "/usr/bin:/bin".to_string()),
+                ("LANG".to_string(), "C.UTF-8".to_string())
+            ]
+        );
+        c.env = vec!["A=1".into(), "B==x=".into(), "A=2".into(), "EMPTY=".into()];
+        assert_eq!(
+            c.command_env(),
+            [
+                ("A".to_string(), "2".to_string()),
+                ("B".to_string(), "=x=".to_string()),
+                ("EMPTY".to_string(), String::new()),
+                ("PATH".to_string(), DEFAULT_PATH.to_string())
+            ]
+        );
+        assert_eq!(env_pair("K=V"), Some(("K", "V")));
+        assert_eq!(env_pair("=V"), None);
+        assert_eq!(env_pair("KV"), None);
+        assert_eq!(env_pair("K=a\0b"), None);
     }
 
     #[test]
@@ -450,6 +616,36 @@ pub(crate) mod tests {
                 "base64",
             ),
             (Box::new(|c| c.init = Some("sbin/init".into())), "init"),
+            (
+                Box::new(|c| {
+                    c.init = Some("/sbin/init".into());
+                    c.init_mode = InitMode::Agent;
+                }),
+                "init_mode is \"agent\"",
+            ),
+            (
+                Box::new(|c| {
+                    c.ssh = None;
+                    c.ssh_server = SshServer::Agent;
+                }),
+                "needs the ssh identity",
+            ),
+            (
+                Box::new(|c| {
+                    c.ssh.as_mut().unwrap().authorized_keys.clear();
+                    c.ssh_server = SshServer::Agent;
+                }),
+                "at least one authorized key",
+            ),
+            (Box::new(|c| c.env.push("NOEQUALS".into())), "\"NOEQUALS\""),
+            (Box::new(|c| c.env.push("=value".into())), "env entry"),
+            (Box::new(|c| c.env.push("K=a\0b".into())), "KEY=VALUE"),
+            (
+                Box::new(|c| c.workdir = Some("app".into())),
+                "workdir \"app\"",
+            ),
+            (Box::new(|c| c.workdir = Some("/a/../b".into())), "/a/../b"),
+            (Box::new(|c| c.workdir = Some("/a\0".into())), "workdir"),
         ];
         for (mutate, needle) in cases {
             let mut c = sample();
@@ -457,6 +653,19 @@ pub(crate) mod tests {
             let err = c.validate().expect_err(needle).to_string();
             assert!(err.contains(needle), "{err:?} should contain {needle:?}");
         }
+    }
+
+    #[test]
+    fn lenient_but_safe_workdir_and_agent_modes_without_ssh() {
+        let mut c = sample();
+        for ok in ["/", "/app/", "/usr/src//app"] {
+            c.workdir = Some(ok.into());
+            c.validate().unwrap();
+        }
+        // The agent as PID 1 with the image's sshd (or none at all) needs no identity.
+        c.init_mode = InitMode::Agent;
+        c.ssh = None;
+        c.validate().unwrap();
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! as PID 1 inside the VM).
 //!
 //! - [`config`]: [`GuestConfig`], everything that makes one VM itself (hostname, machine id, disks,
-//!   network, ssh identity, extra files), with validation.
+//!   network, ssh identity, extra files, who is PID 1 and who serves ssh), with validation.
 //! - [`disk`]: the config disk, a raw read-only block device carrying that config
 //!   (`BNGRCFG1`, a little-endian length, JSON, zero padding to 4 KiB).
 //! - [`ext4`]: reading an ext4 filesystem's UUID and label from its superblock, so disks are found
@@ -18,7 +18,8 @@ pub mod ext4;
 pub mod initramfs;
 
 pub use config::{
-    CONFIG_VERSION, ConfigError, GuestConfig, GuestFile, NetworkConfig, RootLayout, SshIdentity,
+    CONFIG_VERSION, ConfigError, DEFAULT_PATH, GuestConfig, GuestFile, InitMode, NetworkConfig,
+    RootLayout, SshIdentity, SshServer,
 };
 pub use disk::{CONFIG_DISK_MAGIC, ConfigDiskError, decode, encode, write_config_disk};
 pub use ext4::{Ext4Error, Ext4Info, read_ext4_label, read_ext4_uuid};

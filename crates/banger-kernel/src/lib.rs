@@ -484,7 +484,13 @@ pub fn install_modules(
             builtin,
         },
     };
-    let resolution = index.resolve(&INITRAMFS_MODULES)?;
+    let mut wanted: Vec<&str> = INITRAMFS_MODULES.to_vec();
+    wanted.extend(
+        modules::OPTIONAL_INITRAMFS_MODULES
+            .iter()
+            .filter(|m| index.modules.contains_key(**m) || index.builtin.contains(**m)),
+    );
+    let resolution = index.resolve(&wanted)?;
     let dir = out.join("modules");
     std::fs::create_dir_all(&dir).map_err(KernelError::io(&dir))?;
     let mut paths = Vec::new();

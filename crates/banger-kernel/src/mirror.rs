@@ -468,6 +468,12 @@ fn http_err(url: &str, message: impl std::fmt::Display) -> KernelError {
     }
 }
 
+/// GETs `url` (plain HTTP or HTTPS with the platform's trust store), refusing more than `limit`
+/// bytes.
+pub fn get_limited(url: &str, limit: u64) -> Result<Vec<u8>, KernelError> {
+    get_bytes(url, limit)
+}
+
 fn get_bytes(url: &str, limit: u64) -> Result<Vec<u8>, KernelError> {
     let resp = agent(Duration::from_secs(60))
         .get(url)

@@ -22,6 +22,12 @@ pub const INITRAMFS_MODULES: [&str; 8] = [
     "vmw_vsock_virtio_transport",
 ];
 
+/// Modules put into the initramfs when the kernel has them, and skipped otherwise: the ACPI
+/// power button and its input events. When banger's agent is PID 1 (images without an init
+/// system) it watches them, so QEMU's `system_powerdown` stops the VM cleanly instead of
+/// timing out; a kernel without them only loses that.
+pub const OPTIONAL_INITRAMFS_MODULES: [&str; 2] = ["button", "evdev"];
+
 /// A single module file is never this large; guards decompression.
 const MAX_MODULE: u64 = 256 << 20;
 

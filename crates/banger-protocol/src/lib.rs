@@ -125,9 +125,11 @@ pub struct KernelImportParams {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ImageImportParams {
-    pub name: String,
-    /// An ext4 image file, a root filesystem directory, or a tarball of one (.tar, .tar.gz,
-    /// .tar.zst, .tar.xz).
+    /// Registered name; required except for a bundle, whose manifest names it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// An image bundle (`image export`'s `.tar.zst`), an ext4 image file, a root filesystem
+    /// directory, or a tarball of one (.tar, .tar.gz, .tar.zst, .tar.xz).
     pub source: PathBuf,
     #[serde(default)]
     pub kernel: Option<String>,
@@ -161,6 +163,49 @@ pub struct KernelBuildParams {
 
 impl KernelBuildParams {
     pub const DEFAULT_NAME: &'static str = "banger-6.1";
+}
+
+/// `image.pull`: an OCI image from a registry, or a bundle named in the image catalog.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImagePullParams {
+    /// `alpine`, `docker.io/library/python:3.12`, `localhost:5000/app@sha256:…`, or a catalog
+    /// name.
+    pub reference: String,
+    /// Registered name; derived from the reference when absent (`python-3.12`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<String>,
+    /// Plain HTTP, only for loopback registries or those listed in `insecure_registries`.
+    #[serde(default)]
+    pub insecure: bool,
+}
+
+/// `image.export`: write an image bundle (`.tar.zst` of `manifest.json` and `rootfs.ext4`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageExportParams {
+    pub name: String,
+    /// Absolute path of the bundle to write; it must not exist.
+    pub output: PathBuf,
+}
+
+/// `image.cache.prune`: delete cached registry blobs no image needs any more.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageCachePruneParams {
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// What `image.cache.prune` freed (or would free).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CachePruneReport {
+    pub blobs: usize,
+    pub bytes: u64,
+    pub dir: PathBuf,
+    pub dry_run: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -221,6 +266,12 @@ pub enum Request {
     ImageShow(NameParams),
     #[serde(rename = "image.delete")]
     ImageDelete(NameForceParams),
+    #[serde(rename = "image.pull")]
+    ImagePull(ImagePullParams),
+    #[serde(rename = "image.export")]
+    ImageExport(ImageExportParams),
+    #[serde(rename = "image.cache.prune")]
+    ImageCachePrune(ImageCachePruneParams),
     #[serde(rename = "kernel.import")]
     KernelImport(KernelImportParams),
     #[serde(rename = "kernel.pull")]
@@ -260,6 +311,9 @@ pub const METHODS: &[&str] = &[
     "image.list",
     "image.show",
     "image.delete",
+    "image.pull",
+    "image.export",
+    "image.cache.prune",
     "kernel.import",
     "kernel.pull",
     "kernel.build",
@@ -294,6 +348,9 @@ impl Request {
             Request::ImageList => "image.list",
             Request::ImageShow(_) => "image.show",
             Request::ImageDelete(_) => "image.delete",
+            Request::ImagePull(_) => "image.pull",
+            Request::ImageExport(_) => "image.export",
+            Request::ImageCachePrune(_) => "image.cache.prune",
             Request::KernelImport(_) => "kernel.import",
             Request::KernelPull(_) => "kernel.pull",
             Request::KernelBuild(_) => "kernel.build",

@@ -8,11 +8,13 @@ use rusqlite::{OptionalExtension, Row, params};
 use crate::error::unique_violation;
 use crate::{Store, StoreError, path_text, to_i64};
 
-const IMAGE_COLUMNS: &str = "name, rootfs, kernel, size_bytes, source, managed, created_at";
+const IMAGE_COLUMNS: &str =
+    "name, rootfs, kernel, size_bytes, source, managed, created_at, meta_json";
 const KERNEL_COLUMNS: &str = "name, vmlinux, initrd, version, sha256, source, created_at";
 
-fn image_from_row(r: &Row<'_>) -> rusqlite::Result<(ImageRecord, i64)> {
+fn image_from_row(r: &Row<'_>) -> rusqlite::Result<(ImageRecord, i64, Option<String>)> {
     let size: i64 = r.get(3)?;
+    let meta: Option<String> = r.get(7)?;
     Ok((
         ImageRecord {
             name: r.get(0)?,
@@ -22,18 +24,30 @@ fn image_from_row(r: &Row<'_>) -> rusqlite::Result<(ImageRecord, i64)> {
             source: r.get(4)?,
             managed: r.get(5)?,
             created_at: r.get(6)?,
+            meta: Default::default(),
         },
         size,
+        meta,
     ))
 }
 
-/// Fills in the size, which SQLite holds signed: a negative one is corruption.
-fn decode_image((mut img, size): (ImageRecord, i64)) -> Result<ImageRecord, StoreError> {
+/// Fills in the size, which SQLite holds signed (a negative one is corruption), and the
+/// metadata JSON (NULL for images made before it was recorded).
+fn decode_image(
+    (mut img, size, meta): (ImageRecord, i64, Option<String>),
+) -> Result<ImageRecord, StoreError> {
     img.size_bytes = u64::try_from(size).map_err(|_| StoreError::Corrupt {
         table: "images",
         key: img.name.clone(),
         reason: format!("bad size_bytes {size}"),
     })?;
+    if let Some(m) = meta {
+        img.meta = serde_json::from_str(&m).map_err(|e| StoreError::Corrupt {
+            table: "images",
+            key: img.name.clone(),
+            reason: format!("bad meta_json: {e}"),
+        })?;
+    }
     Ok(img)
 }
 
@@ -68,10 +82,18 @@ impl Store {
     pub fn insert_image(&self, img: &ImageRecord) -> Result<(), StoreError> {
         let rootfs = path_text("rootfs", &img.rootfs)?;
         let size = to_i64("size_bytes", img.size_bytes)?;
+        let meta = (img.meta != banger_core::ImageMeta::default())
+            .then(|| serde_json::to_string(&img.meta))
+            .transpose()
+            .map_err(|e| StoreError::Corrupt {
+                table: "images",
+                key: img.name.clone(),
+                reason: format!("encoding meta_json: {e}"),
+            })?;
         self.lock()
             .execute(
                 &format!(
-                    "INSERT INTO images ({IMAGE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
+                    "INSERT INTO images ({IMAGE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
                 ),
                 params![
                     img.name,
@@ -80,7 +102,8 @@ impl Store {
                     size,
                     img.source,
                     img.managed,
-                    img.created_at
+                    img.created_at,
+                    meta
                 ],
             )
             .map_err(name_conflict("image", &img.name))?;
@@ -206,6 +229,7 @@ mod tests {
             source: "build:debian".into(),
             managed: true,
             created_at: 1_700_000_000,
+            meta: Default::default(),
         }
     }
 
@@ -228,7 +252,16 @@ mod tests {
         let mut b = image("alpine");
         b.kernel = Some("debian-6.1-cloud".into());
         b.managed = false;
-        b.source = "register:/srv/alpine.ext4".into();
+        b.source = "oci:docker.io/library/alpine:latest".into();
+        b.meta = banger_core::ImageMeta {
+            digest: Some(format!("sha256:{}", "c".repeat(64))),
+            env: vec!["PATH=/bin".into()],
+            workdir: Some("/app".into()),
+            has_init: Some(false),
+            has_sshd: Some(false),
+            package_manager: Some("apk".into()),
+            ..Default::default()
+        };
         s.insert_image(&a).unwrap();
         s.insert_image(&b).unwrap();
         assert_eq!(s.get_image("bookworm").unwrap(), Some(a.clone()));

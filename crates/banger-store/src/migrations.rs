@@ -11,7 +11,7 @@ use rusqlite::{Connection, OptionalExtension, Transaction};
 use crate::StoreError;
 
 /// Every migration, in order. Versions start at 1 and increase by one.
-pub const MIGRATIONS: &[(u32, &str)] = &[(1, MIGRATION_1), (2, MIGRATION_2)];
+pub const MIGRATIONS: &[(u32, &str)] = &[(1, MIGRATION_1), (2, MIGRATION_2), (3, MIGRATION_3)];
 
 /// The schema version this binary creates and understands.
 pub const LATEST_VERSION: u32 = MIGRATIONS[MIGRATIONS.len() - 1].0;
@@ -63,6 +63,9 @@ CREATE TABLE kernels (
 
 // A VM's workspace summary (banger_core::records::WorkspaceInfo as JSON); NULL when none.
 const MIGRATION_2: &str = "ALTER TABLE vms ADD COLUMN workspace_json TEXT;";
+
+/// What banger learned about an image's contents (`ImageMeta` as JSON; NULL for older images).
+const MIGRATION_3: &str = "ALTER TABLE images ADD COLUMN meta_json TEXT;";
 
 const CREATE_VERSION_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_migrations (
     version    INTEGER PRIMARY KEY,
@@ -232,12 +235,36 @@ mod tests {
         .unwrap();
         assert_eq!(current_version(&conn).unwrap(), 1);
         migrate(&mut conn, Path::new(":memory:")).unwrap();
-        assert_eq!(current_version(&conn).unwrap(), 2);
+        assert_eq!(current_version(&conn).unwrap(), LATEST_VERSION);
         let (name, ws): (String, Option<String>) = conn
             .query_row("SELECT name, workspace_json FROM vms", [], |r| {
                 Ok((r.get(0)?, r.get(1)?))
             })
             .unwrap();
         assert_eq!((name.as_str(), ws), ("old", None));
+    }
+
+    #[test]
+    fn migration_3_leaves_older_images_without_metadata() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(CREATE_VERSION_TABLE).unwrap();
+        {
+            let tx = conn.transaction().unwrap();
+            apply(&tx, 1, MIGRATION_1).unwrap();
+            apply(&tx, 2, MIGRATION_2).unwrap();
+            tx.commit().unwrap();
+        }
+        conn.execute(
+            "INSERT INTO images (name, rootfs, kernel, size_bytes, source, managed, created_at) \
+             VALUES ('old', '/x/rootfs.ext4', NULL, 1, 'build:debian', 1, 1)",
+            [],
+        )
+        .unwrap();
+        migrate(&mut conn, Path::new(":memory:")).unwrap();
+        assert_eq!(current_version(&conn).unwrap(), 3);
+        let meta: Option<String> = conn
+            .query_row("SELECT meta_json FROM images", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(meta, None);
     }
 }

@@ -5,6 +5,11 @@
 //! to run `bangerd` and `banger` against it. Dropping it stops the daemon and kills every
 //! process that still references the temp dir, so a failed test leaks nothing.
 
+pub mod http;
+pub mod layers;
+
+pub mod registry;
+
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};

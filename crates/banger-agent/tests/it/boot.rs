@@ -72,6 +72,10 @@ fn config() -> GuestConfig {
             b"file-from-config\n",
         )],
         init: None,
+        init_mode: Default::default(),
+        ssh_server: Default::default(),
+        env: vec![],
+        workdir: None,
     }
 }
 

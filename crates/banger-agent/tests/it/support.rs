@@ -3,7 +3,7 @@
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub const AGENT_BUILD: &str = "RUSTFLAGS=\"-C target-feature=+crt-static\" cargo build -p banger-agent --release --target x86_64-unknown-linux-gnu";
@@ -138,6 +138,97 @@ pub fn boot(
     mac: &str,
     deadline: Duration,
 ) -> BootLog {
+    spawn_vm(p, initrd, drives, mac, None).wait(deadline)
+}
+
+/// A QEMU process whose console is being collected.
+pub struct Vm {
+    child: std::process::Child,
+    start: Instant,
+    lines: Arc<Mutex<Vec<(Duration, String)>>>,
+    readers: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Vm {
+    /// Whether a console line containing `needle` appears within `timeout`.
+    pub fn wait_for_line(&mut self, needle: &str, timeout: Duration) -> bool {
+        let until = Instant::now() + timeout;
+        while Instant::now() < until {
+            if self
+                .lines
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|(_, l)| l.contains(needle))
+            {
+                return true;
+            }
+            if self.child.try_wait().ok().flatten().is_some() {
+                // Exited: the readers drain what is left.
+                std::thread::sleep(Duration::from_millis(200));
+                return self
+                    .lines
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .any(|(_, l)| l.contains(needle));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+
+    pub fn console(&self) -> String {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, l)| format!("{l}\n"))
+            .collect()
+    }
+
+    /// Waits for QEMU to exit (killing it after `deadline` from its start) and returns the
+    /// console.
+    pub fn wait(mut self, deadline: Duration) -> BootLog {
+        let mut exited = false;
+        while self.start.elapsed() < deadline {
+            if self.child.try_wait().expect("waiting for qemu").is_some() {
+                exited = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if !exited {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+        for r in self.readers.drain(..) {
+            let _ = r.join();
+        }
+        let lines = std::mem::take(&mut *self.lines.lock().unwrap());
+        for (t, l) in &lines {
+            eprintln!("[{:>7.3}] {l}", t.as_secs_f64());
+        }
+        BootLog { lines, exited }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts QEMU like [`boot`]; with `ssh_port`, host 127.0.0.1:`ssh_port` is forwarded to the
+/// guest's port 22.
+pub fn spawn_vm(
+    p: &Prereqs,
+    initrd: &Path,
+    drives: &[Drive<'_>],
+    mac: &str,
+    ssh_port: Option<u16>,
+) -> Vm {
     let mut cmd = Command::new(&p.qemu);
     cmd.args([
         "-M", "microvm", "-accel", "tcg", "-cpu", "max", "-m", "512", "-smp", "1",
@@ -169,20 +260,26 @@ pub fn boot(
             .arg("-device")
             .arg(format!("virtio-blk-device,drive=d{i}"));
     }
-    cmd.args(["-netdev", "user,id=n0", "-device"])
+    let fwd = ssh_port.map_or(String::new(), |port| {
+        format!(",hostfwd=tcp:127.0.0.1:{port}-:22")
+    });
+    cmd.arg("-netdev")
+        .arg(format!("user,id=n0{fwd}"))
+        .arg("-device")
         .arg(format!("virtio-net-device,netdev=n0,mac={mac}"));
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let start = Instant::now();
     let mut child = cmd.spawn().expect("spawning qemu");
-    let (tx, rx) = mpsc::channel();
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let mut readers = Vec::new();
     for stream in [
         Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
         Box::new(child.stderr.take().unwrap()),
     ] {
-        let tx = tx.clone();
-        std::thread::spawn(move || {
+        let lines = lines.clone();
+        readers.push(std::thread::spawn(move || {
             for line in std::io::BufReader::new(stream)
                 .split(b'\n')
                 .map_while(Result::ok)
@@ -190,30 +287,16 @@ pub fn boot(
                 let line = String::from_utf8_lossy(&line)
                     .trim_end_matches('\r')
                     .to_string();
-                if tx.send((start.elapsed(), line)).is_err() {
-                    break;
-                }
+                lines.lock().unwrap().push((start.elapsed(), line));
             }
-        });
+        }));
     }
-    drop(tx);
-    let mut exited = false;
-    while start.elapsed() < deadline {
-        if child.try_wait().expect("waiting for qemu").is_some() {
-            exited = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    Vm {
+        child,
+        start,
+        lines,
+        readers,
     }
-    if !exited {
-        let _ = child.kill();
-    }
-    let _ = child.wait();
-    let lines: Vec<_> = rx.iter().collect();
-    for (t, l) in &lines {
-        eprintln!("[{:>7.3}] {l}", t.as_secs_f64());
-    }
-    BootLog { lines, exited }
 }
 
 pub fn sha256(path: &Path) -> String {

@@ -131,6 +131,7 @@ impl Engine {
                 name,
                 kernel,
                 &format!("register:{}", rootfs.display()),
+                Default::default(),
             )
         }
         .await;

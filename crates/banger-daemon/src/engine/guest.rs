@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use banger_config::{NetworkMode, RootDiskStrategy};
 use banger_core::VmRecord;
+use banger_guest::config::{InitMode, SshServer};
 use banger_guest::{GuestConfig, GuestFile, NetworkConfig, RootLayout, SshIdentity};
 use banger_net::MacAddr;
 use banger_sys::Cmd;
@@ -98,6 +99,7 @@ impl Engine {
         &self,
         vm: &VmRecord,
         image: &Path,
+        meta: &banger_core::ImageMeta,
         path: &Path,
         ctx: &OpCtx<'_>,
     ) -> Result<(), String> {
@@ -155,6 +157,18 @@ impl Engine {
             }),
             files: self.file_sync_files(ctx)?,
             init: None,
+            init_mode: if meta.agent_init() {
+                InitMode::Agent
+            } else {
+                InitMode::Image
+            },
+            ssh_server: if meta.agent_ssh() && !self.layout().sshd_installed(&vm.id).exists() {
+                SshServer::Agent
+            } else {
+                SshServer::Image
+            },
+            env: meta.env.clone(),
+            workdir: meta.workdir.clone(),
         };
         let _ = std::fs::remove_file(path);
         banger_guest::write_config_disk(path, &config).map_err(|e| e.to_string())
@@ -256,6 +270,48 @@ impl Engine {
         }
     }
 
+    /// First boot of a `--nat` VM whose image has no sshd: installs one with the image's package
+    /// manager, so later boots use it instead of the agent's built-in server. Best effort: a
+    /// failure is a warning (the agent keeps serving ssh), and it is tried again next start.
+    pub(super) async fn install_sshd_once(
+        &self,
+        vm: &VmRecord,
+        ip: Ipv4Addr,
+        meta: &banger_core::ImageMeta,
+        ctx: &OpCtx<'_>,
+    ) {
+        let marker = self.layout().sshd_installed(&vm.id);
+        if !meta.agent_ssh() || !vm.nat || marker.exists() {
+            return;
+        }
+        let Some(argv) = meta
+            .package_manager
+            .as_deref()
+            .and_then(sshd_install_command)
+        else {
+            return;
+        };
+        ctx.progress.stage(
+            "sshd_install",
+            Some(format!(
+                "the image has no sshd: installing one with {} (first boot only)",
+                meta.package_manager.as_deref().unwrap_or_default()
+            )),
+        );
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        match self.ssh_run(vm, ip, &argv, Duration::from_secs(600)).await {
+            Ok(_) => {
+                if let Err(e) = std::fs::write(&marker, b"") {
+                    ctx.progress
+                        .warn(format!("recording the sshd install: {}: {e}", marker.display()));
+                }
+            }
+            Err(e) => ctx.progress.warn(format!(
+                "installing sshd failed (banger's agent keeps serving ssh; retried at next start): {e}"
+            )),
+        }
+    }
+
     /// Runs a command in the guest over ssh, as `banger vm exec` would.
     pub(super) async fn ssh_run(
         &self,
@@ -324,4 +380,20 @@ pub fn host_nameservers() -> Vec<Ipv4Addr> {
     }
     out.truncate(3);
     out
+}
+
+/// The argv (run by the guest's shell via ssh) installing an OpenSSH server with `pm`.
+fn sshd_install_command(pm: &str) -> Option<Vec<String>> {
+    let script = match pm {
+        "apt" => {
+            "export DEBIAN_FRONTEND=noninteractive; apt-get update -qq && apt-get install -y -qq --no-install-recommends openssh-server"
+        }
+        "apk" => "apk add --no-cache openssh-server",
+        "dnf" => "dnf install -y openssh-server",
+        "yum" => "yum install -y openssh-server",
+        "zypper" => "zypper --non-interactive install openssh",
+        "pacman" => "pacman -Sy --noconfirm openssh",
+        _ => return None,
+    };
+    Some(vec!["sh".into(), "-c".into(), script.into()])
 }

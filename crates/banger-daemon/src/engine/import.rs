@@ -18,21 +18,32 @@ use crate::progress::OpCtx;
 impl Engine {
     pub async fn image_import(
         &self,
-        name: &str,
+        name: Option<&str>,
         source: &Path,
         kernel: Option<String>,
         ctx: &OpCtx<'_>,
     ) -> OpResult<ImageRecord> {
-        validate_artifact_name("image", name).map_err(OpError::bad_request)?;
-        let meta = std::fs::metadata(source)
-            .map_err(|e| OpError::bad_request(format!("{}: {e}", source.display())))?;
-        if meta.is_file() && is_ext4(source) {
-            return self.image_register(name, source, kernel).await;
+        if let Some(name) = name {
+            validate_artifact_name("image", name).map_err(OpError::bad_request)?;
         }
         if let Some(k) = &kernel
             && self.store().get_kernel(k)?.is_none()
         {
             return Err(OpError::not_found("kernel", k));
+        }
+        let meta = std::fs::metadata(source)
+            .map_err(|e| OpError::bad_request(format!("{}: {e}", source.display())))?;
+        if meta.is_file() && is_bundle(source) {
+            return self.import_bundle(source, name, kernel, None, ctx).await;
+        }
+        let Some(name) = name else {
+            return Err(OpError::bad_request(format!(
+                "{} is not an image bundle: give the image a name (--name)",
+                source.display()
+            )));
+        };
+        if meta.is_file() && is_ext4(source) {
+            return self.image_register(name, source, kernel).await;
         }
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
@@ -94,6 +105,22 @@ impl Engine {
         let _ = std::fs::remove_dir_all(&scratch);
         result
     }
+}
+
+/// Whether `path` is a zstd tar whose first entry is `manifest.json` (an `image export`
+/// bundle), as opposed to a compressed root filesystem tarball.
+fn is_bundle(path: &Path) -> bool {
+    let Ok(file) = std::fs::File::open(path) else {
+        return false;
+    };
+    let Ok(dec) = zstd::Decoder::new(file) else {
+        return false;
+    };
+    let mut archive = tar::Archive::new(dec);
+    let Ok(mut entries) = archive.entries() else {
+        return false;
+    };
+    matches!(entries.next(), Some(Ok(e)) if e.path().is_ok_and(|p| p.as_os_str() == "manifest.json"))
 }
 
 fn is_ext4(path: &Path) -> bool {

@@ -11,6 +11,7 @@ mod guest;
 mod import;
 mod ops;
 mod provision;
+mod pull;
 mod reconcile;
 mod start;
 mod workspace;
@@ -30,6 +31,7 @@ use crate::handles::Handles;
 use crate::layout::Layout;
 use crate::ssh::SshDir;
 
+pub use pull::{BUNDLE_FORMAT, BundleManifest};
 pub use reconcile::ReconcileReport;
 pub use start::START_STEPS;
 
@@ -100,6 +102,7 @@ struct Inner {
     vm_changes: tokio::sync::watch::Sender<u64>,
     /// (agent path, size, mtime) → sha256, see `ensure_initramfs`.
     agent_digest: Mutex<Option<(AgentKey, String)>>,
+    pulls: pull::PullState,
 }
 
 type AgentKey = (std::path::PathBuf, u64, Option<std::time::SystemTime>);
@@ -123,6 +126,7 @@ impl Engine {
                 live: Mutex::new(HashMap::new()),
                 generation: std::sync::atomic::AtomicU64::new(1),
                 agent_digest: Mutex::new(None),
+                pulls: pull::PullState::default(),
                 vm_changes: tokio::sync::watch::Sender::new(0),
             }),
         }

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use banger_core::{ErrorCode, ImageRecord, KernelRecord, validate_artifact_name};
+use banger_core::{ErrorCode, ImageMeta, ImageRecord, KernelRecord, validate_artifact_name};
 use banger_kernel::{DebianMirror, PullProgress};
 use tokio::io::AsyncBufReadExt;
 use tracing::info;
@@ -50,7 +50,8 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
 ];
 
 impl Engine {
-    /// The image, building the default one first when it is missing.
+    /// The image, building the default one or pulling an OCI reference or catalog entry first
+    /// when it is missing.
     pub(super) async fn image_or_provision(
         &self,
         name: &str,
@@ -58,6 +59,24 @@ impl Engine {
     ) -> OpResult<ImageRecord> {
         if let Some(img) = self.store().get_image(name)? {
             return Ok(img);
+        }
+        if let Some(img) = self.image_by_reference(name)? {
+            return Ok(img);
+        }
+        if self.looks_pullable(name) {
+            ctx.progress.stage(
+                "image_pull",
+                Some(format!("the image {name} is missing: pulling it once")),
+            );
+            return self
+                .image_pull(
+                    banger_protocol::ImagePullParams {
+                        reference: name.to_string(),
+                        ..Default::default()
+                    },
+                    ctx,
+                )
+                .await;
         }
         if name == self.config().default_image
             && let Some(suite) = name.strip_prefix("debian-")
@@ -454,7 +473,7 @@ impl Engine {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(&image_file, std::fs::Permissions::from_mode(0o400))
                 .map_err(|e| OpError::failed(format!("{}: {e}", image_file.display())))?;
-            self.publish_image(&staging, name, kernel, source)
+            self.publish_image(&staging, name, kernel, source, ImageMeta::default())
         }
         .await;
         let _ = std::fs::remove_dir_all(&staging);
@@ -471,6 +490,7 @@ impl Engine {
         name: &str,
         kernel: Option<String>,
         source: &str,
+        meta: ImageMeta,
     ) -> OpResult<ImageRecord> {
         let dir = self.layout().images_dir().join(name);
         std::fs::rename(staging, &dir)
@@ -486,6 +506,7 @@ impl Engine {
             source: source.to_string(),
             managed: true,
             created_at: now(),
+            meta,
         };
         if let Err(e) = self.store().insert_image(&rec) {
             let _ = std::fs::remove_dir_all(&dir);

@@ -76,6 +76,7 @@ struct Attempt {
     handles: Handles,
     handles_path: PathBuf,
     image_rootfs: PathBuf,
+    image_meta: banger_core::ImageMeta,
 }
 
 impl Attempt {
@@ -123,6 +124,7 @@ impl Engine {
             handles: Handles::new(self.layout().vm_run_dir(&vm.id)),
             handles_path: self.layout().handles_file(&vm.id),
             image_rootfs: PathBuf::new(),
+            image_meta: Default::default(),
         };
         let mut failed: Option<(&'static str, String)> = None;
         for &step in START_STEPS {
@@ -248,6 +250,7 @@ impl Engine {
                     vsock: None,
                 });
                 attempt.image_rootfs = image.rootfs.clone();
+                attempt.image_meta = image.meta.clone();
                 attempt.vmm = Some(vmm);
                 Ok(())
             }
@@ -340,7 +343,8 @@ impl Engine {
             "config_disk" => {
                 let path = layout.config_disk(&vm.id);
                 let image = attempt.image_rootfs.clone();
-                self.write_config_disk(vm, &image, &path, ctx).await?;
+                self.write_config_disk(vm, &image, &attempt.image_meta, &path, ctx)
+                    .await?;
                 attempt.spec().drives.push(DriveSpec {
                     id: "config".into(),
                     path,
@@ -455,6 +459,8 @@ impl Engine {
                     let timeout = Duration::from_secs(self.config().boot_timeout_secs);
                     self.wait_for_ssh(vm, ip, &vmm, &handle, timeout, ctx)
                         .await?;
+                    self.install_sshd_once(vm, ip, &attempt.image_meta, ctx)
+                        .await;
                 } else {
                     // No network to probe: the VMM staying up through early boot is the signal.
                     tokio::select! {

@@ -43,7 +43,7 @@ fn import_directory_and_tarball_and_refuse_traversal() {
     }
     let import = |name: &str, source: &std::path::Path| {
         env.request(&Request::ImageImport(ImageImportParams {
-            name: name.into(),
+            name: Some(name.into()),
             source: source.to_path_buf(),
             kernel: None,
         }))

@@ -7,6 +7,7 @@ mod kernel_build;
 mod kernels;
 mod leaks;
 mod lifecycle;
+mod oci;
 mod protocol;
 mod real_guest;
 mod recovery;

@@ -209,3 +209,162 @@ fn real_guest_under_firecracker() {
     assert_eq!(o.status.code(), Some(7), "{}", text(&o));
     assert_nothing_left(&env, "firecracker vm run --rm");
 }
+
+/// An Alpine-style image: busybox, a musl loader and a musl-linked program, no init system, no
+/// sshd. `None` (after `SKIP`) without busybox-static or musl-gcc.
+fn alpine_style_layer(work: &std::path::Path) -> Option<Vec<u8>> {
+    let busybox = std::path::Path::new("/bin/busybox");
+    if !busybox.is_file() {
+        println!("SKIP: Alpine-style image: /bin/busybox missing (apt-get install busybox-static)");
+        return None;
+    }
+    if !banger_testkit::have_program("musl-gcc") {
+        println!("SKIP: Alpine-style image: musl-gcc missing (apt-get install musl-tools)");
+        return None;
+    }
+    let src = work.join("hello.c");
+    std::fs::write(
+        &src,
+        "#include <stdio.h>\nint main(void){puts(\"hello from musl\");return 0;}\n",
+    )
+    .unwrap();
+    let hello = work.join("hello-musl");
+    let st = std::process::Command::new("musl-gcc")
+        .arg("-o")
+        .arg(&hello)
+        .arg(&src)
+        .status()
+        .unwrap();
+    assert!(st.success(), "musl-gcc failed");
+    let loader = std::fs::read("/usr/lib/x86_64-linux-musl/libc.so").expect("musl libc.so");
+    let mut b = banger_testkit::layers::LayerBuilder::new()
+        .dir("bin", 0o755)
+        .file("bin/busybox", 0o755, &std::fs::read(busybox).unwrap())
+        .dir("lib", 0o755)
+        .file("lib/ld-musl-x86_64.so.1", 0o755, &loader)
+        .dir("usr", 0o755)
+        .dir("usr/bin", 0o755)
+        .file("usr/bin/hello-musl", 0o755, &std::fs::read(&hello).unwrap())
+        .dir("etc", 0o755)
+        .file("etc/alpine-release", 0o644, b"3.20.0\n")
+        .file("etc/passwd", 0o644, b"root:x:0:0:root:/root:/bin/sh\n")
+        .file("etc/group", 0o644, b"root:x:0:\n")
+        .dir("root", 0o700)
+        .file("root/.profile", 0o644, b"export FROM_PROFILE=1\n")
+        .dir("tmp", 0o1777);
+    for applet in [
+        "sh", "ls", "cat", "echo", "uname", "mkdir", "tar", "rm", "sleep", "env", "id", "ps",
+        "mount", "grep", "wc", "true", "false", "poweroff", "sync",
+    ] {
+        b = b.symlink(&format!("bin/{applet}"), "busybox");
+    }
+    Some(b.build())
+}
+
+/// A Debian-style image: Debian's minbase (apt, glibc, bash), no systemd, no sshd — what a
+/// `debian:bookworm` container image holds. Cached in /var/tmp between runs.
+fn debian_style_layer() -> Option<Vec<u8>> {
+    let cached = std::path::Path::new("/var/tmp/banger-test-debian-minbase.tar");
+    if !cached.is_file() {
+        let tmp = cached.with_extension("tar.part");
+        let st = std::process::Command::new("mmdebstrap")
+            .args(["--variant=minbase", "--quiet", "--format=tar", "bookworm"])
+            .arg(&tmp)
+            .arg("http://deb.debian.org/debian")
+            .status()
+            .unwrap();
+        if !st.success() {
+            println!("SKIP: Debian-style image: mmdebstrap minbase failed");
+            return None;
+        }
+        std::fs::rename(&tmp, cached).unwrap();
+    }
+    Some(std::fs::read(cached).unwrap())
+}
+
+#[test]
+fn real_guest_boots_pulled_oci_images() {
+    let reg = match banger_testkit::registry::LocalRegistry::start() {
+        Ok(r) => r,
+        Err(why) => {
+            println!("SKIP: {why}");
+            return;
+        }
+    };
+    let Some(mut env) = TestEnv::real("") else {
+        return;
+    };
+    let Some(alpine) = alpine_style_layer(env.root()) else {
+        return;
+    };
+    let Some(debian) = debian_style_layer() else {
+        return;
+    };
+    let cfg = serde_json::json!({
+        "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "APP_MODE=oci"],
+        "WorkingDir": "/tmp",
+        "Cmd": ["/bin/sh"],
+    });
+    reg.push("test/alpine-style", "1", &[alpine], cfg.clone());
+    reg.push("test/debian-style", "bookworm", &[debian], cfg);
+    env.start_daemon();
+
+    let alpine_ref = format!("{}/test/alpine-style:1", reg.addr());
+    let out = ok(&env, &["image", "pull", "--insecure", &alpine_ref]);
+    assert!(out.contains("agent serves ssh"), "{out}");
+    let t = Instant::now();
+    let o = env.cli(&[
+        "vm",
+        "run",
+        "--rm",
+        "--image",
+        &alpine_ref,
+        "--",
+        "sh",
+        "-c",
+        "cat /etc/alpine-release; hello-musl; echo mode=$APP_MODE; pwd; exit 3",
+    ]);
+    let so = String::from_utf8_lossy(&o.stdout).to_string();
+    assert_eq!(
+        o.status.code(),
+        Some(3),
+        "{}\nlog:\n{}",
+        text(&o),
+        env.daemon_log()
+    );
+    assert!(
+        so.contains("3.20.0") && so.contains("hello from musl"),
+        "{so}"
+    );
+    assert!(so.contains("mode=oci") && so.contains("/tmp"), "{so}");
+    println!("alpine-style vm run: {:.1}s", t.elapsed().as_secs_f64());
+    assert_nothing_left(&env, "alpine-style vm run --rm");
+
+    let debian_ref = format!("{}/test/debian-style:bookworm", reg.addr());
+    ok(&env, &["image", "pull", "--insecure", &debian_ref]);
+    let t = Instant::now();
+    let o = env.cli(&[
+        "vm",
+        "run",
+        "--rm",
+        "--image",
+        &debian_ref,
+        "--",
+        "bash",
+        "-c",
+        "cat /etc/debian_version; test ! -e /usr/sbin/sshd && echo no-sshd; echo $APP_MODE",
+    ]);
+    let so = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        o.status.success(),
+        "{}\nlog:\n{}",
+        text(&o),
+        env.daemon_log()
+    );
+    assert!(
+        so.starts_with("12.") && so.contains("no-sshd") && so.contains("oci"),
+        "{so}"
+    );
+    println!("debian-style vm run: {:.1}s", t.elapsed().as_secs_f64());
+    assert_nothing_left(&env, "debian-style vm run --rm");
+}
