@@ -5,11 +5,22 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/deps.sh
-# busybox-static: the tiny image the guest agent's boot tests run as their init.
-dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q "install ok installed" || {
-  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends busybox-static >/dev/null
-}
+# Test-only packages: busybox-static (the tiny image the guest agent's boot tests run as their
+# init, and the Alpine-style OCI image's userland), musl-tools (that image's musl program),
+# docker-registry (the local OCI registry the pull tests push to; its own service is not wanted).
+SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+test_pkgs=()
+for p in busybox-static musl-tools docker-registry; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || test_pkgs+=("$p")
+done
+if ((${#test_pkgs[@]})); then
+  echo "installing: ${test_pkgs[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${test_pkgs[@]}" >/dev/null
+  if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+    $SUDO systemctl disable --now docker-registry >/dev/null 2>&1 || true
+  fi
+fi
 RUSTFLAGS="-C target-feature=+crt-static" \
   cargo build --release --locked -p banger-agent --target x86_64-unknown-linux-gnu
 cargo build --workspace --all-targets --locked

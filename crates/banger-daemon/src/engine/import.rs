@@ -1,11 +1,12 @@
-//! `image import`: an image from an ext4 file, a root filesystem directory, or a tarball of one.
+//! `image import`: an image from a bundle (`image export`), an ext4 file, a root filesystem
+//! directory, or a tarball of one.
 //!
-//! Directories and tarballs become an ext4 image with `mkfs.ext4 -d` (no mount, no loop
-//! device). A tarball is unpacked first into a private scratch dir with its owners, modes and
-//! xattrs kept; the tar reader refuses entries that would land outside it, and device nodes
-//! are skipped (a VM's /dev is devtmpfs).
+//! Directories become an ext4 image with `mkfs.ext4 -d` (no mount, no loop device). A tarball
+//! is treated as a one-layer image: the same hardened flattener as registry pulls
+//! (`banger-rootfs`) keeps owners, modes and xattrs without root, refuses entries that would
+//! land outside the image naming them, and skips device nodes (a VM's /dev is devtmpfs).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use banger_core::{ErrorCode, ImageRecord, validate_artifact_name};
 use banger_kernel::compress::{Compression, decoder};
@@ -45,19 +46,33 @@ impl Engine {
         if meta.is_file() && is_ext4(source) {
             return self.image_register(name, source, kernel).await;
         }
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            return Err(OpError::failed(
-                "importing a directory or tarball needs root (its files belong to many users); import an ext4 image instead",
-            ));
-        }
-        let _g = self.inner.artifact_lock.lock().await;
         if self.store().get_image(name)?.is_some() {
             return Err(OpError::new(
                 ErrorCode::AlreadyExists,
                 format!("an image named {name:?} already exists (banger image rm {name} first)"),
             ));
         }
+        let kernel = kernel.or_else(|| Some(self.config().default_kernel.clone()));
+        let source_label = format!("import:{}", source.display());
+        if meta.is_dir() {
+            if !source.join("etc").is_dir()
+                && !source.join("bin").exists()
+                && !source.join("usr").is_dir()
+            {
+                return Err(OpError::bad_request(format!(
+                    "{} does not look like a root filesystem (no /etc, /bin or /usr)",
+                    source.display()
+                )));
+            }
+            // mkfs.ext4 -d records each file's owner and mode as it finds them; no root needed
+            // beyond being able to read the tree.
+            let _g = self.inner.artifact_lock.lock().await;
+            return self
+                .image_from_tree(name, source, kernel, &source_label, ctx)
+                .await;
+        }
+        // A tarball is one layer: the same hardened flattener as registry pulls, so no root
+        // and no unpacking outside a private scratch dir.
         let scratch = self
             .layout()
             .build_dir()
@@ -66,45 +81,64 @@ impl Engine {
         create_private_dir(&scratch)
             .map_err(|e| OpError::failed(format!("creating {}: {e}", scratch.display())))?;
         let result = async {
-            let tree: PathBuf = if meta.is_dir() {
-                source.to_path_buf()
-            } else {
-                ctx.progress
-                    .stage("unpack", Some(source.display().to_string()));
-                let dest = scratch.join("rootfs");
-                let (src, dst) = (source.to_path_buf(), dest.clone());
-                let skipped = tokio::task::spawn_blocking(move || unpack_tarball(&src, &dst))
-                    .await
-                    .map_err(|e| OpError::failed(format!("unpack task: {e}")))??;
-                if skipped > 0 {
-                    ctx.progress
-                        .warn(format!("skipped {skipped} device node(s) in the tarball"));
-                }
-                dest
-            };
-            if !tree.join("etc").is_dir()
-                && !tree.join("bin").exists()
-                && !tree.join("usr").is_dir()
-            {
-                return Err(OpError::bad_request(format!(
-                    "{} does not look like a root filesystem (no /etc, /bin or /usr)",
-                    source.display()
-                )));
-            }
-            let kernel = kernel.or_else(|| Some(self.config().default_kernel.clone()));
-            self.image_from_tree(
-                name,
-                &tree,
-                kernel,
-                &format!("import:{}", source.display()),
-                ctx,
-            )
-            .await
+            let layer = tarball_layer(source, &scratch, ctx).await?;
+            let mut meta = banger_core::ImageMeta::default();
+            self.image_from_layers(name, vec![layer], &mut meta, kernel, &source_label, ctx)
+                .await
         }
         .await;
         let _ = std::fs::remove_dir_all(&scratch);
         result
     }
+}
+
+/// The tarball as a layer the flattener reads: gzip, zstd and plain tars as they are; other
+/// compressions (xz, bzip2, lzma) decompressed into `scratch` first.
+async fn tarball_layer(
+    src: &Path,
+    scratch: &Path,
+    ctx: &OpCtx<'_>,
+) -> OpResult<banger_rootfs::Layer> {
+    use std::io::Read;
+    let bad = |msg: String| OpError::bad_request(format!("{}: {msg}", src.display()));
+    let mut head = [0u8; 6];
+    let n = std::fs::File::open(src)
+        .and_then(|mut f| f.read(&mut head))
+        .map_err(|e| bad(e.to_string()))?;
+    let label = src.display().to_string();
+    let compression = match Compression::detect(&head[..n]) {
+        None => banger_rootfs::LayerCompression::None,
+        Some(Compression::Gzip) => banger_rootfs::LayerCompression::Gzip,
+        Some(Compression::Zstd) => banger_rootfs::LayerCompression::Zstd,
+        Some(other) => {
+            ctx.progress
+                .stage("decompress", Some(format!("{other:?} {label}")));
+            let (s, out) = (src.to_path_buf(), scratch.join("layer.tar"));
+            let out2 = out.clone();
+            tokio::task::spawn_blocking(move || -> OpResult<()> {
+                let bad = |msg: String| OpError::bad_request(format!("{}: {msg}", s.display()));
+                let file = std::fs::File::open(&s).map_err(|e| bad(e.to_string()))?;
+                let mut r = decoder(other, file, &s.display().to_string())
+                    .map_err(|e| bad(e.to_string()))?;
+                let mut w = std::fs::File::create(&out2)
+                    .map_err(|e| OpError::failed(format!("{}: {e}", out2.display())))?;
+                std::io::copy(&mut r, &mut w).map_err(|e| bad(format!("decompressing: {e}")))?;
+                Ok(())
+            })
+            .await
+            .map_err(|e| OpError::failed(format!("decompress task: {e}")))??;
+            return Ok(banger_rootfs::Layer {
+                path: out,
+                compression: banger_rootfs::LayerCompression::None,
+                label,
+            });
+        }
+    };
+    Ok(banger_rootfs::Layer {
+        path: src.to_path_buf(),
+        compression,
+        label,
+    })
 }
 
 /// Whether `path` is a zstd tar whose first entry is `manifest.json` (an `image export`
@@ -130,110 +164,4 @@ fn is_ext4(path: &Path) -> bool {
         .and_then(|f| f.read_exact_at(&mut magic, 1024 + 56))
         .is_ok()
         && magic == [0x53, 0xef]
-}
-
-/// Unpacks a (possibly compressed) tarball into `dest`; returns how many device nodes were
-/// skipped.
-fn unpack_tarball(src: &Path, dest: &Path) -> OpResult<usize> {
-    use std::io::Read;
-    let bad = |msg: String| OpError::bad_request(format!("{}: {msg}", src.display()));
-    let mut file = std::fs::File::open(src).map_err(|e| bad(e.to_string()))?;
-    let mut head = [0u8; 6];
-    let n = file.read(&mut head).map_err(|e| bad(e.to_string()))?;
-    drop(file);
-    let file = std::fs::File::open(src).map_err(|e| bad(e.to_string()))?;
-    let reader: Box<dyn Read> = match Compression::detect(&head[..n]) {
-        Some(c) => decoder(c, file, &src.display().to_string()).map_err(|e| bad(e.to_string()))?,
-        None => Box::new(file),
-    };
-    std::fs::create_dir_all(dest).map_err(|e| bad(format!("creating {}: {e}", dest.display())))?;
-    let mut archive = tar::Archive::new(reader);
-    archive.set_preserve_permissions(true);
-    archive.set_preserve_ownerships(true);
-    archive.set_unpack_xattrs(true);
-    archive.set_overwrite(true);
-    let mut skipped = 0;
-    for entry in archive
-        .entries()
-        .map_err(|e| bad(format!("not a tar archive: {e}")))?
-    {
-        let mut entry = entry.map_err(|e| bad(format!("reading the archive: {e}")))?;
-        let path = entry
-            .path()
-            .map_err(|e| bad(format!("bad entry name: {e}")))?
-            .into_owned();
-        let kind = entry.header().entry_type();
-        if kind.is_character_special() || kind.is_block_special() || kind.is_fifo() {
-            skipped += 1;
-            continue;
-        }
-        // unpack_in refuses (returns false for) entries that would escape `dest`.
-        let inside = entry.unpack_in(dest).map_err(|e| {
-            let cause = std::error::Error::source(&e)
-                .map(|s| format!(": {s}"))
-                .unwrap_or_default();
-            bad(format!("unpacking {}: {e}{cause}", path.display()))
-        })?;
-        if !inside {
-            return Err(bad(format!(
-                "entry {} points outside the root filesystem",
-                path.display()
-            )));
-        }
-    }
-    Ok(skipped)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn tarball(entries: &[(&str, &[u8])]) -> Vec<u8> {
-        let mut b = tar::Builder::new(Vec::new());
-        for (name, data) in entries {
-            let mut h = tar::Header::new_gnu();
-            h.set_size(data.len() as u64);
-            h.set_mode(0o644);
-            h.set_uid(0);
-            h.set_gid(0);
-            h.set_mtime(0);
-            h.set_entry_type(tar::EntryType::Regular);
-            // Bypass the builder's own path checks: the point is to feed hostile names.
-            let bytes = name.as_bytes();
-            h.as_old_mut().name[..bytes.len()].copy_from_slice(bytes);
-            h.set_cksum();
-            b.append(&h, *data).unwrap();
-        }
-        b.into_inner().unwrap()
-    }
-
-    #[test]
-    fn unpacks_a_tree_and_refuses_traversal() {
-        let dir = tempfile::tempdir().unwrap();
-        let good = dir.path().join("good.tar");
-        std::fs::write(
-            &good,
-            tarball(&[("etc/hostname", b"x\n"), ("bin/sh", b"#!")]),
-        )
-        .unwrap();
-        let dest = dir.path().join("out");
-        assert_eq!(unpack_tarball(&good, &dest).unwrap(), 0);
-        assert_eq!(std::fs::read(dest.join("etc/hostname")).unwrap(), b"x\n");
-
-        let evil = dir.path().join("evil.tar");
-        std::fs::write(&evil, tarball(&[("etc/ok", b"1"), ("../../escape", b"2")])).unwrap();
-        let err = unpack_tarball(&evil, &dir.path().join("out2")).unwrap_err();
-        assert!(err.message.contains("escape"), "{}", err.message);
-        assert!(!dir.path().join("escape").exists());
-        assert!(!dir.path().parent().unwrap().join("escape").exists());
-    }
-
-    #[test]
-    fn not_a_tarball_is_a_clear_error() {
-        let dir = tempfile::tempdir().unwrap();
-        let junk = dir.path().join("junk.tar");
-        std::fs::write(&junk, vec![7u8; 2048]).unwrap();
-        let err = unpack_tarball(&junk, &dir.path().join("out")).unwrap_err();
-        assert!(err.message.contains("junk.tar"), "{}", err.message);
-    }
 }

@@ -217,7 +217,7 @@ impl Engine {
 
     /// Flattens `layers` into `<images>/<name>/rootfs.ext4` (staged, then renamed) and records
     /// the image with what the flattener found out about it.
-    async fn image_from_layers(
+    pub(super) async fn image_from_layers(
         &self,
         name: &str,
         layers: Vec<banger_rootfs::Layer>,
