@@ -655,3 +655,71 @@ fn kernel_pull_sends_the_name_and_prints_the_record() {
     assert_eq!(code, 2);
     assert!(text.contains("Bad/Name"), "{text}");
 }
+
+#[test]
+fn image_pull_export_import_and_oci_image_flags() {
+    use crate::cli::ImageCmd;
+    let cli = parse(&["image", "pull", "localhost:5000/team/app:1", "--insecure"]).unwrap();
+    let Cmd::Image(ImageCmd::Pull {
+        reference,
+        name,
+        insecure,
+        ..
+    }) = cli.command
+    else {
+        panic!()
+    };
+    assert_eq!(reference, "localhost:5000/team/app:1");
+    assert!(insecure && name.is_none());
+    // --name is an image name; a reference is not.
+    let (text, code) = parse_err(&["image", "pull", "alpine", "--name", "Bad/Name"]);
+    assert_eq!(code, 2);
+    assert!(text.contains("Bad/Name"), "{text}");
+    for bad in ["-x", "a b", ""] {
+        let (text, code) = parse_err(&["image", "pull", "--", bad]);
+        assert_eq!(code, 2, "{bad:?}: {text}");
+    }
+    // vm create/run take references as images.
+    let cli = parse(&["vm", "create", "--image", "docker.io/library/python:3.12"]).unwrap();
+    let Cmd::Vm(crate::cli::VmCmd::Create(args)) = cli.command else {
+        panic!()
+    };
+    assert_eq!(
+        args.spec.image.as_deref(),
+        Some("docker.io/library/python:3.12")
+    );
+
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("b.tar.zst");
+    let cli = parse(&["image", "export", "img", "-o", out.to_str().unwrap()]).unwrap();
+    let Cmd::Image(ImageCmd::Export { output, .. }) = cli.command else {
+        panic!()
+    };
+    assert!(output.is_absolute() && output.ends_with("b.tar.zst"));
+    std::fs::write(&out, b"x").unwrap();
+    let (text, code) = parse_err(&["image", "export", "img", "-o", out.to_str().unwrap()]);
+    assert_eq!(code, 2);
+    assert!(text.contains("already exists"), "{text}");
+    let missing_dir = t.path().join("no/such/b.tar.zst");
+    let (text, _) = parse_err(&[
+        "image",
+        "export",
+        "img",
+        "-o",
+        missing_dir.to_str().unwrap(),
+    ]);
+    assert!(text.contains("does not exist"), "{text}");
+
+    let cli = parse(&["image", "import", out.to_str().unwrap()]).unwrap();
+    let Cmd::Image(ImageCmd::Import { from, name, .. }) = cli.command else {
+        panic!()
+    };
+    assert!(from.is_absolute() && name.is_none());
+    let cli = parse(&["image", "cache", "prune", "--dry-run"]).unwrap();
+    assert!(matches!(
+        cli.command,
+        Cmd::Image(ImageCmd::Cache {
+            cmd: crate::cli::ImageCacheCmd::Prune { dry_run: true }
+        })
+    ));
+}

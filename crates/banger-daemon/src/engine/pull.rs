@@ -741,8 +741,15 @@ impl RateTracker {
     fn line(&self, done: u64, total: u64) -> String {
         let secs = self.start.elapsed().as_secs_f64().max(0.001);
         let rate = mib(done) / secs;
-        if total > 0 {
-            format!("{:.1} / {:.1} MiB, {rate:.1} MiB/s", mib(done), mib(total))
+        if let Some(filled) = (done.min(total) * 20).checked_div(total) {
+            let filled = filled as usize;
+            format!(
+                "[{}{}] {:.1} / {:.1} MiB, {rate:.1} MiB/s",
+                "#".repeat(filled),
+                "-".repeat(20 - filled),
+                mib(done),
+                mib(total)
+            )
         } else {
             format!("{:.1} MiB, {rate:.1} MiB/s", mib(done))
         }

@@ -340,6 +340,31 @@ fn real_guest_boots_pulled_oci_images() {
     println!("alpine-style vm run: {:.1}s", t.elapsed().as_secs_f64());
     assert_nothing_left(&env, "alpine-style vm run --rm");
 
+    // A kept VM of that image: the agent (PID 1) powers off cleanly on `vm stop` (QEMU's power
+    // button), and the work disk keeps what was written.
+    ok(
+        &env,
+        &["vm", "create", "--name", "alp", "--image", &alpine_ref],
+    );
+    ok(
+        &env,
+        &["vm", "exec", "alp", "--", "sh", "-c", "echo kept > /root/f"],
+    );
+    let t = Instant::now();
+    ok(&env, &["vm", "stop", "alp"]);
+    let stop = t.elapsed().as_secs_f64();
+    println!("alpine-style vm stop: {stop:.1}s");
+    let log = ok(&env, &["vm", "logs", "alp"]);
+    assert!(
+        stop < 15.0,
+        "vm stop took {stop:.1}s (timed out?); console:\n{log}"
+    );
+    ok(&env, &["vm", "start", "alp"]);
+    let got = ok(&env, &["vm", "exec", "alp", "--", "cat", "/root/f"]);
+    assert_eq!(got.trim(), "kept");
+    ok(&env, &["vm", "rm", "--force", "alp"]);
+    assert_nothing_left(&env, "alpine-style vm rm");
+
     let debian_ref = format!("{}/test/debian-style:bookworm", reg.addr());
     ok(&env, &["image", "pull", "--insecure", &debian_ref]);
     let t = Instant::now();
