@@ -38,6 +38,9 @@ pub enum Command {
     /// Check this host and banger's state, read-only: one PASS, WARN or FAIL line per check;
     /// exits 1 if any check fails. Does not start bangerd.
     Doctor,
+    /// banger as system services: a root helper and an unprivileged daemon (systemd units).
+    #[command(subcommand)]
+    System(SystemCmd),
     /// Print banger's ssh config (a `Host <name>.vm` block per VM), or include it from
     /// ~/.ssh/config so plain `ssh NAME.vm` works.
     SshConfig {
@@ -47,6 +50,33 @@ pub enum Command {
         /// Remove exactly that block again; nothing else in the file changes.
         #[arg(long)]
         uninstall: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SystemCmd {
+    /// Install the units (banger-helper as root, bangerd as OWNER with no capabilities), the
+    /// config in /etc/banger and the state in /var/lib/banger; start them where systemd runs.
+    Install {
+        /// The user bangerd runs as and who may use it.
+        #[arg(long, value_name = "USER")]
+        owner: String,
+        /// Install under this directory instead of / (packaging and tests).
+        #[arg(long, hide = true, value_name = "DIR")]
+        root: Option<PathBuf>,
+    },
+    /// Stop and remove the units, and banger's bridge, nftables table and taps.
+    Uninstall {
+        /// Also delete the config, state (images, kernels, VMs) and cache.
+        #[arg(long)]
+        purge: bool,
+        #[arg(long, hide = true, value_name = "DIR")]
+        root: Option<PathBuf>,
+    },
+    /// Whether banger is installed, its units' states, and whether the sockets answer.
+    Status {
+        #[arg(long, hide = true, value_name = "DIR")]
+        root: Option<PathBuf>,
     },
 }
 

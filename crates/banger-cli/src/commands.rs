@@ -1,5 +1,6 @@
 //! What each command sends and prints.
 
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use banger_core::{ImageRecord, KernelRecord, VmName, VmRecord};
@@ -24,9 +25,33 @@ pub fn execute(command: Command, ctx: &mut Ctx<'_>) -> Result<(), CliError> {
         Command::Kernel(c) => kernel(c, ctx),
         Command::Daemon(c) => daemon(c, ctx),
         Command::Doctor => crate::doctor::run(ctx),
+        Command::System(c) => system(c, ctx),
         Command::SshConfig { install, uninstall } => {
             crate::ssh_config::run(ctx, install, uninstall)
         }
+    }
+}
+
+fn system(cmd: crate::cli::SystemCmd, ctx: &mut Ctx<'_>) -> Result<(), CliError> {
+    use crate::cli::SystemCmd;
+    use crate::system::SystemPaths;
+    let paths = |root: Option<PathBuf>| {
+        root.map(|root| SystemPaths { root })
+            .unwrap_or_else(SystemPaths::host)
+    };
+    // bangerd and banger-helper are installed next to banger.
+    let bin_dir = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .unwrap_or_else(|| PathBuf::from("/usr/local/bin"));
+    match cmd {
+        SystemCmd::Install { owner, root } => {
+            crate::system::install(ctx.out, &owner, &paths(root), &bin_dir)
+        }
+        SystemCmd::Uninstall { purge, root } => {
+            crate::system::uninstall(ctx.out, purge, &paths(root), &bin_dir)
+        }
+        SystemCmd::Status { root } => crate::system::status(ctx.out, &paths(root)),
     }
 }
 

@@ -17,6 +17,7 @@ mod remote;
 pub mod render;
 pub mod ssh_config;
 mod sshmux;
+pub mod system;
 mod workspace;
 
 use std::ffi::OsString;

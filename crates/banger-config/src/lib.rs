@@ -23,6 +23,15 @@ pub use host::{HostInfo, XdgDirs};
 
 /// The system-wide config file, used by root when it exists.
 pub const SYSTEM_CONFIG_PATH: &str = "/etc/banger/config.toml";
+/// Written by `banger system install`: who owns the system daemon.
+pub const INSTALL_RECORD_PATH: &str = "/etc/banger/install.toml";
+
+/// The owner uid recorded by `banger system install`, if there is a readable record.
+pub fn system_owner_uid() -> Option<u32> {
+    let text = std::fs::read_to_string(INSTALL_RECORD_PATH).ok()?;
+    let v: toml::Value = toml::from_str(&text).ok()?;
+    v.get("uid")?.as_integer().and_then(|u| u32::try_from(u).ok())
+}
 
 /// What can go wrong loading the configuration. Messages name the file, and the key and value
 /// when one is at fault.
@@ -274,6 +283,11 @@ pub struct Config {
     /// The static guest agent put into banger's initramfs as `/init`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub agent_bin: Option<PathBuf>,
+    /// The root helper's socket (`banger system install` sets it): bridge, taps and NAT go
+    /// through the helper, so the daemon needs no privilege. Unset: the daemon does them itself
+    /// (it must then run as root for bridged networking).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub helper_socket: Option<PathBuf>,
     pub root_disk: RootDiskStrategy,
     pub network: NetworkMode,
     /// Debian mirror for the default kernel and image.
@@ -352,6 +366,7 @@ impl Config {
             qemu_bin: None,
             jailer_bin: None,
             agent_bin: None,
+            helper_socket: None,
             root_disk: RootDiskStrategy::Overlay,
             network: NetworkMode::Bridge,
             debian_mirror: Self::DEFAULT_MIRROR.to_string(),
@@ -391,11 +406,18 @@ impl Config {
         if host.is_root() && system.is_file() {
             return system.to_path_buf();
         }
-        host.xdg
+        let user = host
+            .xdg
             .config_home
             .clone()
             .unwrap_or_else(|| host.home.join(".config"))
-            .join("banger/config.toml")
+            .join("banger/config.toml");
+        // The owner of a system install (`banger system install --owner USER`) talks to the
+        // system daemon unless they keep a config of their own.
+        if !user.exists() && system.is_file() && system_owner_uid() == Some(host.uid) {
+            return system.to_path_buf();
+        }
+        user
     }
 
     /// Reads `path`; a missing file gives [`Config::defaults`].
@@ -457,6 +479,7 @@ struct RawConfig {
     qemu_bin: Option<Value>,
     jailer_bin: Option<Value>,
     agent_bin: Option<Value>,
+    helper_socket: Option<Value>,
     root_disk: Option<Value>,
     network: Option<Value>,
     debian_mirror: Option<Value>,
@@ -578,6 +601,9 @@ impl Checker<'_> {
         }
         if let Some(v) = &raw.jailer_bin {
             c.jailer_bin = Some(self.abs_path("jailer_bin", v)?);
+        }
+        if let Some(v) = &raw.helper_socket {
+            c.helper_socket = Some(self.abs_path("helper_socket", v)?);
         }
         if let Some(v) = &raw.agent_bin {
             c.agent_bin = Some(self.abs_path("agent_bin", v)?);

@@ -434,6 +434,7 @@ fn raw_iteration(env: &TestEnv, a: &Artifacts, i: usize, ph: &mut Phases) {
             },
         ],
         net: Some(NetSpec {
+            tap_fd: None,
             tap: tap.as_str().to_string(),
             mac,
         }),

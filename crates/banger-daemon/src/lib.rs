@@ -9,6 +9,7 @@ pub mod dm;
 pub mod dns;
 pub mod engine;
 pub mod error;
+pub mod failpoint;
 pub mod handles;
 pub mod layout;
 pub mod leaks;

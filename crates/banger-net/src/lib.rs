@@ -118,6 +118,14 @@ pub trait NetOps: Send + Sync + std::fmt::Debug {
     /// not sent to the MAC of the VM that held it before (a stale entry costs ~30 s of silence).
     async fn forget_neighbor(&self, bridge: &BridgeName, ip: Ipv4Addr) -> Result<(), NetError>;
 
+    /// An open descriptor of `tap` for a VMM that cannot open it by name (an unprivileged
+    /// daemon on a host whose `/dev/net/tun` only root may open). `None`: the VMM opens the
+    /// tap by name itself, as it does when the daemon runs the network operations directly.
+    async fn open_tap(&self, tap: &TapName) -> Result<Option<std::os::fd::OwnedFd>, NetError> {
+        let _ = tap;
+        Ok(None)
+    }
+
     /// Uninstall: deletes banger's table and every banger tap, and `bridge` too when given.
     /// Every step runs even if an earlier one fails; the first error is returned.
     async fn remove_all(&self, bridge: Option<&BridgeName>) -> Result<(), NetError>;

@@ -378,6 +378,33 @@ impl TestEnv {
         self.wait_ready();
     }
 
+    /// Starts the daemon with extra environment variables (e.g. failpoints) and waits until it
+    /// answers `ping`.
+    pub fn start_daemon_with_env(&mut self, vars: &[(&str, &str)]) {
+        assert!(self.daemon.is_none(), "daemon already started");
+        let mut cmd = self.daemon_command();
+        cmd.envs(vars.iter().copied());
+        self.daemon = Some(cmd.spawn().expect("spawn bangerd"));
+        self.wait_ready();
+    }
+
+    /// Waits up to `timeout` for the daemon to exit on its own and reaps it: its exit status,
+    /// or `None` if it is still running (it is left running) or was never started.
+    pub fn wait_daemon_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let child = self.daemon.as_mut()?;
+            if let Ok(Some(status)) = child.try_wait() {
+                self.daemon = None;
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {

@@ -49,7 +49,25 @@ pub struct NetSpec {
     pub tap: String,
     /// `aa:bb:cc:dd:ee:ff`.
     pub mac: String,
+    /// The tap already opened (by banger's root helper, for an unprivileged daemon on a host
+    /// whose `/dev/net/tun` it may not open). Backends that can inherit it (QEMU) use it
+    /// instead of opening the tap by name. Never persisted.
+    #[serde(skip)]
+    pub tap_fd: Option<TapFd>,
 }
+
+/// An open tap file descriptor, shared by the spec's clones; equal when it is the same fd.
+#[derive(Debug, Clone)]
+pub struct TapFd(pub std::sync::Arc<std::os::fd::OwnedFd>);
+
+impl PartialEq for TapFd {
+    fn eq(&self, other: &Self) -> bool {
+        use std::os::fd::AsRawFd;
+        self.0.as_raw_fd() == other.0.as_raw_fd()
+    }
+}
+
+impl Eq for TapFd {}
 
 /// A virtio-vsock device; the host side is a Unix socket.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

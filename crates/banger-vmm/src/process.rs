@@ -38,6 +38,9 @@ pub struct DetachedCommand {
     pub env: Vec<(OsString, OsString)>,
     /// stdout and stderr are appended here; created with mode 0600 if missing.
     pub log_path: PathBuf,
+    /// Open descriptors the child inherits, as (descriptor in the daemon, number in the child):
+    /// a tap opened by the root helper becomes QEMU's `fd=3`.
+    pub inherit_fds: Vec<(std::os::fd::RawFd, std::os::fd::RawFd)>,
 }
 
 /// A process launched by [`spawn_detached`].
@@ -76,14 +79,26 @@ pub fn spawn_detached(cmd: &DetachedCommand) -> Result<Spawned, VmmError> {
         .stderr(Stdio::from(log_err))
         // The VMM must survive the daemon: never kill it when the Child is dropped.
         .kill_on_drop(false);
-    // SAFETY: the closure runs in the forked child before exec and calls only setsid(2) and
-    // umask(2), both async-signal-safe; it touches no memory shared with the parent.
+    let inherit = cmd.inherit_fds.clone();
+    // SAFETY: the closure runs in the forked child before exec and calls only setsid(2),
+    // umask(2), dup2(2) and fcntl(2), all async-signal-safe; it reads only `inherit`, which
+    // was moved into it before the fork, and allocates nothing.
     unsafe {
-        command.pre_exec(|| {
+        command.pre_exec(move || {
             if libc::setsid() == -1 {
                 return Err(std::io::Error::last_os_error());
             }
             libc::umask(0o077);
+            for &(from, to) in &inherit {
+                if from == to {
+                    // dup2 onto itself keeps close-on-exec set: clear it instead.
+                    if libc::fcntl(from, libc::F_SETFD, 0) == -1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                } else if libc::dup2(from, to) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
             Ok(())
         });
     }
@@ -350,6 +365,7 @@ mod tests {
 
     fn sh(dir: &Path, script: &str) -> DetachedCommand {
         DetachedCommand {
+            inherit_fds: Vec::new(),
             program: "/bin/sh".into(),
             args: vec!["-c".into(), script.into()],
             env: vec![("BANGER_TEST_VAR".into(), "hello".into())],
@@ -390,6 +406,22 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert!(!signal_process(child.pid, child.start_time, Signal::SIGKILL).unwrap());
+    }
+
+    #[tokio::test]
+    async fn inherited_descriptors_arrive_under_their_number() {
+        use std::os::fd::AsRawFd;
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join("marker");
+        std::fs::write(&marker, "via fd 7\n").unwrap();
+        let file = std::fs::File::open(&marker).unwrap();
+        let mut cmd = sh(dir.path(), "cat <&7; cat <&8 2>/dev/null || echo no-8");
+        cmd.inherit_fds = vec![(file.as_raw_fd(), 7)];
+        let child = spawn_detached(&cmd).unwrap();
+        assert!(wait_gone(child.pid, child.start_time, Duration::from_secs(5)).await);
+        let out = tail_file(&cmd.log_path, 5);
+        assert!(out.starts_with("via fd 7"), "{out}");
+        assert!(out.contains("no-8"), "{out}");
     }
 
     #[tokio::test]

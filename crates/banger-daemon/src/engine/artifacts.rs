@@ -78,6 +78,9 @@ impl Engine {
 
     pub async fn kernel_delete(&self, name: &str) -> OpResult<KernelRecord> {
         let _g = self.inner.artifact_lock.lock().await;
+        // Creates insert their row under the create lock after checking the kernel still
+        // exists, so under it the users seen here are all there are (see `create`).
+        let _alloc = self.inner.create_lock.lock().await;
         let rec = self
             .store()
             .get_kernel(name)?
@@ -141,6 +144,9 @@ impl Engine {
 
     pub async fn image_delete(&self, name: &str, force: bool) -> OpResult<ImageRecord> {
         let _g = self.inner.artifact_lock.lock().await;
+        // Creates insert their row under the create lock after checking the image still
+        // exists, so under it the users seen here are all there are (see `create`).
+        let _alloc = self.inner.create_lock.lock().await;
         let rec = self
             .store()
             .get_image(name)?

@@ -10,14 +10,19 @@ use tracing::info;
 use super::{Engine, now, ops::validate_shape};
 use crate::disks;
 use crate::error::{OpError, OpResult};
+use crate::failpoint::hit;
 use crate::layout::create_private_dir;
 use crate::progress::OpCtx;
 
 /// Smallest work disk: ext4 with a journal needs room, and a smaller /root is useless anyway.
 const MIN_WORK_DISK: ByteSize = ByteSize(64 * ByteSize::MIB);
 
+/// The failpoint phase of create (steps: [`crate::failpoint::CREATE_STEPS`]).
+const PHASE: &str = "create";
+
 impl Engine {
     pub async fn create(&self, p: VmCreateParams, ctx: &OpCtx<'_>) -> OpResult<VmRecord> {
+        hit(PHASE, "validate", false);
         let explicit_name = match &p.name {
             Some(n) => Some(VmName::parse(n).map_err(|e| OpError::bad_request(e.to_string()))?),
             None => None,
@@ -30,21 +35,48 @@ impl Engine {
                 "invalid work disk size {work_disk_size}: the minimum is {MIN_WORK_DISK}"
             )));
         }
+        hit(PHASE, "validate", true);
         let image_name = p
             .image
             .clone()
             .unwrap_or_else(|| self.config().default_image.clone());
-        let image = self.image_or_provision(&image_name, ctx).await?;
+        hit(PHASE, "image", false);
+        let mut image = self.image_or_provision(&image_name, ctx).await?;
+        hit(PHASE, "image", true);
         let kernel_name = p
             .kernel
             .clone()
             .or_else(|| image.kernel.clone())
             .unwrap_or_else(|| self.config().default_kernel.clone());
+        hit(PHASE, "kernel", false);
         self.kernel_or_provision(&kernel_name, ctx).await?;
+        hit(PHASE, "kernel", true);
 
         ctx.progress.stage("allocate", None);
-        let vm = {
+        hit(PHASE, "allocate", false);
+        let mut lost_races = 0;
+        let vm = loop {
             let _alloc = self.inner.create_lock.lock().await;
+            // `image rm` and `kernel rm` look for users under this lock too: either they see
+            // this VM's row and refuse, or the artifact is already gone here. Without this check
+            // a create racing a delete inserted a VM whose image was deleted (its start failed
+            // at preflight). A reference is resolved (pulled) again; a named image is not_found.
+            if self.store().get_image(&image.name)?.is_none() {
+                drop(_alloc);
+                lost_races += 1;
+                if lost_races > 3 {
+                    return Err(OpError::busy(format!(
+                        "image {} was deleted while the VM was being created ({lost_races} times); try again",
+                        image.name
+                    )));
+                }
+                info!(image = %image.name, "the image was deleted while a VM was being created; resolving it again");
+                image = self.image_or_provision(&image_name, ctx).await?;
+                continue;
+            }
+            if self.store().get_kernel(&kernel_name)?.is_none() {
+                return Err(OpError::not_found("kernel", &kernel_name));
+            }
             let name = match explicit_name {
                 Some(n) => {
                     if self.store().get_vm(n.as_str())?.is_some() {
@@ -77,21 +109,54 @@ impl Engine {
                 started_at: None,
                 workspace: None,
             };
-            self.store().insert_vm(&vm)?;
-            vm
+            // Crash safety: the VM's dir, marked "being created", exists before its row, and
+            // the mark goes only once every file is built (`commit`). A daemon killed anywhere
+            // in between leaves a marked dir (with or without a row) that the next daemon's
+            // reconcile rolls back — row, files and known_hosts entry — exactly as a failed
+            // create does. Before this, such a crash left a `created` VM with missing or
+            // half-built disks that could never start.
+            self.mark_vm_dir(&vm, super::reconcile::CREATING_MARK)?;
+            if let Err(e) = self.store().insert_vm(&vm) {
+                let _ = std::fs::remove_dir_all(self.layout().vm_dir(&vm.id));
+                return Err(e.into());
+            }
+            break vm;
         };
+        hit(PHASE, "allocate", true);
         info!(vm = %vm.name, id = %vm.id, "VM created");
 
         // The row exists; hold the VM's lock so nothing else touches it half-built.
         let lock = self.vm_lock(&vm.id);
         let _guard = lock.lock().await;
-        if let Err(e) = self.build_disks(&vm, &image.rootfs, ctx).await {
-            let dir = self.layout().vm_dir(&vm.id);
-            let _ = std::fs::remove_dir_all(&dir);
+        let built = match self.build_disks(&vm, &image.rootfs, ctx).await {
+            Ok(()) => {
+                hit(PHASE, "commit", false);
+                let mark = self
+                    .layout()
+                    .vm_dir(&vm.id)
+                    .join(super::reconcile::CREATING_MARK);
+                let r = std::fs::remove_file(&mark).map_err(|e| {
+                    OpError::failed(format!(
+                        "creating VM {}: removing {}: {e}",
+                        vm.name,
+                        mark.display()
+                    ))
+                });
+                hit(PHASE, "commit", true);
+                r
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = built {
+            // The row first, the marked dir last: a crash in between leaves only a marked dir,
+            // which reconcile removes (the other order could leave a row without disks).
+            self.store().delete_vm(&vm.id)?;
+            self.vms_changed();
             let _ = self
                 .ssh()
                 .remove_known_host(&super::ops::known_host_names(&vm));
-            self.store().delete_vm(&vm.id)?;
+            let dir = self.layout().vm_dir(&vm.id);
+            let _ = std::fs::remove_dir_all(&dir);
             return Err(e);
         }
         let mut vm = vm;
@@ -118,6 +183,7 @@ impl Engine {
             "root_disk",
             Some(self.config().root_disk.as_str().to_string()),
         );
+        hit(PHASE, "root_disk", false);
         disks::create_root_disk(
             self.inner.runner.as_ref(),
             self.config().root_disk,
@@ -126,12 +192,14 @@ impl Engine {
         )
         .await
         .map_err(|e| OpError::failed(format!("creating VM {}: {e}", vm.name)))?;
+        hit(PHASE, "root_disk", true);
         if ctx.cancel.is_cancelled() {
             return Err(OpError::failed("create cancelled: the client went away"));
         }
         ctx.progress
             .stage("work_disk", Some(vm.work_disk_size.to_string()));
         let fail = |e: String| OpError::failed(format!("creating VM {}: {e}", vm.name));
+        hit(PHASE, "work_disk", false);
         disks::create_ext4(
             self.inner.runner.as_ref(),
             &layout.work_disk(&vm.id),
@@ -140,7 +208,9 @@ impl Engine {
         )
         .await
         .map_err(|e| fail(e.to_string()))?;
+        hit(PHASE, "work_disk", true);
         ctx.progress.stage("identity", None);
+        hit(PHASE, "machine_id", false);
         let machine_id = random_hex(32);
         std::fs::write(layout.machine_id(&vm.id), format!("{machine_id}\n")).map_err(|e| {
             fail(format!(
@@ -148,13 +218,19 @@ impl Engine {
                 layout.machine_id(&vm.id).display()
             ))
         })?;
+        hit(PHASE, "machine_id", true);
+        hit(PHASE, "host_key", false);
         let key = crate::ssh::generate_host_key(self.inner.runner.as_ref(), &dir)
             .await
             .map_err(|e| fail(e.to_string()))?;
+        hit(PHASE, "host_key", true);
+        hit(PHASE, "known_host", false);
         // The host key is trusted from the first connection: it was made here, not learned.
         self.ssh()
             .add_known_host(&super::ops::known_host_names(vm), &key.public)
-            .map_err(|e| fail(e.to_string()))
+            .map_err(|e| fail(e.to_string()))?;
+        hit(PHASE, "known_host", true);
+        Ok(())
     }
 
     /// A generated name not yet taken. Called under the create lock.

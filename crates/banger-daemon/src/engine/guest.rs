@@ -86,7 +86,15 @@ impl Engine {
         let modules = modules.join("load-order").is_file().then_some(modules);
         let target = out.clone();
         tokio::task::spawn_blocking(move || {
-            banger_guest::build_initramfs(&agent, modules.as_deref(), &target)
+            // One build at a time: simultaneous first starts of a kernel wrote the same temp
+            // file (EEXIST for all but one, and their cleanup removed the winner's file). The
+            // ones that waited find the finished archive.
+            static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+            let _one = BUILD.lock().unwrap_or_else(|e| e.into_inner());
+            if target.is_file() {
+                return Ok(());
+            }
+            banger_guest::build_initramfs(&agent, modules.as_deref(), &target).map(|_| ())
         })
         .await
         .map_err(|e| format!("initramfs build task: {e}"))?

@@ -8,6 +8,7 @@ use tracing::info;
 
 use super::{Engine, Live, join_errors};
 use crate::error::{OpError, OpResult};
+use crate::failpoint::hit;
 use crate::handles::Handles;
 use crate::progress::OpCtx;
 
@@ -65,8 +66,10 @@ impl Engine {
             ));
         }
         let timeout = Duration::from_secs(timeout.unwrap_or(self.config().stop_timeout_secs));
+        hit("stop", "mark_stopping", false);
         vm.state = VmState::Stopping;
         self.save(vm)?;
+        hit("stop", "mark_stopping", true);
         let live = self.live_or_handles(&vm.id);
         let handle = live.as_ref().and_then(|l| l.handles.vmm.clone());
         let vmm = handle
@@ -82,6 +85,7 @@ impl Engine {
             );
             // A guest with ssh is asked to power off cleanly (its filesystems synced); the
             // VMM's own shutdown request (Ctrl-Alt-Del, ACPI power button) covers the rest.
+            hit("stop", "guest_poweroff", false);
             if live.as_ref().is_some_and(|l| l.handles.tap.is_some())
                 && let Some(ip) = vm.ip
             {
@@ -94,6 +98,8 @@ impl Engine {
                     .ssh_run(vm, ip, &poweroff, Duration::from_secs(3))
                     .await;
             }
+            hit("stop", "guest_poweroff", true);
+            hit("stop", "vmm_shutdown", false);
             match v.shutdown(h, timeout).await {
                 Ok(true) => {}
                 Ok(false) => ctx.progress.warn(format!(
@@ -106,10 +112,14 @@ impl Engine {
                     vm.name
                 )),
             }
+            hit("stop", "vmm_shutdown", true);
         }
         ctx.progress.stage("cleanup", None);
-        let errors = self.teardown(&vm.id, live.as_ref()).await;
-        self.finish_stop(vm, errors)
+        let errors = self.teardown(&vm.id, live.as_ref(), "stop").await;
+        hit("stop", "mark_stopped", false);
+        let done = self.finish_stop(vm, errors);
+        hit("stop", "mark_stopped", true);
+        done
     }
 
     /// Ends a stop or kill: `stopped`, with cleanup errors (if any) kept in `last_error`.
@@ -164,7 +174,7 @@ impl Engine {
             let _ = tokio::time::timeout(Duration::from_secs(5), v.wait_exit(h)).await;
         }
         ctx.progress.stage("cleanup", None);
-        let errors = self.teardown(&vm.id, live.as_ref()).await;
+        let errors = self.teardown(&vm.id, live.as_ref(), "kill").await;
         self.finish_stop(&mut vm, errors)?;
         Ok(vm)
     }
@@ -189,7 +199,7 @@ impl Engine {
             }
             let live = self.live_or_handles(&vm.id);
             ctx.progress.stage("kill", None);
-            let errors = self.teardown(&vm.id, live.as_ref()).await;
+            let errors = self.teardown(&vm.id, live.as_ref(), "delete").await;
             if !errors.is_empty() {
                 vm.state = VmState::Error;
                 vm.last_error = Some(format!("delete: cleanup errors: {}", join_errors(&errors)));
@@ -202,25 +212,39 @@ impl Engine {
             }
         }
         ctx.progress.stage("remove_disks", None);
-        let dir = self.layout().vm_dir(&vm.id);
-        if let Err(e) = std::fs::remove_dir_all(&dir)
-            && e.kind() != std::io::ErrorKind::NotFound
-        {
-            return Err(OpError::failed(format!(
-                "deleting VM {}: removing {}: {e}",
-                vm.name,
-                dir.display()
-            )));
-        }
+        // Crash safety: the VM's dir is first marked "being deleted" (the point of no return),
+        // then the row goes, then the known_hosts entry, then the files, the mark last. A
+        // daemon killed anywhere after the mark leaves a marked dir (with or without its row)
+        // whose delete the next daemon's reconcile finishes. Before this, the files went
+        // first and a crash before the row's delete left a VM without disks in the store.
+        hit("delete", "mark_deleting", false);
+        self.mark_vm_dir(&vm, super::reconcile::DELETING_MARK)?;
+        hit("delete", "mark_deleting", true);
+        hit("delete", "delete_row", false);
         self.store().delete_vm(&vm.id)?;
         self.vms_changed();
         self.inner.vm_locks.lock().expect("poisoned").remove(&vm.id);
+        hit("delete", "delete_row", true);
+        hit("delete", "known_host", false);
         if let Err(e) = self.ssh().remove_known_host(&known_host_names(&vm)) {
             ctx.progress.warn(format!(
                 "VM {} deleted, but its known_hosts entry stays: {e}",
                 vm.name
             ));
         }
+        hit("delete", "known_host", true);
+        hit("delete", "remove_files", false);
+        let dir = self.layout().vm_dir(&vm.id);
+        if let Err(e) = std::fs::remove_dir_all(&dir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            return Err(OpError::failed(format!(
+                "VM {} is deleted, but removing {} failed: {e}; the next daemon start retries",
+                vm.name,
+                dir.display()
+            )));
+        }
+        hit("delete", "remove_files", true);
         info!(vm = %vm.name, "VM deleted");
         Ok(vm)
     }
@@ -359,11 +383,18 @@ impl Engine {
 
     /// Releases everything a run holds: the VMM process, NAT rules, the tap, the runtime dir,
     /// the handles file, the live entry. Every step runs; the errors are returned for the
-    /// caller to join. Missing resources are not errors.
-    pub(super) async fn teardown(&self, id: &VmId, live: Option<&Live>) -> Vec<String> {
+    /// caller to join. Missing resources are not errors. `phase` names the caller for the
+    /// failpoints at each step ([`crate::failpoint::TEARDOWN_STEPS`]).
+    pub(super) async fn teardown(
+        &self,
+        id: &VmId,
+        live: Option<&Live>,
+        phase: &'static str,
+    ) -> Vec<String> {
         let mut errors = Vec::new();
         self.live().remove(id);
         let handles = live.map(|l| &l.handles);
+        hit(phase, "vmm_kill", false);
         if let Some(h) = handles.and_then(|h| h.vmm.as_ref()) {
             match self.inner.vmms.for_kind(h.kind) {
                 Some(v) => {
@@ -378,7 +409,9 @@ impl Engine {
                 )),
             }
         }
+        hit(phase, "vmm_kill", true);
         // The snapshot, then its loop devices: only once the VMM no longer holds them.
+        hit(phase, "block_release", false);
         for r in handles
             .map(|h| h.block.as_slice())
             .unwrap_or_default()
@@ -389,11 +422,15 @@ impl Engine {
                 errors.push(e.to_string());
             }
         }
+        hit(phase, "block_release", true);
+        hit(phase, "nat_remove", false);
         if handles.is_some_and(|h| h.nat)
             && let Err(e) = self.inner.net.remove_vm_nat(id.as_str()).await
         {
             errors.push(e.to_string());
         }
+        hit(phase, "nat_remove", true);
+        hit(phase, "tap_delete", false);
         if let Some(tap) = handles.and_then(|h| h.tap.as_deref()) {
             match banger_net::TapName::parse(tap) {
                 Ok(t) => {
@@ -404,6 +441,8 @@ impl Engine {
                 Err(e) => errors.push(format!("handles name tap {tap:?}: {e}")),
             }
         }
+        hit(phase, "tap_delete", true);
+        hit(phase, "run_dir_remove", false);
         let run_dir = handles
             .map(|h| h.run_dir.clone())
             .unwrap_or_else(|| self.layout().vm_run_dir(id));
@@ -412,10 +451,13 @@ impl Engine {
         {
             errors.push(format!("removing {}: {e}", run_dir.display()));
         }
+        hit(phase, "run_dir_remove", true);
+        hit(phase, "handles_remove", false);
         let handles_file = self.layout().handles_file(id);
         if let Err(e) = Handles::remove(&handles_file) {
             errors.push(format!("removing {}: {e}", handles_file.display()));
         }
+        hit(phase, "handles_remove", true);
         errors
     }
 }

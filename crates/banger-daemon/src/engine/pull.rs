@@ -271,11 +271,22 @@ impl Engine {
                 }
             }
             .map_err(|e| OpError::failed(format!("rootfs build task: {e}")))?
-            .map_err(|e| match e {
-                banger_rootfs::RootfsError::Cancelled => {
-                    OpError::failed("the pull was cancelled (client went away)")
+            .map_err(|e| {
+                use banger_rootfs::RootfsError as R;
+                match e {
+                    R::Cancelled => OpError::failed("the pull was cancelled (client went away)"),
+                    // The layers' content is refused: the image's (or tarball's) fault.
+                    e @ (R::Entry { .. } | R::Layer { .. }) => OpError::bad_request(e.to_string()),
+                    // Writing failed on this host (a full disk, permissions): say where.
+                    e @ R::EntryIo { .. } => OpError::failed(format!(
+                        "building image {name}: unpacking the layers into {}: {e}",
+                        scratch.display()
+                    )),
+                    e => OpError::failed(format!(
+                        "building image {name} as {}: {e}",
+                        out.display()
+                    )),
                 }
-                e => OpError::new(ErrorCode::BadRequest, e.to_string()),
             })?;
             for s in &report.skipped {
                 ctx.progress.warn(format!("skipped {s}"));

@@ -2,14 +2,24 @@
 //!
 //! For every VM the store thinks may have a VMM: a live VMM that is provably ours (pid and start
 //! time from the handles file) is re-adopted when the VM was running; anything else is torn
-//! down and the VM marked stopped. Runtime dirs that no VM accounts for are removed.
+//! down and the VM marked stopped. Runtime dirs that no VM accounts for are removed. A create
+//! or delete the previous daemon did not finish (its VM dir still carries the mark it wrote) is
+//! rolled back or finished.
 
-use banger_core::{VmId, VmState};
+use banger_core::{VmId, VmRecord, VmState};
 use serde::Serialize;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::{Engine, Live, join_errors};
+use crate::error::{OpError, OpResult};
 use crate::handles::Handles;
+
+/// In a VM's state dir while `vm create` builds it (written before the row is inserted, removed
+/// once every file is built). Holds the VM's known_hosts names, one a line.
+pub(super) const CREATING_MARK: &str = ".creating";
+/// In a VM's state dir once `vm delete` is committed (written before the row is deleted, gone
+/// with the dir). Holds the VM's known_hosts names, one a line.
+pub(super) const DELETING_MARK: &str = ".deleting";
 
 /// What reconciliation did, one line per action (logged and returned by `daemon.status`).
 #[derive(Debug, Clone, Default, Serialize)]
@@ -19,6 +29,18 @@ pub struct ReconcileReport {
 
 impl Engine {
     pub async fn reconcile(&self) -> ReconcileReport {
+        // Failpoints (a test facility) are read once, when the daemon starts; this is the
+        // first thing a starting daemon does.
+        match crate::failpoint::init_from_env() {
+            Ok(None) => {}
+            Ok(Some(note)) => warn!("{note}"),
+            Err(e) => {
+                // Only with BANGER_FAILPOINTS_ENABLE=1: a typo must not quietly test nothing.
+                error!("{e}");
+                eprintln!("bangerd: {e}");
+                std::process::exit(2);
+            }
+        }
         let mut report = ReconcileReport::default();
         let vms = match self.store().list_vms() {
             Ok(v) => v,
@@ -76,7 +98,7 @@ impl Engine {
                 continue;
             }
             let was = vm.state;
-            let errors = self.teardown(&vm.id, live.as_ref()).await;
+            let errors = self.teardown(&vm.id, live.as_ref(), "reconcile").await;
             vm.state = VmState::Stopped;
             let mut note = match (was, alive) {
                 (VmState::Running, _) => "its VMM died while the daemon was away".to_string(),
@@ -96,11 +118,98 @@ impl Engine {
                     .push(format!("VM {}: could not save: {e}", vm.name));
             }
         }
+        self.finish_marked_vm_dirs(&mut report);
         self.remove_orphan_run_dirs(&mut report);
         for a in &report.actions {
             info!(action = %a, "reconcile");
         }
         report
+    }
+
+    /// Writes `mark` (the VM's known_hosts names, one a line) into the VM's state dir, creating
+    /// the dir if needed; see [`CREATING_MARK`] and [`DELETING_MARK`].
+    pub(super) fn mark_vm_dir(&self, vm: &VmRecord, mark: &str) -> OpResult<()> {
+        let dir = self.layout().vm_dir(&vm.id);
+        let path = dir.join(mark);
+        let mut text = super::ops::known_host_names(vm).join("\n");
+        text.push('\n');
+        crate::layout::create_private_dir(&dir)
+            .and_then(|()| std::fs::write(&path, text))
+            .map_err(|e| {
+                OpError::failed(format!("VM {}: writing {}: {e}", vm.name, path.display()))
+            })
+    }
+
+    /// Every VM state dir carrying a create or delete mark belongs to an operation a previous
+    /// daemon did not finish: an interrupted create is rolled back (as a failed create is) and
+    /// an interrupted delete is finished — row (if still there), known_hosts entry, files.
+    fn finish_marked_vm_dirs(&self, report: &mut ReconcileReport) {
+        let Ok(entries) = std::fs::read_dir(self.layout().vms_dir()) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let Some(id) = VmId::parse(&entry.file_name().to_string_lossy()) else {
+                continue;
+            };
+            let dir = entry.path();
+            let Some((mark, what)) = [
+                (CREATING_MARK, "its create was interrupted; rolled it back"),
+                (DELETING_MARK, "its delete was interrupted; finished it"),
+            ]
+            .into_iter()
+            .find(|(m, _)| dir.join(m).exists()) else {
+                continue;
+            };
+            if self.live().contains_key(&id) {
+                // Cannot happen (a mark never coexists with a run), but never delete a live VM.
+                report.actions.push(format!(
+                    "VM {id}: running, yet its dir carries {mark}; left alone"
+                ));
+                continue;
+            }
+            let mut names: Vec<String> = std::fs::read_to_string(dir.join(mark))
+                .unwrap_or_default()
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(str::to_string)
+                .collect();
+            let mut label = id.to_string();
+            match self.store().get_vm(id.as_str()) {
+                Ok(Some(vm)) => {
+                    label = vm.name.to_string();
+                    names.extend(super::ops::known_host_names(&vm));
+                    if let Err(e) = self.store().delete_vm(&id) {
+                        report.actions.push(format!(
+                            "VM {label}: {what}, but deleting its row failed: {e}"
+                        ));
+                        continue;
+                    }
+                    self.vms_changed();
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    report
+                        .actions
+                        .push(format!("VM {label}: could not read its row: {e}"));
+                    continue;
+                }
+            }
+            let mut errors = Vec::new();
+            if !names.is_empty()
+                && let Err(e) = self.ssh().remove_known_host(&names)
+            {
+                errors.push(e.to_string());
+            }
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                errors.push(format!("removing {}: {e}", dir.display()));
+            }
+            let mut line = format!("VM {label}: {what}");
+            if !errors.is_empty() {
+                line.push_str(&format!("; cleanup errors: {}", join_errors(&errors)));
+            }
+            report.actions.push(line);
+        }
     }
 
     fn remove_orphan_run_dirs(&self, report: &mut ReconcileReport) {

@@ -135,9 +135,11 @@ impl Engine {
             ctx.progress.stage(step, None);
             let t = Instant::now();
             let result = async {
+                crate::failpoint::hit("start", step, false);
                 self.inner.hook.check(vm, step, false)?;
                 self.run_step(step, vm, &mut attempt, &mut rollback, ctx)
                     .await?;
+                crate::failpoint::hit("start", step, true);
                 self.inner.hook.check(vm, step, true)
             };
             // Steps are not abandoned half-way (a dropped spawn could orphan a process); a
@@ -402,7 +404,15 @@ impl Engine {
                         .await
                         .map_err(|e| e.to_string())?;
                 }
+                // Through the root helper the tap comes back open, for a VMM that may not
+                // open /dev/net/tun itself; the spec (and so the fd) lives until the spawn.
+                let tap_fd = net
+                    .open_tap(&tap)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map(|fd| banger_vmm::TapFd(Arc::new(fd)));
                 attempt.spec().net = Some(NetSpec {
+                    tap_fd,
                     tap: tap.as_str().to_string(),
                     mac: MacAddr::for_vm(vm.id.as_str()).to_string(),
                 });
@@ -514,7 +524,7 @@ impl Engine {
             .as_ref()
             .map(|h| banger_vmm::process::tail_file(&h.log_path, 5))
             .unwrap_or_default();
-        let errors = self.teardown(&vm.id, Some(&live)).await;
+        let errors = self.teardown(&vm.id, Some(&live), "vmm_exit").await;
         vm.state = VmState::Stopped;
         let mut note = String::from("the VMM exited on its own (guest shutdown or crash)");
         if !tail.trim().is_empty() {

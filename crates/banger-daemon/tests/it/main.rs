@@ -1,7 +1,10 @@
 //! bangerd's integration tests: the real daemon binary, the real CLI, the fake Firecracker.
 
+mod concurrency;
+mod crash;
 mod dns;
 mod engine_faults;
+mod full_disk;
 mod images;
 mod kernel_build;
 mod kernels;

@@ -363,6 +363,7 @@ impl Vmm for Firecracker {
         remove_stale_socket(&socket)?;
 
         let spawned = process::spawn_detached(&DetachedCommand {
+            inherit_fds: Vec::new(),
             program: self.bin.clone(),
             args: vec![
                 "--api-sock".into(),
@@ -571,6 +572,7 @@ mod tests {
                 read_only: true,
             }],
             net: Some(NetSpec {
+                tap_fd: None,
                 tap: "tap-fc0".into(),
                 mac: "06:00:0a:00:00:02".into(),
             }),
@@ -661,6 +663,7 @@ mod tests {
     /// A handle for a plain `sh` process whose API socket does not exist.
     async fn sh_handle(dir: &Path, script: &str) -> VmmHandle {
         let spawned = process::spawn_detached(&DetachedCommand {
+            inherit_fds: Vec::new(),
             program: "/bin/sh".into(),
             args: vec!["-c".into(), script.into()],
             env: Vec::new(),

@@ -65,6 +65,8 @@ pub const MAX_VCPUS: u32 = 255;
 
 /// QEMU's netdev id for the guest interface.
 const NETDEV_ID: &str = "net0";
+/// The descriptor number an inherited tap gets in the QEMU process.
+const TAP_CHILD_FD: i32 = 3;
 
 /// Parses the first line of `qemu-system-x86_64 --version`, `QEMU emulator version 7.2.22
 /// (Debian 1:7.2+dfsg-7+deb12u18)`. A missing patch number counts as 0; text after the version
@@ -328,13 +330,15 @@ impl Qemu {
         }
         if let Some(net) = &spec.net {
             push("-netdev".into());
-            push(
-                format!(
+            push(match &net.tap_fd {
+                // Opened by banger's root helper: QEMU inherits it as TAP_CHILD_FD.
+                Some(_) => format!("tap,id={NETDEV_ID},fd={TAP_CHILD_FD}").into(),
+                None => format!(
                     "tap,id={NETDEV_ID},ifname={},script=no,downscript=no",
                     net.tap
                 )
                 .into(),
-            );
+            });
             push("-device".into());
             push(format!("virtio-net-device,netdev={NETDEV_ID},mac={}", net.mac).into());
         }
@@ -577,7 +581,17 @@ impl Vmm for Qemu {
         // A socket left by a previous run could be mistaken for this VMM's.
         remove_stale_socket(&socket)?;
 
+        let inherit_fds = spec
+            .net
+            .as_ref()
+            .and_then(|n| n.tap_fd.as_ref())
+            .map(|fd| {
+                use std::os::fd::AsRawFd;
+                vec![(fd.0.as_raw_fd(), TAP_CHILD_FD)]
+            })
+            .unwrap_or_default();
         let spawned = process::spawn_detached(&DetachedCommand {
+            inherit_fds,
             program: self.bin.clone(),
             args: self.argv(spec),
             env: self.env.clone(),

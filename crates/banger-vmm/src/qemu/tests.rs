@@ -42,6 +42,7 @@ fn spec() -> LaunchSpec {
             },
         ],
         net: Some(NetSpec {
+            tap_fd: None,
             tap: "tap-b0".into(),
             mac: "06:00:0a:00:00:02".into(),
         }),
@@ -543,6 +544,7 @@ fn handle(kind: VmmKind, pid: i32, start_time: u64, dir: &Path) -> VmmHandle {
 
 async fn sh_handle(dir: &Path, script: &str) -> VmmHandle {
     let spawned = process::spawn_detached(&DetachedCommand {
+        inherit_fds: Vec::new(),
         program: "/bin/sh".into(),
         args: vec!["-c".into(), script.into()],
         env: Vec::new(),
@@ -607,4 +609,15 @@ async fn configure_refuses_a_process_launched_for_another_spec() {
     // A dead process is reported as exited.
     let err = q.configure(&h, &spec()).await.unwrap_err();
     assert!(matches!(err, VmmError::Exited { .. }), "{err:?}");
+}
+
+#[test]
+fn an_inherited_tap_is_passed_by_descriptor() {
+    let mut s = spec();
+    let fd: std::os::fd::OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
+    s.net.as_mut().unwrap().tap_fd = Some(crate::TapFd(std::sync::Arc::new(fd)));
+    let argv = backend(Accel::Tcg).argv(&s);
+    let pos = argv.iter().position(|x| x == "-netdev").unwrap();
+    assert_eq!(argv[pos + 1], "tap,id=net0,fd=3");
+    assert!(!argv.iter().any(|a| a.to_string_lossy().contains("ifname")));
 }

@@ -109,6 +109,7 @@ impl Fixture {
                 },
             ],
             net: Some(NetSpec {
+                tap_fd: None,
                 tap: "tap-test0".into(),
                 mac: "06:00:0a:00:00:02".into(),
             }),

@@ -1,0 +1,569 @@
+//! A full disk: the state dir (and, separately, the blob cache) on a small loop-mounted ext4.
+//! Image pulls and imports that do not fit, and VM creates whose disks do not fit, fail with
+//! one clear error line that says the disk is full and names what was being written, and leave
+//! no half image, no half VM and no scratch behind. Once space is freed, everything works.
+//!
+//! Needs root (mount, losetup); prints `SKIP: …` otherwise.
+
+use std::io::Write;
+use std::ops::{Deref, DerefMut};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use banger_core::ErrorCode;
+use banger_protocol::{
+    ImageImportParams, ImagePullParams, NameForceParams, Request, VmCreateParams, VmDeleteParams,
+    VmRef,
+};
+use banger_testkit::layers::LayerBuilder;
+use banger_testkit::registry::{LocalRegistry, TestImage, TestLayer};
+use banger_testkit::{TestEnv, have_program, processes_mentioning};
+
+/// A file-backed ext4 mounted through a loop device. Dropping it unmounts (lazily if something
+/// still holds it) and detaches the loop device.
+struct LoopFs {
+    dev: String,
+    mnt: PathBuf,
+}
+
+impl LoopFs {
+    fn mount(image: &Path, mib: u64, mnt: &Path) -> LoopFs {
+        let f = std::fs::File::create(image).expect("create the fs image");
+        f.set_len(mib << 20).expect("size the fs image");
+        drop(f);
+        // No reserved blocks: the daemon runs as root and could use them anyway.
+        run(
+            "mkfs.ext4",
+            &["-q", "-F", "-m", "0", &image.display().to_string()],
+        );
+        let dev = run(
+            "losetup",
+            &["--find", "--show", &image.display().to_string()],
+        )
+        .trim()
+        .to_string();
+        assert!(dev.starts_with("/dev/loop"), "losetup said {dev:?}");
+        // From here on the guard owns the device: a failed mount still detaches it.
+        let guard = LoopFs {
+            dev,
+            mnt: mnt.to_path_buf(),
+        };
+        std::fs::create_dir_all(mnt).expect("create the mount point");
+        run("mount", &[&guard.dev, &mnt.display().to_string()]);
+        guard
+    }
+
+    fn mounted(&self) -> bool {
+        std::fs::read_to_string("/proc/self/mounts")
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.split_whitespace().nth(1) == Some(&*self.mnt.to_string_lossy()))
+    }
+}
+
+impl Drop for LoopFs {
+    fn drop(&mut self) {
+        let mnt = self.mnt.display().to_string();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.mounted() {
+            let ok = Command::new("umount")
+                .arg(&mnt)
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if ok {
+                break;
+            }
+            if Instant::now() > deadline {
+                eprintln!("{mnt} is busy: unmounting it lazily");
+                let _ = Command::new("umount").args(["-l", &mnt]).output();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // A busy device is detached by the kernel once its last user closes it (autoclear).
+        let _ = Command::new("losetup").args(["-d", &self.dev]).output();
+    }
+}
+
+fn run(prog: &str, args: &[&str]) -> String {
+    let out = Command::new(prog)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{prog}: {e}"));
+    assert!(
+        out.status.success(),
+        "{prog} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A test environment with some of its dirs on small loop filesystems. Dropping it stops the
+/// daemon and every VMM first (they hold files on the filesystems), then unmounts, then removes
+/// the temp dir.
+struct DiskEnv {
+    env: TestEnv,
+    mounts: Vec<LoopFs>,
+}
+
+impl DiskEnv {
+    /// `None` (after `SKIP: …`) when this machine cannot loop-mount.
+    fn new(extra: &str) -> Option<DiskEnv> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            println!("SKIP: full-disk tests need root (losetup, mount)");
+            return None;
+        }
+        for p in ["losetup", "mount", "umount", "mkfs.ext4"] {
+            if !have_program(p) {
+                println!("SKIP: {p} is not installed");
+                return None;
+            }
+        }
+        if !Path::new("/dev/loop-control").exists() {
+            println!("SKIP: no loop device support (/dev/loop-control)");
+            return None;
+        }
+        Some(DiskEnv {
+            env: TestEnv::new(extra),
+            mounts: Vec::new(),
+        })
+    }
+
+    /// Puts `dir` (a path inside the environment, not yet created) on a fresh `mib` MiB ext4.
+    fn small_fs(&mut self, dir: &Path, mib: u64) {
+        let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+        let image = self.env.root().join(format!("{name}.fs.img"));
+        self.mounts.push(LoopFs::mount(&image, mib, dir));
+    }
+}
+
+impl Deref for DiskEnv {
+    type Target = TestEnv;
+    fn deref(&self) -> &TestEnv {
+        &self.env
+    }
+}
+
+impl DerefMut for DiskEnv {
+    fn deref_mut(&mut self) -> &mut TestEnv {
+        &mut self.env
+    }
+}
+
+impl Drop for DiskEnv {
+    fn drop(&mut self) {
+        self.env.kill_daemon();
+        for (pid, _) in processes_mentioning(self.env.root()) {
+            // SAFETY: kill(2) on processes whose command line names our private temp dir.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !processes_mentioning(self.env.root()).is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.mounts.clear();
+    }
+}
+
+/// Free bytes on the filesystem holding `dir`.
+fn free_bytes(dir: &Path) -> u64 {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).unwrap();
+    // SAFETY: statvfs writes into the zeroed struct we pass; the path is NUL-terminated.
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut s) }, 0);
+    s.f_bavail as u64 * s.f_frsize as u64
+}
+
+/// Fills the filesystem of `dir` with a ballast file, then frees `leave` bytes of it again.
+fn fill(dir: &Path, leave: u64) -> PathBuf {
+    let path = dir.join("ballast");
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .unwrap();
+    for chunk in [1 << 20, 64 << 10, 4 << 10, 512] {
+        let buf = vec![0xa5u8; chunk];
+        loop {
+            match f.write(&buf) {
+                Ok(n) if n == buf.len() => {}
+                Ok(_) => break,
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
+                Err(e) => panic!("filling {}: {e}", path.display()),
+            }
+        }
+    }
+    let _ = f.sync_all();
+    let len = f.metadata().unwrap().len();
+    f.set_len(len.saturating_sub(leave)).unwrap();
+    f.sync_all().unwrap();
+    path
+}
+
+/// Random bytes (incompressible).
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    banger_testkit::registry::pseudo_random(len, seed)
+}
+
+fn config() -> serde_json::Value {
+    serde_json::json!({ "Cmd": ["/bin/sh"] })
+}
+
+/// One layer: a dir with a file of `mib` MiB of random bytes.
+fn big_layer(mib: usize, seed: u64) -> Vec<u8> {
+    LayerBuilder::new()
+        .dir("etc", 0o755)
+        .file("etc/os-release", 0o644, b"ID=full\n")
+        .dir("data", 0o755)
+        .file("data/blob", 0o644, &noise(mib << 20, seed))
+        .build()
+}
+
+fn pull(env: &TestEnv, reference: &str) -> banger_testkit::Reply {
+    env.request(&Request::ImagePull(ImagePullParams {
+        reference: reference.into(),
+        insecure: true,
+        ..Default::default()
+    }))
+}
+
+/// The error says, on one line, that the disk is full, and names what was being written.
+fn assert_disk_full(what: &str, code: ErrorCode, msg: &str, names: &[&str]) {
+    println!("{what}: {code:?}: {msg}");
+    assert!(
+        msg.contains("No space left on device") || msg.contains("disk is full"),
+        "{what}: the error does not say the disk is full: {msg}"
+    );
+    assert!(!msg.contains('\n'), "{what}: not one line: {msg:?}");
+    assert!(
+        names.iter().any(|n| msg.contains(n)),
+        "{what}: the error names none of {names:?}: {msg}"
+    );
+    assert_eq!(
+        code,
+        ErrorCode::OperationFailed,
+        "{what}: a full disk is not the caller's fault: {msg}"
+    );
+}
+
+/// No image row named `name`, no image dir, no staging dir, no build scratch, no partial blob.
+fn assert_no_half_image(env: &TestEnv, name: &str) {
+    let list = env.request(&Request::ImageList).ok();
+    let names: Vec<&str> = list["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["name"].as_str().unwrap())
+        .collect();
+    assert!(!names.contains(&name), "image row {name} left: {list}");
+    let images = env.state_dir().join("images");
+    assert!(!images.join(name).exists(), "images/{name} left");
+    let stray: Vec<String> = entries(&images)
+        .into_iter()
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(stray.is_empty(), "staging left in images/: {stray:?}");
+    let scratch = entries(&env.state_dir().join("build"));
+    assert!(scratch.is_empty(), "scratch left in build/: {scratch:?}");
+    let partials: Vec<_> = walk(&env.root().join("cache"))
+        .into_iter()
+        .filter(|p| p.to_string_lossy().contains("partial"))
+        .collect();
+    assert!(partials.is_empty(), "partial blobs left: {partials:?}");
+}
+
+fn entries(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+fn vm_names(env: &TestEnv) -> Vec<(String, String, Option<String>)> {
+    let list = env.request(&Request::VmList).ok();
+    list["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| {
+            (
+                v["name"].as_str().unwrap().to_string(),
+                v["state"].as_str().unwrap().to_string(),
+                v["last_error"].as_str().map(str::to_string),
+            )
+        })
+        .collect()
+}
+
+fn create(env: &TestEnv, name: &str) -> banger_testkit::Reply {
+    env.request(&Request::VmCreate(VmCreateParams {
+        name: Some(name.into()),
+        ..Default::default()
+    }))
+}
+
+fn delete(env: &TestEnv, name: &str) {
+    env.request(&Request::VmDelete(VmDeleteParams {
+        vm: name.into(),
+        force: true,
+    }))
+    .ok();
+}
+
+/// Image pulls, imports and VM creates on a 64 MiB state dir.
+#[test]
+fn a_full_state_dir_fails_cleanly_and_recovers() {
+    let Some(mut env) = DiskEnv::new("") else {
+        return;
+    };
+    let reg = match LocalRegistry::start() {
+        Ok(r) => Some(r),
+        Err(why) => {
+            println!("SKIP (pull cases): {why}");
+            None
+        }
+    };
+    let state = env.state_dir();
+    env.small_fs(&state, 64);
+    env.start_daemon();
+    env.seed_artifacts();
+    // One VM boots first, so the kernel's initramfs is cached before the disk fills.
+    create(&env, "first").ok();
+    println!("free after setup: {} KiB", free_bytes(&state) >> 10);
+
+    // (a) Pulls whose content does not fit: one fails while unpacking the layers into the
+    // scratch tree, one while writing the ext4 image.
+    if let Some(reg) = &reg {
+        for (repo, mib) in [("huge", 80usize), ("big", 28)] {
+            let layer = big_layer(mib, mib as u64);
+            reg.push_image(
+                &format!("full/{repo}"),
+                Some("1"),
+                &TestImage::new(vec![TestLayer::Tar(layer)], config()),
+            );
+            let r = format!("{}/full/{repo}:1", reg.addr());
+            let t = Instant::now();
+            let (code, msg) = pull(&env, &r).err();
+            println!("pull of {mib} MiB failed in {:?}", t.elapsed());
+            assert_disk_full(
+                &format!("pull {repo}"),
+                code,
+                &msg,
+                &["build/", "images/", "rootfs"],
+            );
+            assert_no_half_image(&env, &format!("{repo}-1"));
+        }
+    }
+
+    // (b) Imports that do not fit: a rootfs tarball, a bundle, an ext4 file.
+    {
+        let tarball = env.root().join("rootfs.tar");
+        std::fs::write(&tarball, big_layer(80, 7)).unwrap();
+        let (code, msg) = env
+            .request(&Request::ImageImport(ImageImportParams {
+                name: Some("tarball".into()),
+                source: tarball.clone(),
+                kernel: None,
+            }))
+            .err();
+        assert_disk_full("import tarball", code, &msg, &["build/", "images/"]);
+        assert_no_half_image(&env, "tarball");
+
+        let bundle = env.root().join("big.tar.zst");
+        std::fs::write(&bundle, bundle_bytes(&noise(80 << 20, 8))).unwrap();
+        let (code, msg) = env
+            .request(&Request::ImageImport(ImageImportParams {
+                name: Some("bundled".into()),
+                source: bundle,
+                kernel: None,
+            }))
+            .err();
+        assert_disk_full("import bundle", code, &msg, &["images/"]);
+        assert_no_half_image(&env, "bundled");
+
+        // An ext4 file (only its superblock magic is checked) is copied in.
+        let ext4 = env.root().join("big.ext4");
+        let mut bytes = noise(80 << 20, 9);
+        bytes[1024 + 56] = 0x53;
+        bytes[1024 + 57] = 0xef;
+        std::fs::write(&ext4, bytes).unwrap();
+        let (code, msg) = env
+            .request(&Request::ImageImport(ImageImportParams {
+                name: Some("ext4file".into()),
+                source: ext4,
+                kernel: None,
+            }))
+            .err();
+        assert_disk_full("import ext4", code, &msg, &["images/"]);
+        assert_no_half_image(&env, "ext4file");
+    }
+    let free = free_bytes(&state);
+    println!("free after the failed images: {} KiB", free >> 10);
+    assert!(free > 40 << 20, "the failed images left data behind");
+
+    // (c) VM creates on a disk filled to a little below what they need: each fails before its
+    // row is kept, or starts; nothing half-built stays.
+    let mut outcomes = Vec::new();
+    for (i, leave) in [0u64, 8 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20]
+        .into_iter()
+        .enumerate()
+    {
+        let ballast = fill(&state, leave);
+        let name = format!("full-{i}");
+        let free = free_bytes(&state);
+        let r = create(&env, &name);
+        let vms = vm_names(&env);
+        let row = vms.iter().find(|(n, _, _)| *n == name).cloned();
+        match r.last() {
+            banger_protocol::Frame::Error { code, message, .. } => {
+                outcomes.push(format!("{} KiB free: failed", free >> 10));
+                assert_disk_full(
+                    &format!("create with {} KiB free", free >> 10),
+                    *code,
+                    message,
+                    &["disk", "vms/", "database", "state"],
+                );
+                assert!(row.is_none(), "a failed create left its VM: {row:?}");
+            }
+            _ => {
+                outcomes.push(format!("{} KiB free: created", free >> 10));
+                assert_eq!(row.as_ref().map(|r| r.1.as_str()), Some("running"));
+                delete(&env, &name);
+            }
+        }
+        let ids: Vec<String> = env.request(&Request::VmList).ok()["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["id"].as_str().unwrap().to_string())
+            .collect();
+        let stray: Vec<_> = env
+            .vm_leftovers()
+            .into_iter()
+            .filter(|p| !ids.iter().any(|id| p.ends_with(id)))
+            .collect();
+        assert!(stray.is_empty(), "VM dirs without a VM: {stray:?}");
+        std::fs::remove_file(&ballast).unwrap();
+    }
+    println!("creates on a full disk: {outcomes:?}");
+    assert!(
+        outcomes.iter().any(|o| o.ends_with("failed")),
+        "no create hit the full disk: {outcomes:?}"
+    );
+
+    // (d) With the space back, everything works again.
+    create(&env, "after").ok();
+    if let Some(reg) = &reg {
+        reg.push_image(
+            "full/small",
+            Some("1"),
+            &TestImage::new(vec![TestLayer::Tar(big_layer(2, 3))], config()),
+        );
+        pull(&env, &format!("{}/full/small:1", reg.addr())).ok();
+    }
+    for n in ["after", "first"] {
+        delete(&env, n);
+    }
+    assert_eq!(vm_names(&env), []);
+    assert!(env.vm_leftovers().is_empty(), "{:?}", env.vm_leftovers());
+    let leaks = env.request(&Request::DaemonLeaks).ok();
+    assert_eq!(leaks["leaks"], serde_json::json!([]), "{leaks}");
+    assert!(
+        env.stray_processes().is_empty(),
+        "{:?}",
+        env.stray_processes()
+    );
+    // The daemon's log survived the full disk.
+    let show = env.request(&Request::VmShow(VmRef { vm: "nope".into() }));
+    assert_eq!(show.err().0, ErrorCode::NotFound);
+    env.request(&Request::ImageDelete(NameForceParams {
+        name: "test-image".into(),
+        force: false,
+    }))
+    .ok();
+}
+
+/// The blob cache on a 24 MiB filesystem: a layer that does not fit fails the pull naming the
+/// cache, with no partial file left; a small image still pulls afterwards.
+#[test]
+fn a_full_blob_cache_fails_cleanly() {
+    let Some(mut env) = DiskEnv::new("") else {
+        return;
+    };
+    let reg = match LocalRegistry::start() {
+        Ok(r) => r,
+        Err(why) => {
+            println!("SKIP: {why}");
+            return;
+        }
+    };
+    let cache = env.root().join("cache");
+    env.small_fs(&cache, 24);
+    env.start_daemon();
+    reg.push_image(
+        "cache/huge",
+        Some("1"),
+        &TestImage::new(vec![TestLayer::Tar(big_layer(40, 11))], config()),
+    );
+    let (code, msg) = pull(&env, &format!("{}/cache/huge:1", reg.addr())).err();
+    assert_disk_full("pull into a full cache", code, &msg, &["cache"]);
+    assert_no_half_image(&env, "huge-1");
+    let blobs = walk(&cache.join("oci"));
+    println!("cache after the failed pull: {blobs:?}");
+    assert!(
+        free_bytes(&cache) > 16 << 20,
+        "the failed download left data in the cache: {blobs:?}"
+    );
+    reg.push_image(
+        "cache/small",
+        Some("1"),
+        &TestImage::new(vec![TestLayer::Tar(big_layer(2, 12))], config()),
+    );
+    pull(&env, &format!("{}/cache/small:1", reg.addr())).ok();
+}
+
+/// A bundle (`image export`'s format) holding `rootfs`.
+fn bundle_bytes(rootfs: &[u8]) -> Vec<u8> {
+    use sha2::Digest;
+    let manifest = serde_json::to_vec(&banger_daemon::engine::BundleManifest {
+        format: banger_daemon::engine::BUNDLE_FORMAT.into(),
+        name: "bundled".into(),
+        source: "test".into(),
+        kernel: None,
+        meta: Default::default(),
+        rootfs_sha256: hex::encode(sha2::Sha256::digest(rootfs)),
+        rootfs_size: rootfs.len() as u64,
+    })
+    .unwrap();
+    let mut tar = tar::Builder::new(Vec::new());
+    for (name, data) in [("manifest.json", &manifest[..]), ("rootfs.ext4", rootfs)] {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        tar.append_data(&mut h, name, data).unwrap();
+    }
+    zstd::encode_all(tar.into_inner().unwrap().as_slice(), 1).unwrap()
+}

@@ -1,0 +1,406 @@
+//! Executes checked requests: [`NetOps`] for the network, argv through [`CommandRunner`] for
+//! `losetup`, `dmsetup` and `mmdebstrap`, [`HostOps`] for taps and loop probes.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use banger_net::{NetOps, RealNetOps};
+use banger_sys::{Cmd, CommandRunner, RealRunner};
+use nix::errno::Errno;
+use nix::fcntl::{AT_FDCWD, OFlag, RenameFlags, openat, renameat2};
+use nix::sys::stat::Mode;
+use serde_json::json;
+
+use crate::config::HelperConfig;
+use crate::error::HelperError;
+use crate::host::{HostOps, RealHost};
+use crate::protocol::{HelperRequest, PROTOCOL_VERSION};
+use crate::validate::{self, Checked, LoopDevice, NewFile, SafeFile};
+
+/// What an op answers: a JSON value, and for `OpenTap` a descriptor passed along with it.
+#[derive(Debug)]
+pub struct Outcome {
+    pub value: serde_json::Value,
+    pub fd: Option<OwnedFd>,
+}
+
+impl Outcome {
+    fn value(value: serde_json::Value) -> Self {
+        Outcome { value, fd: None }
+    }
+
+    fn unit() -> Self {
+        Self::value(serde_json::Value::Null)
+    }
+}
+
+/// The helper: its policy and the things that act on the host.
+#[derive(Debug)]
+pub struct Helper {
+    cfg: HelperConfig,
+    net: Arc<dyn NetOps>,
+    runner: Arc<dyn CommandRunner>,
+    host: Arc<dyn HostOps>,
+    scratch_dir: PathBuf,
+}
+
+/// The fixed `mmdebstrap` options; only the suite, the package list, the output and the mirror
+/// vary, each validated.
+pub const MMDEBSTRAP_FIXED: &[&str] = &[
+    "--variant=minbase",
+    "--mode=root",
+    "--format=tar",
+    // Docs and translations are dead weight in a sandbox image.
+    "--dpkgopt=path-exclude=/usr/share/doc/*",
+    "--dpkgopt=path-exclude=/usr/share/man/*",
+    "--dpkgopt=path-exclude=/usr/share/locale/*",
+];
+
+impl Helper {
+    pub fn new(
+        cfg: HelperConfig,
+        net: Arc<dyn NetOps>,
+        runner: Arc<dyn CommandRunner>,
+        host: Arc<dyn HostOps>,
+    ) -> Self {
+        Helper {
+            cfg,
+            net,
+            runner,
+            host,
+            scratch_dir: std::env::temp_dir(),
+        }
+    }
+
+    /// The production helper: `ip`/`nft` through [`RealNetOps`], programs through
+    /// [`RealRunner`], the real kernel; mmdebstrap's scratch space in `/var/tmp` (disk-backed,
+    /// sticky, so nobody else can move the helper's private directory there).
+    pub fn real(cfg: HelperConfig) -> Self {
+        let runner: Arc<dyn CommandRunner> = Arc::new(RealRunner);
+        Helper::new(
+            cfg,
+            Arc::new(RealNetOps::new(runner.clone())),
+            runner,
+            Arc::new(RealHost::default()),
+        )
+        .with_scratch_dir("/var/tmp")
+    }
+
+    /// Where `Debootstrap` makes its private working directory. It must be a directory only
+    /// root can rename entries in (root-owned, or sticky like `/tmp`).
+    pub fn with_scratch_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.scratch_dir = dir.into();
+        self
+    }
+
+    pub fn config(&self) -> &HelperConfig {
+        &self.cfg
+    }
+
+    /// Checks `req` and, if it passes, runs it.
+    pub async fn handle(&self, req: &HelperRequest) -> Result<Outcome, HelperError> {
+        let checked = validate::check_request(&self.cfg, self.host.as_ref(), req)?;
+        self.run(checked).await
+    }
+
+    async fn run(&self, op: Checked) -> Result<Outcome, HelperError> {
+        let net = |e: banger_net::NetError| HelperError::failed(e.to_string());
+        Ok(match op {
+            Checked::Ping => Outcome::value(json!({ "version": PROTOCOL_VERSION })),
+            Checked::EnsureBridge {
+                bridge,
+                gateway,
+                prefix,
+            } => {
+                self.net
+                    .ensure_bridge(&bridge, gateway, prefix)
+                    .await
+                    .map_err(net)?;
+                Outcome::unit()
+            }
+            Checked::CreateTap {
+                tap,
+                bridge,
+                owner_uid,
+            } => {
+                self.net
+                    .create_tap(&tap, &bridge, Some(owner_uid))
+                    .await
+                    .map_err(net)?;
+                Outcome::unit()
+            }
+            Checked::DeleteTap { tap } => {
+                self.net.delete_tap(&tap).await.map_err(net)?;
+                Outcome::unit()
+            }
+            Checked::ListTaps => {
+                let taps = self.net.list_taps().await.map_err(net)?;
+                Outcome::value(json!(taps.iter().map(|t| t.as_str()).collect::<Vec<_>>()))
+            }
+            Checked::EnsureNat { bridge, cidr } => {
+                self.net.ensure_nat(&bridge, &cidr).await.map_err(net)?;
+                Outcome::unit()
+            }
+            Checked::AddVmNat { vm_id, ip, tap } => {
+                self.net.add_vm_nat(&vm_id, ip, &tap).await.map_err(net)?;
+                Outcome::unit()
+            }
+            Checked::RemoveVmNat { vm_id } => {
+                self.net.remove_vm_nat(&vm_id).await.map_err(net)?;
+                Outcome::unit()
+            }
+            Checked::ListNatVms => Outcome::value(json!(
+                self.net.list_nat_vms().await.map_err(net)?
+            )),
+            Checked::ForgetNeighbor { bridge, ip } => {
+                self.net.forget_neighbor(&bridge, ip).await.map_err(net)?;
+                Outcome::unit()
+            }
+            Checked::RemoveAll { bridge } => {
+                self.net.remove_all(bridge.as_ref()).await.map_err(net)?;
+                Outcome::unit()
+            }
+            Checked::OpenTap { tap } => {
+                let fd = self.host.open_tap(&tap, &self.cfg.bridge_name)?;
+                Outcome {
+                    value: json!({ "tap": tap.as_str() }),
+                    fd: Some(fd),
+                }
+            }
+            Checked::LoopAttach { file, read_only } => {
+                Outcome::value(json!(self.loop_attach(&file, read_only).await?.path()))
+            }
+            Checked::LoopDetach { device, attached } => {
+                if attached {
+                    self.loop_detach(device).await?;
+                }
+                Outcome::unit()
+            }
+            Checked::DmSnapshotCreate { vm_id, origin, cow } => {
+                if !self.host.has_device_mapper() {
+                    return Err(HelperError::failed(
+                        "this host lacks device-mapper (no /dev/mapper/control)",
+                    ));
+                }
+                let sectors = self.host.block_sectors(origin)?;
+                let name = validate::dm_name(&vm_id);
+                // A persistent snapshot with 4 KiB chunks: the COW survives stop/start.
+                let table = format!("0 {sectors} snapshot {origin} {cow} P 8");
+                let cmd = Cmd::new("dmsetup").args(["create", name.as_str(), "--table", &table]);
+                self.runner
+                    .run(&cmd)
+                    .await
+                    .map_err(|e| HelperError::failed(e.to_string()))?;
+                Outcome::value(json!(format!("/dev/mapper/{name}")))
+            }
+            Checked::DmRemove { vm_id } => {
+                self.dm_remove(&validate::dm_name(&vm_id)).await?;
+                Outcome::unit()
+            }
+            Checked::Debootstrap {
+                suite,
+                mirror,
+                packages,
+                output,
+            } => self.debootstrap(&suite, &mirror, &packages, output).await?,
+        })
+    }
+
+    async fn loop_attach(&self, file: &SafeFile, read_only: bool) -> Result<LoopDevice, HelperError> {
+        let mut cmd = Cmd::new("losetup").args(["--find", "--show"]);
+        if read_only {
+            cmd = cmd.arg("--read-only");
+        }
+        let cmd = cmd.arg(&file.path);
+        let out = self
+            .runner
+            .run(&cmd)
+            .await
+            .map_err(|e| HelperError::failed(e.to_string()))?;
+        let text = String::from_utf8_lossy(&out);
+        let dev = validate::loop_device("losetup output", text.trim()).map_err(|_| {
+            HelperError::failed(format!(
+                "losetup --find --show printed {:?}, not a /dev/loopN path",
+                text.trim()
+            ))
+        })?;
+        // losetup opened the path by name; the checked file is the inode held in `file.fd`.
+        // If something was swapped in between, the device is released before anyone learns
+        // its name.
+        let same = self
+            .host
+            .loop_backing(dev)?
+            .is_some_and(|b| b.dev == file.dev && b.ino == file.ino);
+        if !same {
+            let _ = self.loop_detach(dev).await;
+            return Err(HelperError::forbidden(format!(
+                "path: {:?} changed while it was being attached; {dev} was released",
+                file.path.display().to_string()
+            )));
+        }
+        Ok(dev)
+    }
+
+    async fn loop_detach(&self, dev: LoopDevice) -> Result<(), HelperError> {
+        let cmd = Cmd::new("losetup").args(["--detach".to_string(), dev.path()]);
+        match self.runner.run(&cmd).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.to_string().contains("No such device") => Ok(()),
+            Err(e) => Err(HelperError::failed(e.to_string())),
+        }
+    }
+
+    /// `dmsetup remove`, retried while the mapping is busy (its VMM has just exited); a mapping
+    /// that does not exist is fine.
+    async fn dm_remove(&self, name: &str) -> Result<(), HelperError> {
+        let cmd = Cmd::new("dmsetup").args(["remove", name]);
+        let mut last = String::new();
+        for attempt in 0..5u32 {
+            match self.runner.run(&cmd).await {
+                Ok(_) => return Ok(()),
+                Err(e) => {
+                    last = e.to_string();
+                    if last.contains("No such device") || last.contains("not found") {
+                        return Ok(());
+                    }
+                    tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+                }
+            }
+        }
+        Err(HelperError::failed(last))
+    }
+
+    /// mmdebstrap writes into a fresh root-only directory; the tar is then given to the owner
+    /// and moved (or copied) into the build directory through the descriptor the validation
+    /// opened, as a new entry that cannot replace anything. Nothing root does ever resolves a
+    /// name in the owner's directory again.
+    async fn debootstrap(
+        &self,
+        suite: &str,
+        mirror: &str,
+        packages: &[String],
+        output: NewFile,
+    ) -> Result<Outcome, HelperError> {
+        let scratch = tempfile::Builder::new()
+            .prefix("banger-helper-")
+            .tempdir_in(&self.scratch_dir)
+            .map_err(|e| {
+                HelperError::failed(format!(
+                    "creating a scratch directory in {}: {e}",
+                    self.scratch_dir.display()
+                ))
+            })?;
+        let tar = scratch.path().join("rootfs.tar");
+        let cmd = mmdebstrap_cmd(suite, mirror, packages, &tar);
+        self.runner
+            .run(&cmd)
+            .await
+            .map_err(|e| HelperError::failed(e.to_string()))?;
+        let owner = self.cfg.owner_uid;
+        let shown = output.path.display().to_string();
+        let bytes = tokio::task::spawn_blocking(move || place_tar(&tar, &output, owner))
+            .await
+            .map_err(|e| HelperError::failed(format!("placing the tar: {e}")))??;
+        drop(scratch);
+        Ok(Outcome::value(json!({ "output": shown, "bytes": bytes })))
+    }
+}
+
+/// The mmdebstrap argv: fixed options, then `--include` when packages are given, then
+/// `<suite> <output> <mirror>`.
+pub fn mmdebstrap_cmd(
+    suite: &str,
+    mirror: &str,
+    packages: &[String],
+    output: &std::path::Path,
+) -> Cmd {
+    let mut cmd = Cmd::new("mmdebstrap").args(MMDEBSTRAP_FIXED);
+    if !packages.is_empty() {
+        cmd = cmd.arg(format!("--include={}", packages.join(",")));
+    }
+    cmd.arg(suite).arg(output).arg(mirror)
+}
+
+/// Opens the finished tar (root-private, so no race), gives it to the owner, then puts it in
+/// place with `renameat2(RENAME_NOREPLACE)` relative to the checked directory, or copies it
+/// into an `O_EXCL` file there when the scratch area is on another filesystem.
+fn place_tar(tar: &std::path::Path, out: &NewFile, owner: u32) -> Result<u64, HelperError> {
+    let fail = |what: &str, e: Errno| {
+        HelperError::failed(format!("{what} {}: {}", out.path.display(), e.desc()))
+    };
+    let src = openat(
+        AT_FDCWD,
+        tar,
+        OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| {
+        HelperError::failed(format!(
+            "mmdebstrap left no tar at {}: {}",
+            tar.display(),
+            e.desc()
+        ))
+    })?;
+    let st = nix::sys::stat::fstat(&src).map_err(|e| fail("checking the tar for", e))?;
+    if !crate::safepath::is_regular(&st) {
+        return Err(HelperError::failed(format!(
+            "mmdebstrap's output {} is not a regular file",
+            tar.display()
+        )));
+    }
+    let uid = Some(nix::unistd::Uid::from_raw(owner));
+    nix::unistd::fchown(src.as_fd(), uid, None).map_err(|e| fail("chowning", e))?;
+    nix::sys::stat::fchmod(src.as_fd(), Mode::from_bits_truncate(0o600))
+        .map_err(|e| fail("chmodding", e))?;
+    match renameat2(
+        AT_FDCWD,
+        tar,
+        &out.dir,
+        out.name.as_str(),
+        RenameFlags::RENAME_NOREPLACE,
+    ) {
+        Ok(()) => return Ok(u64::try_from(st.st_size).unwrap_or(0)),
+        Err(Errno::EEXIST) => {
+            return Err(HelperError::forbidden(format!(
+                "output: {:?} appeared while the image was being built",
+                out.path.display().to_string()
+            )));
+        }
+        Err(Errno::EXDEV) => {}
+        Err(e) => return Err(fail("moving the tar to", e)),
+    }
+    let dst = openat(
+        &out.dir,
+        out.name.as_str(),
+        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::from_bits_truncate(0o600),
+    )
+    .map_err(|e| match e {
+        Errno::EEXIST => HelperError::forbidden(format!(
+            "output: {:?} appeared while the image was being built",
+            out.path.display().to_string()
+        )),
+        e => fail("creating", e),
+    })?;
+    nix::unistd::fchown(dst.as_fd(), uid, None).map_err(|e| fail("chowning", e))?;
+    let mut from = std::fs::File::from(src);
+    let mut to = std::fs::File::from(dst);
+    let copied = std::io::copy(&mut from, &mut to).and_then(|n| to.sync_all().map(|()| n));
+    match copied {
+        Ok(n) => Ok(n),
+        Err(e) => {
+            // Leave no partial tar behind (the entry is ours: O_EXCL made it).
+            let _ = nix::unistd::unlinkat(
+                &out.dir,
+                out.name.as_str(),
+                nix::unistd::UnlinkatFlags::NoRemoveDir,
+            );
+            Err(HelperError::failed(format!(
+                "copying the tar to {}: {e}",
+                out.path.display()
+            )))
+        }
+    }
+}

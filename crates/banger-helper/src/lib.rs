@@ -1,0 +1,1 @@
+//! banger-helper (work in progress).
