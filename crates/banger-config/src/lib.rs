@@ -30,7 +30,9 @@ pub const INSTALL_RECORD_PATH: &str = "/etc/banger/install.toml";
 pub fn system_owner_uid() -> Option<u32> {
     let text = std::fs::read_to_string(INSTALL_RECORD_PATH).ok()?;
     let v: toml::Value = toml::from_str(&text).ok()?;
-    v.get("uid")?.as_integer().and_then(|u| u32::try_from(u).ok())
+    v.get("uid")?
+        .as_integer()
+        .and_then(|u| u32::try_from(u).ok())
 }
 
 /// What can go wrong loading the configuration. Messages name the file, and the key and value

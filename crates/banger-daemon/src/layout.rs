@@ -100,6 +100,38 @@ impl Layout {
         self.state_dir.join("kernels")
     }
 
+    /// A staging dir for an image being made, unique per operation (two operations on one
+    /// name never share one; the loser of the final rename fails cleanly). Leftovers of a
+    /// crash are removed by reconcile ([`Layout::clear_staging`]).
+    pub fn staging_dir(&self, name: &str) -> PathBuf {
+        self.images_dir().join(unique_staging(name))
+    }
+
+    /// Like [`Layout::staging_dir`], for kernels.
+    pub fn kernel_staging_dir(&self, name: &str) -> PathBuf {
+        self.kernels_dir().join(unique_staging(name))
+    }
+
+    /// Removes every staging dir (only called before any operation runs: at daemon start).
+    pub fn clear_staging(&self) -> Vec<PathBuf> {
+        let mut removed = Vec::new();
+        for dir in [self.images_dir(), self.kernels_dir()] {
+            let Ok(rd) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for e in rd.flatten() {
+                let n = e.file_name().to_string_lossy().into_owned();
+                if n.starts_with('.') && (n.ends_with(".staging") || n.ends_with(".bundle")) {
+                    let p = e.path();
+                    if std::fs::remove_dir_all(&p).is_ok() {
+                        removed.push(p);
+                    }
+                }
+            }
+        }
+        removed
+    }
+
     pub fn images_dir(&self) -> PathBuf {
         self.state_dir.join("images")
     }
@@ -126,4 +158,10 @@ pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(dir)?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
+fn unique_staging(name: &str) -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!(".{name}.{}-{n}.staging", std::process::id())
 }

@@ -14,7 +14,6 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use banger_config::NetworkMode;
 use banger_core::{VmId, VmRecord, VmState};
@@ -66,12 +65,11 @@ pub async fn find_leaks(engine: &Engine, net: &dyn NetOps) -> Vec<Leak> {
     check(engine, net, &HostRoots::default()).await.leaks
 }
 
-/// `daemon.leaks`: the production daemon's network operations ([`banger_net::RealNetOps`], as
+/// `daemon.leaks`: the daemon's own network operations (direct or through the root helper, as
 /// in [`crate::run`]) and the real `/proc` and `/sys`.
 pub async fn host_report(engine: &Engine) -> LeakReport {
-    let runner: Arc<dyn banger_sys::CommandRunner> = Arc::new(banger_sys::RealRunner);
-    let net = banger_net::RealNetOps::new(runner);
-    check(engine, &net, &HostRoots::default()).await
+    let net = engine.net().clone();
+    check(engine, net.as_ref(), &HostRoots::default()).await
 }
 
 /// Every leak found, sorted, plus the checks that could not run and why.

@@ -75,6 +75,18 @@ impl InstanceLock {
     }
 }
 
+/// The host network operations: through the root helper when `helper_socket` is set (the
+/// daemon then needs no privilege), else run here (which needs root for bridged networking).
+fn net_ops(
+    config: &Config,
+    runner: Arc<dyn banger_sys::CommandRunner>,
+) -> Arc<dyn banger_net::NetOps> {
+    match &config.helper_socket {
+        Some(sock) => Arc::new(banger_helper::HelperClient::new(sock.clone())),
+        None => Arc::new(RealNetOps::new(runner)),
+    }
+}
+
 /// Runs the daemon until SIGTERM/SIGINT or a `daemon.shutdown` request. VMs keep running: their
 /// VMMs live in their own sessions, and the next daemon re-adopts them.
 pub async fn run(config: Config, log_file: PathBuf) -> anyhow::Result<()> {
@@ -91,7 +103,7 @@ pub async fn run(config: Config, log_file: PathBuf) -> anyhow::Result<()> {
             vmms: Arc::new(ConfigVmmProvider::new(&config)),
             runner: runner.clone(),
             hook: Arc::new(NoFaults),
-            net: Arc::new(RealNetOps::new(runner)),
+            net: net_ops(&config, runner),
         },
     );
     let reconcile = engine.reconcile().await;

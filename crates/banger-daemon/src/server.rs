@@ -142,7 +142,12 @@ async fn handle_connection(stream: UnixStream, daemon: Arc<Daemon>) {
     let (tx, mut rx) = mpsc::unbounded_channel::<Frame>();
     let cancel = CancellationToken::new();
     let span = tracing::info_span!("op", op_id = %op_id, method = request.method());
-    tokio::spawn(run_request(daemon, op_id, request, tx, cancel.clone()).instrument(span));
+    // Helper calls made for this request carry its op id (the helper logs it).
+    let scoped = banger_helper::client::scope_op_id(
+        op_id.clone(),
+        run_request(daemon, op_id, request, tx, cancel.clone()),
+    );
+    tokio::spawn(scoped.instrument(span));
 
     // Anything the client sends after its request, or its EOF, means it is gone or confused:
     // either way, the request is cancelled.

@@ -78,7 +78,7 @@ impl HelperConfig {
                     crate::protocol::show(&shown)
                 )));
             }
-            match safepath::walk_dir(&comps, self.owner_uid, comps.len()) {
+            match safepath::walk_dir(&comps, self.owner_uid) {
                 Ok(_) => {}
                 Err(safepath::WalkError::Missing(_)) => {}
                 Err(e) => return Err(HelperError::forbidden(format!("{field}: {e}"))),
@@ -106,6 +106,15 @@ impl HelperConfig {
 mod tests {
     use super::*;
 
+    /// Someone else than root when we are root, ourselves otherwise (so the temp dirs we
+    /// make belong to root or the owner either way).
+    fn owner() -> u32 {
+        match nix::unistd::geteuid().as_raw() {
+            0 => 1000,
+            me => me,
+        }
+    }
+
     fn config_in(dir: &Path) -> Config {
         let host = HostInfo::new(2, 1 << 30, dir, 0);
         let mut c = Config::defaults(&host);
@@ -118,8 +127,8 @@ mod tests {
     fn takes_the_policy_from_banger_config() {
         let d = tempfile::tempdir().unwrap();
         let c = config_in(d.path());
-        let h = HelperConfig::from_config(&c, 1000).unwrap();
-        assert_eq!(h.owner_uid, 1000);
+        let h = HelperConfig::from_config(&c, owner()).unwrap();
+        assert_eq!(h.owner_uid, owner());
         assert_eq!(h.bridge_name.as_str(), "br-banger");
         assert_eq!(h.bridge_cidr.to_string(), "172.30.0.0/24");
         assert_eq!(h.area("build"), d.path().join("state/build"));
@@ -137,11 +146,11 @@ mod tests {
             ),
         )
         .unwrap();
-        let h = HelperConfig::load(&f, 1000).unwrap();
+        let h = HelperConfig::load(&f, owner()).unwrap();
         assert_eq!(h.bridge_name.as_str(), "br-banger-x");
         assert_eq!(h.bridge_cidr.to_string(), "10.9.0.0/16");
         std::fs::write(&f, "bogus = 1\n").unwrap();
-        let e = HelperConfig::load(&f, 1000).unwrap_err();
+        let e = HelperConfig::load(&f, owner()).unwrap_err();
         assert!(e.to_string().contains("bogus"), "{e}");
     }
 
@@ -154,19 +163,19 @@ mod tests {
 
         let mut c2 = c.clone();
         c2.state_dir = "relative/state".into();
-        let e = HelperConfig::from_config(&c2, 1000).unwrap_err();
+        let e = HelperConfig::from_config(&c2, owner()).unwrap_err();
         assert!(e.to_string().contains("state_dir"), "{e}");
 
         let mut c3 = c.clone();
         c3.runtime_dir = c.state_dir.join("run");
-        HelperConfig::from_config(&c3, 1000).unwrap_err();
+        HelperConfig::from_config(&c3, owner()).unwrap_err();
 
         // A symlinked state dir is refused.
         std::fs::create_dir(d.path().join("real")).unwrap();
         std::os::unix::fs::symlink(d.path().join("real"), d.path().join("link")).unwrap();
         let mut c4 = c.clone();
         c4.state_dir = d.path().join("link");
-        let e = HelperConfig::from_config(&c4, 1000).unwrap_err();
+        let e = HelperConfig::from_config(&c4, owner()).unwrap_err();
         assert!(e.to_string().contains("symlink"), "{e}");
 
         // A world-writable one too.
@@ -177,7 +186,7 @@ mod tests {
             std::fs::Permissions::from_mode(0o777),
         )
         .unwrap();
-        let e = HelperConfig::from_config(&c, 1000).unwrap_err();
+        let e = HelperConfig::from_config(&c, owner()).unwrap_err();
         assert!(e.to_string().contains("writable"), "{e}");
     }
 
@@ -186,7 +195,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let mut c = config_in(d.path());
         c.bridge_name = "docker0".into();
-        let e = HelperConfig::from_config(&c, 1000).unwrap_err();
+        let e = HelperConfig::from_config(&c, owner()).unwrap_err();
         assert!(e.to_string().contains("docker0"), "{e}");
     }
 }

@@ -151,9 +151,9 @@ impl Helper {
                 self.net.remove_vm_nat(&vm_id).await.map_err(net)?;
                 Outcome::unit()
             }
-            Checked::ListNatVms => Outcome::value(json!(
-                self.net.list_nat_vms().await.map_err(net)?
-            )),
+            Checked::ListNatVms => {
+                Outcome::value(json!(self.net.list_nat_vms().await.map_err(net)?))
+            }
             Checked::ForgetNeighbor { bridge, ip } => {
                 self.net.forget_neighbor(&bridge, ip).await.map_err(net)?;
                 Outcome::unit()
@@ -208,7 +208,11 @@ impl Helper {
         })
     }
 
-    async fn loop_attach(&self, file: &SafeFile, read_only: bool) -> Result<LoopDevice, HelperError> {
+    async fn loop_attach(
+        &self,
+        file: &SafeFile,
+        read_only: bool,
+    ) -> Result<LoopDevice, HelperError> {
         let mut cmd = Cmd::new("losetup").args(["--find", "--show"]);
         if read_only {
             cmd = cmd.arg("--read-only");
@@ -300,7 +304,7 @@ impl Helper {
             .map_err(|e| HelperError::failed(e.to_string()))?;
         let owner = self.cfg.owner_uid;
         let shown = output.path.display().to_string();
-        let bytes = tokio::task::spawn_blocking(move || place_tar(&tar, &output, owner))
+        let bytes = tokio::task::spawn_blocking(move || place_tar(&tar, &output, owner, true))
             .await
             .map_err(|e| HelperError::failed(format!("placing the tar: {e}")))??;
         drop(scratch);
@@ -325,8 +329,14 @@ pub fn mmdebstrap_cmd(
 
 /// Opens the finished tar (root-private, so no race), gives it to the owner, then puts it in
 /// place with `renameat2(RENAME_NOREPLACE)` relative to the checked directory, or copies it
-/// into an `O_EXCL` file there when the scratch area is on another filesystem.
-fn place_tar(tar: &std::path::Path, out: &NewFile, owner: u32) -> Result<u64, HelperError> {
+/// into an `O_EXCL` file there when the scratch area is on another filesystem (or when
+/// `rename_first` is false, for tests of that path).
+fn place_tar(
+    tar: &std::path::Path,
+    out: &NewFile,
+    owner: u32,
+    rename_first: bool,
+) -> Result<u64, HelperError> {
     let fail = |what: &str, e: Errno| {
         HelperError::failed(format!("{what} {}: {}", out.path.display(), e.desc()))
     };
@@ -354,13 +364,18 @@ fn place_tar(tar: &std::path::Path, out: &NewFile, owner: u32) -> Result<u64, He
     nix::unistd::fchown(src.as_fd(), uid, None).map_err(|e| fail("chowning", e))?;
     nix::sys::stat::fchmod(src.as_fd(), Mode::from_bits_truncate(0o600))
         .map_err(|e| fail("chmodding", e))?;
-    match renameat2(
-        AT_FDCWD,
-        tar,
-        &out.dir,
-        out.name.as_str(),
-        RenameFlags::RENAME_NOREPLACE,
-    ) {
+    let renamed = if rename_first {
+        renameat2(
+            AT_FDCWD,
+            tar,
+            &out.dir,
+            out.name.as_str(),
+            RenameFlags::RENAME_NOREPLACE,
+        )
+    } else {
+        Err(Errno::EXDEV)
+    };
+    match renamed {
         Ok(()) => return Ok(u64::try_from(st.st_size).unwrap_or(0)),
         Err(Errno::EEXIST) => {
             return Err(HelperError::forbidden(format!(
@@ -402,5 +417,95 @@ fn place_tar(tar: &std::path::Path, out: &NewFile, owner: u32) -> Result<u64, He
                 out.path.display()
             )))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    fn me() -> u32 {
+        nix::unistd::geteuid().as_raw()
+    }
+
+    fn setup() -> (tempfile::TempDir, HelperConfig) {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("state/build")).unwrap();
+        std::fs::create_dir_all(d.path().join("scratch")).unwrap();
+        let cfg = HelperConfig {
+            owner_uid: if me() == 0 { 4242 } else { me() },
+            state_dir: d.path().join("state"),
+            runtime_dir: d.path().join("run"),
+            bridge_name: banger_net::BridgeName::default(),
+            bridge_cidr: banger_config::Ipv4Cidr::parse("172.30.0.0/24").unwrap(),
+        };
+        (d, cfg)
+    }
+
+    #[test]
+    fn the_tar_is_moved_or_copied_to_the_owner_and_never_replaces_anything() {
+        for rename_first in [true, false] {
+            let (d, cfg) = setup();
+            let tar = d.path().join("scratch/rootfs.tar");
+            std::fs::write(&tar, b"tarball").unwrap();
+            let out_path = d.path().join("state/build/out.tar");
+            let out = validate::new_build_file(&cfg, out_path.to_str().unwrap()).unwrap();
+            let n = place_tar(&tar, &out, cfg.owner_uid, rename_first).unwrap();
+            assert_eq!(n, 7);
+            assert_eq!(std::fs::read(&out_path).unwrap(), b"tarball");
+            let m = std::fs::symlink_metadata(&out_path).unwrap();
+            assert_eq!((m.uid(), m.mode() & 0o777), (cfg.owner_uid, 0o600));
+
+            // Something appearing at the output meanwhile is never replaced or followed.
+            let tar2 = d.path().join("scratch/rootfs2.tar");
+            std::fs::write(&tar2, b"second").unwrap();
+            let out2_path = d.path().join("state/build/out2.tar");
+            let out2 = validate::new_build_file(&cfg, out2_path.to_str().unwrap()).unwrap();
+            let victim = d.path().join("victim");
+            std::fs::write(&victim, b"keep").unwrap();
+            std::os::unix::fs::symlink(&victim, &out2_path).unwrap();
+            let e = place_tar(&tar2, &out2, cfg.owner_uid, rename_first).unwrap_err();
+            assert!(matches!(e, HelperError::Forbidden(_)), "{e}");
+            assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
+        }
+    }
+
+    #[test]
+    fn a_missing_tar_is_a_failure() {
+        let (d, cfg) = setup();
+        let out_path = d.path().join("state/build/out.tar");
+        let out = validate::new_build_file(&cfg, out_path.to_str().unwrap()).unwrap();
+        let e = place_tar(
+            &d.path().join("scratch/none.tar"),
+            &out,
+            cfg.owner_uid,
+            true,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("left no tar"), "{e}");
+        assert!(!out_path.exists());
+    }
+
+    #[test]
+    fn the_mmdebstrap_argv_has_a_fixed_shape() {
+        let cmd = mmdebstrap_cmd(
+            "bookworm",
+            "http://deb.debian.org/debian",
+            &[],
+            std::path::Path::new("/s/rootfs.tar"),
+        );
+        assert_eq!(cmd.program, std::path::Path::new("mmdebstrap"));
+        let args: Vec<String> = cmd
+            .args
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let mut want: Vec<String> = MMDEBSTRAP_FIXED.iter().map(|s| s.to_string()).collect();
+        want.extend(
+            ["bookworm", "/s/rootfs.tar", "http://deb.debian.org/debian"].map(String::from),
+        );
+        assert_eq!(args, want, "no --include without packages");
+        assert!(cmd.stdin.is_none());
     }
 }

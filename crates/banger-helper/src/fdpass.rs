@@ -65,7 +65,9 @@ pub async fn read_line_with_fds(
         }
         stream.readable().await?;
         let mut chunk = [0u8; 16 * 1024];
-        let r = stream.try_io(Interest::READABLE, || recv_chunk(stream.as_raw_fd(), &mut chunk));
+        let r = stream.try_io(Interest::READABLE, || {
+            recv_chunk(stream.as_raw_fd(), &mut chunk)
+        });
         let (n, got) = match r {
             Ok(x) => x,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,

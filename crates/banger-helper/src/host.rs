@@ -108,7 +108,11 @@ pub fn tun_get_iff(fd: &impl AsRawFd) -> std::io::Result<(String, libc::c_int)> 
     if rc < 0 {
         return Err(std::io::Error::last_os_error());
     }
-    let len = req.name.iter().position(|b| *b == 0).unwrap_or(req.name.len());
+    let len = req
+        .name
+        .iter()
+        .position(|b| *b == 0)
+        .unwrap_or(req.name.len());
     Ok((
         String::from_utf8_lossy(&req.name[..len]).into_owned(),
         libc::c_int::from(req.flags) & 0xffff,
@@ -202,7 +206,11 @@ impl HostOps for RealHost {
             }
             return Err(io_failed(format!("LOOP_GET_STATUS64 on {dev}"), e));
         }
-        let sys = self.sys.join("block").join(dev.name()).join("loop/backing_file");
+        let sys = self
+            .sys
+            .join("block")
+            .join(dev.name())
+            .join("loop/backing_file");
         let path = std::fs::read_to_string(&sys)
             .map_err(|e| io_failed(format!("reading {}", sys.display()), e))?;
         Ok(Some(LoopBacking {

@@ -29,8 +29,9 @@ pub const MAX_REPLY_LINE: usize = 4 * 1024 * 1024;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", deny_unknown_fields)]
 pub enum HelperRequest {
-    /// Liveness check; answers `{"version":1}`.
-    Ping,
+    /// Liveness check; answers `{"version":1}`. (Ops without arguments are empty struct
+    /// variants: serde would let a unit variant carry unknown fields.)
+    Ping {},
     /// `NetOps::ensure_bridge` on the configured bridge with the configured gateway/prefix.
     EnsureBridge {
         bridge: String,
@@ -47,7 +48,7 @@ pub enum HelperRequest {
         tap: String,
     },
     /// Answers the banger taps as a list of names.
-    ListTaps,
+    ListTaps {},
     EnsureNat {
         bridge: String,
         cidr: String,
@@ -61,7 +62,7 @@ pub enum HelperRequest {
         vm_id: String,
     },
     /// Answers the VM ids with NAT rules.
-    ListNatVms,
+    ListNatVms {},
     ForgetNeighbor {
         bridge: String,
         ip: String,
@@ -109,15 +110,15 @@ impl HelperRequest {
     /// The op's name as it appears on the wire and in logs.
     pub fn op(&self) -> &'static str {
         match self {
-            HelperRequest::Ping => "Ping",
+            HelperRequest::Ping {} => "Ping",
             HelperRequest::EnsureBridge { .. } => "EnsureBridge",
             HelperRequest::CreateTap { .. } => "CreateTap",
             HelperRequest::DeleteTap { .. } => "DeleteTap",
-            HelperRequest::ListTaps => "ListTaps",
+            HelperRequest::ListTaps {} => "ListTaps",
             HelperRequest::EnsureNat { .. } => "EnsureNat",
             HelperRequest::AddVmNat { .. } => "AddVmNat",
             HelperRequest::RemoveVmNat { .. } => "RemoveVmNat",
-            HelperRequest::ListNatVms => "ListNatVms",
+            HelperRequest::ListNatVms {} => "ListNatVms",
             HelperRequest::ForgetNeighbor { .. } => "ForgetNeighbor",
             HelperRequest::RemoveAll { .. } => "RemoveAll",
             HelperRequest::OpenTap { .. } => "OpenTap",
@@ -161,7 +162,7 @@ impl HelperRequest {
                 .join(" ")
         };
         match self {
-            HelperRequest::Ping | HelperRequest::ListTaps | HelperRequest::ListNatVms => {
+            HelperRequest::Ping {} | HelperRequest::ListTaps {} | HelperRequest::ListNatVms {} => {
                 String::new()
             }
             HelperRequest::EnsureBridge {
@@ -184,9 +185,7 @@ impl HelperRequest {
             HelperRequest::DeleteTap { tap } | HelperRequest::OpenTap { tap } => {
                 kv(&[("tap", tap)])
             }
-            HelperRequest::EnsureNat { bridge, cidr } => {
-                kv(&[("bridge", bridge), ("cidr", cidr)])
-            }
+            HelperRequest::EnsureNat { bridge, cidr } => kv(&[("bridge", bridge), ("cidr", cidr)]),
             HelperRequest::AddVmNat { vm_id, ip, tap } => {
                 kv(&[("vm_id", vm_id), ("ip", ip), ("tap", tap)])
             }
@@ -328,10 +327,7 @@ pub fn decode_request(line: &[u8]) -> Result<(OpId, HelperRequest), Rejection> {
             reject(
                 None,
                 None,
-                format!(
-                    "op_id: {} is not 1 to 64 of A-Za-z0-9_-",
-                    show(s)
-                ),
+                format!("op_id: {} is not 1 to 64 of A-Za-z0-9_-", show(s)),
             )
         })?,
         Some(other) => {
@@ -348,7 +344,7 @@ pub fn decode_request(line: &[u8]) -> Result<(OpId, HelperRequest), Rejection> {
         .get("request")
         .and_then(|r| r.get("op"))
         .and_then(|o| o.as_str())
-        .map(|o| show(o));
+        .map(show);
     if let Some(k) = obj
         .keys()
         .find(|k| !matches!(k.as_str(), "v" | "op_id" | "request"))
@@ -417,7 +413,7 @@ mod tests {
     #[test]
     fn round_trips_every_op() {
         let reqs = vec![
-            HelperRequest::Ping,
+            HelperRequest::Ping {},
             HelperRequest::EnsureBridge {
                 bridge: "br-banger".into(),
                 gateway: "172.30.0.1".into(),
@@ -429,7 +425,7 @@ mod tests {
                 owner_uid: Some(1000),
             },
             HelperRequest::DeleteTap { tap: "bgt1".into() },
-            HelperRequest::ListTaps,
+            HelperRequest::ListTaps {},
             HelperRequest::EnsureNat {
                 bridge: "br-banger".into(),
                 cidr: "172.30.0.0/24".into(),
@@ -440,7 +436,7 @@ mod tests {
                 tap: "bgt1".into(),
             },
             HelperRequest::RemoveVmNat { vm_id: "a".into() },
-            HelperRequest::ListNatVms,
+            HelperRequest::ListNatVms {},
             HelperRequest::ForgetNeighbor {
                 bridge: "br-banger".into(),
                 ip: "172.30.0.2".into(),
@@ -497,9 +493,18 @@ mod tests {
             (b"{".to_vec(), "malformed JSON"),
             (b"[]".to_vec(), "JSON object"),
             (vec![b'"', 0xff, b'"'], "UTF-8"),
-            (line(json!({"v":1,"request":{"op":"Ping"}})), "op_id: missing"),
-            (line(json!({"v":1,"op_id":"a b","request":{"op":"Ping"}})), "op_id"),
-            (line(json!({"v":1,"op_id":7,"request":{"op":"Ping"}})), "a number"),
+            (
+                line(json!({"v":1,"request":{"op":"Ping"}})),
+                "op_id: missing",
+            ),
+            (
+                line(json!({"v":1,"op_id":"a b","request":{"op":"Ping"}})),
+                "op_id",
+            ),
+            (
+                line(json!({"v":1,"op_id":7,"request":{"op":"Ping"}})),
+                "a number",
+            ),
             (
                 line(json!({"v":2,"op_id":"op-1","request":{"op":"Ping"}})),
                 "unsupported protocol version \"2\"",
@@ -534,7 +539,9 @@ mod tests {
                 "missing field `tap`",
             ),
             (
-                line(json!({"v":1,"op_id":"op-1","request":{"op":"EnsureBridge","bridge":"b","gateway":"g","prefix":300}})),
+                line(
+                    json!({"v":1,"op_id":"op-1","request":{"op":"EnsureBridge","bridge":"b","gateway":"g","prefix":300}}),
+                ),
                 "300",
             ),
             (
@@ -559,7 +566,9 @@ mod tests {
     #[test]
     fn decoder_survives_garbage() {
         // Deterministic pseudo-random mutations of a valid line: never a panic.
-        let base = line(json!({"v":1,"op_id":"op-1","request":{"op":"CreateTap","tap":"bgt1","bridge":"br-banger","owner_uid":5}}));
+        let base = line(
+            json!({"v":1,"op_id":"op-1","request":{"op":"CreateTap","tap":"bgt1","bridge":"br-banger","owner_uid":5}}),
+        );
         let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
         for _ in 0..20_000 {
             x ^= x << 13;

@@ -24,6 +24,7 @@ pub enum WalkError {
     NotADirectory(String),
     NotARegularFile { path: String, kind: &'static str },
     Owner { path: String, uid: u32, owner: u32 },
+    HardLinked { path: String, links: u64 },
     Writable { path: String, mode: u32 },
     Exists(String),
     Io { path: String, errno: Errno },
@@ -41,6 +42,10 @@ impl fmt::Display for WalkError {
             WalkError::Owner { path, uid, owner } => write!(
                 f,
                 "{path:?} is owned by uid {uid}, neither root nor the owner (uid {owner})"
+            ),
+            WalkError::HardLinked { path, links } => write!(
+                f,
+                "{path:?} is root's and has {links} links; a root-owned file must have one"
             ),
             WalkError::Writable { path, mode } => write!(
                 f,
@@ -175,7 +180,11 @@ pub fn walk_dir(comps: &[&str], owner: u32) -> Result<OwnedFd, WalkError> {
 
 /// Opens entry `name` of `dir` without following it; returns the `O_PATH` descriptor and what
 /// it is. `shown` is the entry's full path, for messages.
-pub fn open_entry(dir: &OwnedFd, name: &str, shown: &str) -> Result<(OwnedFd, FileStat), WalkError> {
+pub fn open_entry(
+    dir: &OwnedFd,
+    name: &str,
+    shown: &str,
+) -> Result<(OwnedFd, FileStat), WalkError> {
     let fd = opath(dir, name, shown)?;
     let st = stat(&fd, shown)?;
     if kind_of(&st) == SFlag::S_IFLNK {
@@ -200,11 +209,17 @@ pub fn open_regular(
             kind: kind_name(&st),
         });
     }
-    if st.st_uid != owner && !(st.st_uid == 0 && st.st_nlink == 1) {
+    if st.st_uid != owner && st.st_uid != 0 {
         return Err(WalkError::Owner {
             path: shown.to_string(),
             uid: st.st_uid,
             owner,
+        });
+    }
+    if st.st_uid == 0 && st.st_nlink != 1 {
+        return Err(WalkError::HardLinked {
+            path: shown.to_string(),
+            links: st.st_nlink,
         });
     }
     Ok((fd, st))
@@ -239,7 +254,7 @@ mod tests {
         p.to_str()
             .unwrap()
             .split('/')
-            .skip(1)
+            .filter(|c| !c.is_empty())
             .map(str::to_string)
             .collect()
     }
@@ -344,10 +359,15 @@ mod tests {
         // Root-owned, one link: fine for any owner.
         open_regular(&dir, "f", "f", 4242).unwrap();
         std::fs::hard_link(d.path().join("f"), d.path().join("g")).unwrap();
-        assert!(matches!(
-            open_regular(&dir, "f", "f", 4242),
-            Err(WalkError::Owner { .. })
-        ));
+        let e = open_regular(&dir, "f", "f", 4242).unwrap_err();
+        assert_eq!(
+            e,
+            WalkError::HardLinked {
+                path: "f".into(),
+                links: 2
+            }
+        );
+        assert!(e.to_string().contains("2 links"), "{e}");
         // The owner's own file may have links.
         std::os::unix::fs::chown(d.path().join("f"), Some(4242), None).unwrap();
         open_regular(&dir, "f", "f", 4242).unwrap();
@@ -356,7 +376,10 @@ mod tests {
     #[test]
     fn messages_name_the_path() {
         let e = WalkError::Symlink("/var/lib/banger/images".into());
-        assert!(e.to_string().contains("\"/var/lib/banger/images\" is a symlink"));
+        assert!(
+            e.to_string()
+                .contains("\"/var/lib/banger/images\" is a symlink")
+        );
         assert_eq!(join(&[]), "/");
         assert_eq!(join(&["a", "b"]), "/a/b");
     }

@@ -49,7 +49,10 @@ pub fn bridge(cfg: &HelperConfig, field: &str, s: &str) -> Result<BridgeName, He
         return Err(forbidden(
             field,
             s,
-            format!("is not the configured bridge {:?}", cfg.bridge_name.as_str()),
+            format!(
+                "is not the configured bridge {:?}",
+                cfg.bridge_name.as_str()
+            ),
         ));
     }
     Ok(b)
@@ -315,8 +318,8 @@ pub fn loop_file(cfg: &HelperConfig, path: &str) -> Result<SafeFile, HelperError
         .split_last()
         .ok_or_else(|| bad("path", path, "has no file name"))?;
     let dir = safepath::walk_dir(dirs, cfg.owner_uid).map_err(|e| walk_err("path", e))?;
-    let (fd, st) = safepath::open_regular(&dir, leaf, path, cfg.owner_uid)
-        .map_err(|e| walk_err("path", e))?;
+    let (fd, st) =
+        safepath::open_regular(&dir, leaf, path, cfg.owner_uid).map_err(|e| walk_err("path", e))?;
     Ok(SafeFile {
         path: PathBuf::from(path),
         fd,
@@ -330,8 +333,7 @@ pub fn loop_file(cfg: &HelperConfig, path: &str) -> Result<SafeFile, HelperError
 pub fn build_file_name(field: &str, s: &str) -> Result<(), HelperError> {
     let ok = (1..=128).contains(&s.len())
         && s.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
     if ok {
         Ok(())
@@ -361,7 +363,10 @@ pub fn new_build_file(cfg: &HelperConfig, output: &str) -> Result<NewFile, Helpe
         return Err(forbidden(
             "output",
             output,
-            format!("is not a file directly in {}/build", cfg.state_dir.display()),
+            format!(
+                "is not a file directly in {}/build",
+                cfg.state_dir.display()
+            ),
         ));
     }
     let (leaf, dirs) = comps
@@ -382,7 +387,11 @@ pub fn suite(s: &str) -> Result<(), HelperError> {
     if (2..=20).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_lowercase()) {
         Ok(())
     } else {
-        Err(bad("suite", s, "is not a Debian suite name (2 to 20 of a-z)"))
+        Err(bad(
+            "suite",
+            s,
+            "is not a Debian suite name (2 to 20 of a-z)",
+        ))
     }
 }
 
@@ -390,13 +399,12 @@ pub fn suite(s: &str) -> Result<(), HelperError> {
 /// (`--foo`) nor split the comma-separated `--include` list.
 pub fn package(s: &str) -> Result<(), HelperError> {
     let ok = (1..=64).contains(&s.len())
-        && s
-            .bytes()
+        && s.bytes()
             .next()
             .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-        && s
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'+' | b'.' | b'-'));
+        && s.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'+' | b'.' | b'-')
+        });
     if ok {
         Ok(())
     } else {
@@ -428,7 +436,11 @@ pub fn mirror(s: &str) -> Result<(), HelperError> {
         .or_else(|| s.strip_prefix("https://"))
         .ok_or_else(|| forbidden("mirror", s, "is not an http:// or https:// URL"))?;
     if s.len() > MAX_MIRROR {
-        return Err(bad("mirror", s, format!("is longer than {MAX_MIRROR} bytes")));
+        return Err(bad(
+            "mirror",
+            s,
+            format!("is longer than {MAX_MIRROR} bytes"),
+        ));
     }
     if !s
         .bytes()
@@ -561,7 +573,7 @@ pub fn check_request(
     req: &HelperRequest,
 ) -> Result<Checked, HelperError> {
     Ok(match req {
-        HelperRequest::Ping => Checked::Ping,
+        HelperRequest::Ping {} => Checked::Ping,
         HelperRequest::EnsureBridge {
             bridge: b,
             gateway: g,
@@ -587,16 +599,12 @@ pub fn check_request(
         HelperRequest::DeleteTap { tap: t } => Checked::DeleteTap {
             tap: tap("tap", t)?,
         },
-        HelperRequest::ListTaps => Checked::ListTaps,
+        HelperRequest::ListTaps {} => Checked::ListTaps,
         HelperRequest::EnsureNat { bridge: b, cidr: c } => Checked::EnsureNat {
             bridge: bridge(cfg, "bridge", b)?,
             cidr: cidr(cfg, c)?,
         },
-        HelperRequest::AddVmNat {
-            vm_id,
-            ip,
-            tap: t,
-        } => Checked::AddVmNat {
+        HelperRequest::AddVmNat { vm_id, ip, tap: t } => Checked::AddVmNat {
             vm_id: nat_vm_id(vm_id)?,
             ip: vm_ip(cfg, "ip", ip)?,
             tap: tap("tap", t)?,
@@ -604,7 +612,7 @@ pub fn check_request(
         HelperRequest::RemoveVmNat { vm_id } => Checked::RemoveVmNat {
             vm_id: nat_vm_id(vm_id)?,
         },
-        HelperRequest::ListNatVms => Checked::ListNatVms,
+        HelperRequest::ListNatVms {} => Checked::ListNatVms,
         HelperRequest::ForgetNeighbor { bridge: b, ip } => Checked::ForgetNeighbor {
             bridge: bridge(cfg, "bridge", b)?,
             ip: vm_ip(cfg, "ip", ip)?,
@@ -723,11 +731,25 @@ mod tests {
     #[test]
     fn bridges() {
         let c = cfg();
-        assert_eq!(bridge(&c, "bridge", "br-banger").unwrap().as_str(), "br-banger");
-        for b in ["eth0", "lo", "docker0", "br-other", "br-banger/x", "br banger", ""] {
+        assert_eq!(
+            bridge(&c, "bridge", "br-banger").unwrap().as_str(),
+            "br-banger"
+        );
+        for b in [
+            "eth0",
+            "lo",
+            "docker0",
+            "br-other",
+            "br-banger/x",
+            "br banger",
+            "",
+        ] {
             is_forbidden(bridge(&c, "bridge", b), &format!("{b:?}"));
         }
-        is_forbidden(bridge(&c, "bridge", "br-banger-x"), "not the configured bridge");
+        is_forbidden(
+            bridge(&c, "bridge", "br-banger-x"),
+            "not the configured bridge",
+        );
     }
 
     #[test]
@@ -761,7 +783,14 @@ mod tests {
             dm_name(&dm_vm_id("0123456789ab").unwrap()),
             "banger-0123456789ab"
         );
-        for v in ["vg0-root", "banger-XYZ", "0123456789AB", "0123456789a", "../x", ""] {
+        for v in [
+            "vg0-root",
+            "banger-XYZ",
+            "0123456789AB",
+            "0123456789a",
+            "../x",
+            "",
+        ] {
             is_forbidden(dm_vm_id(v), &format!("{v:?}"));
         }
     }
@@ -769,8 +798,14 @@ mod tests {
     #[test]
     fn addresses() {
         let c = cfg();
-        assert_eq!(vm_ip(&c, "ip", "172.30.0.2").unwrap().to_string(), "172.30.0.2");
-        assert_eq!(vm_ip(&c, "ip", "172.30.0.254").unwrap().to_string(), "172.30.0.254");
+        assert_eq!(
+            vm_ip(&c, "ip", "172.30.0.2").unwrap().to_string(),
+            "172.30.0.2"
+        );
+        assert_eq!(
+            vm_ip(&c, "ip", "172.30.0.254").unwrap().to_string(),
+            "172.30.0.254"
+        );
         is_forbidden(vm_ip(&c, "ip", "172.30.1.2"), "outside");
         is_forbidden(vm_ip(&c, "ip", "8.8.8.8"), "outside");
         is_forbidden(vm_ip(&c, "ip", "172.30.0.0"), "network address");
@@ -815,7 +850,10 @@ mod tests {
     #[test]
     fn loop_devices() {
         assert_eq!(loop_device("d", "/dev/loop0").unwrap(), LoopDevice(0));
-        assert_eq!(loop_device("d", "/dev/loop12").unwrap().path(), "/dev/loop12");
+        assert_eq!(
+            loop_device("d", "/dev/loop12").unwrap().path(),
+            "/dev/loop12"
+        );
         assert_eq!(loop_device("d", "/dev/loop12").unwrap().name(), "loop12");
         loop_device("d", "/dev/loop1048575").unwrap();
         for s in [
@@ -871,17 +909,38 @@ mod tests {
         for s in ["bookworm", "sid", "trixie"] {
             suite(s).unwrap();
         }
-        for s in ["", "a", "../x", "Bookworm", "bookworm-backports", &"a".repeat(21)] {
+        for s in [
+            "",
+            "a",
+            "../x",
+            "Bookworm",
+            "bookworm-backports",
+            &"a".repeat(21),
+        ] {
             is_bad(suite(s), "suite");
         }
         for p in ["openssh-server", "libc6", "g++", "python3.11", "0ad"] {
             package(p).unwrap();
         }
-        for p in ["", "--foo", "-x", "a;b", "a,b", "a b", "A", ".x", "+x", &"a".repeat(65)] {
+        for p in [
+            "",
+            "--foo",
+            "-x",
+            "a;b",
+            "a,b",
+            "a b",
+            "A",
+            ".x",
+            "+x",
+            &"a".repeat(65),
+        ] {
             is_bad(package(p), "packages");
         }
         packages(&vec!["a".to_string(); MAX_PACKAGES]).unwrap();
-        is_bad(packages(&vec!["a".to_string(); MAX_PACKAGES + 1]), "65 given");
+        is_bad(
+            packages(&vec!["a".to_string(); MAX_PACKAGES + 1]),
+            "65 given",
+        );
         for m in [
             "http://deb.debian.org/debian",
             "https://mirror.example/debian/",
@@ -926,7 +985,10 @@ mod tests {
             "relative",
             "",
         ] {
-            is_forbidden(backing_in_state(&c, "device", d, b), "/dev/loop3 is backed by");
+            is_forbidden(
+                backing_in_state(&c, "device", d, b),
+                "/dev/loop3 is backed by",
+            );
         }
     }
 
@@ -950,7 +1012,10 @@ mod tests {
         let p = |rel: &str| state.join(rel).to_str().unwrap().to_string();
         is_forbidden(loop_file(&c, &p("build/x")), "is not a file under");
         is_forbidden(loop_file(&c, &p("images")), "is not a file under");
-        is_forbidden(loop_file(&c, &p("images/base")), "directory, not a regular file");
+        is_forbidden(
+            loop_file(&c, &p("images/base")),
+            "directory, not a regular file",
+        );
         is_forbidden(loop_file(&c, &p("images/none")), "does not exist");
         std::os::unix::fs::symlink(&img, state.join("images/link")).unwrap();
         is_forbidden(loop_file(&c, &p("images/link")), "symlink");

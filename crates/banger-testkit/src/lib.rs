@@ -211,6 +211,8 @@ pub struct TestEnv {
     daemon: Option<Child>,
     /// A real environment's network number and the lock that reserves it.
     net: Option<(u8, std::fs::File)>,
+    /// (uid, gid) the daemon and the CLI run as, via `setpriv`; `None`: this process's.
+    run_as: Option<(u32, u32)>,
 }
 
 impl TestEnv {
@@ -254,6 +256,7 @@ impl TestEnv {
             dir,
             daemon: None,
             net: None,
+            run_as: None,
         }
     }
 
@@ -314,6 +317,7 @@ impl TestEnv {
             dir,
             daemon: None,
             net: Some((n, net_lock)),
+            run_as: None,
         })
     }
 
@@ -356,9 +360,46 @@ impl TestEnv {
         std::fs::write(&self.control, serde_json::to_vec(&v).unwrap()).expect("write control");
     }
 
+    /// Runs the daemon and the CLI of this environment as `uid`:`gid` (no supplementary
+    /// groups, no capabilities) from now on, and gives that user the environment's files.
+    pub fn run_as(&mut self, uid: u32, gid: u32) {
+        let st = Command::new("chown")
+            .args(["-R", &format!("{uid}:{gid}")])
+            .arg(self.root())
+            .status()
+            .expect("chown");
+        assert!(
+            st.success(),
+            "chown -R {uid}:{gid} {}",
+            self.root().display()
+        );
+        self.run_as = Some((uid, gid));
+    }
+
+    /// `program` as a command, wrapped in `setpriv` when the environment runs as another user.
+    fn command_for(&self, program: PathBuf) -> Command {
+        match self.run_as {
+            None => Command::new(program),
+            Some((uid, gid)) => {
+                let mut c = Command::new("setpriv");
+                c.args([
+                    "--reuid",
+                    &uid.to_string(),
+                    "--regid",
+                    &gid.to_string(),
+                    "--clear-groups",
+                    "--inh-caps=-all",
+                    "--",
+                ])
+                .arg(program);
+                c
+            }
+        }
+    }
+
     /// A `bangerd` command for this environment (not started).
     pub fn daemon_command(&self) -> Command {
-        let mut c = Command::new(bin("bangerd"));
+        let mut c = self.command_for(bin("bangerd"));
         c.env("BANGER_CONFIG", &self.config)
             .env("HOME", self.home())
             .env("FAKE_FIRECRACKER_CONTROL", &self.control)
@@ -464,7 +505,7 @@ impl TestEnv {
 
     /// Runs the `banger` CLI against this environment.
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(bin("banger"))
+        self.command_for(bin("banger"))
             .args(args)
             .env("BANGER_CONFIG", &self.config)
             .env("HOME", self.home())

@@ -33,7 +33,7 @@ impl Engine {
             ));
         }
         let dest = self.layout().kernels_dir().join(name);
-        let staging = self.layout().kernels_dir().join(format!(".{name}.staging"));
+        let staging = self.layout().kernel_staging_dir(name);
         let _ = std::fs::remove_dir_all(&staging);
         let result = async {
             create_private_dir(&staging).map_err(|e| io_fail(&staging, e))?;
@@ -123,7 +123,7 @@ impl Engine {
                 format!("an image named {name:?} already exists (banger image rm {name} first)"),
             ));
         }
-        let staging = self.layout().images_dir().join(format!(".{name}.staging"));
+        let staging = self.layout().staging_dir(name);
         let _ = std::fs::remove_dir_all(&staging);
         let result = async {
             create_private_dir(&staging).map_err(|e| io_fail(&staging, e))?;

@@ -150,7 +150,22 @@ impl Engine {
         if let Err(e) = built {
             // The row first, the marked dir last: a crash in between leaves only a marked dir,
             // which reconcile removes (the other order could leave a row without disks).
-            self.store().delete_vm(&vm.id)?;
+            if self.store().delete_vm(&vm.id).is_err() {
+                // A full disk can leave the store no room even for a delete: free the VM's
+                // disks (the dir keeps its create mark, so a crash still rolls back), retry.
+                for disk in [
+                    self.layout().root_disk(&vm.id),
+                    self.layout().work_disk(&vm.id),
+                ] {
+                    let _ = std::fs::remove_file(disk);
+                }
+                if let Err(d) = self.store().delete_vm(&vm.id) {
+                    return Err(OpError::failed(format!(
+                        "{}; removing VM {} failed too ({d}): the next daemon start removes it",
+                        e.message, vm.name
+                    )));
+                }
+            }
             self.vms_changed();
             let _ = self
                 .ssh()
@@ -160,8 +175,24 @@ impl Engine {
             return Err(e);
         }
         let mut vm = vm;
-        if !p.no_start {
-            self.start_locked(&mut vm, ctx).await?;
+        if !p.no_start
+            && let Err(e) = self.start_locked(&mut vm, ctx).await
+        {
+            // A start that failed at a step and recorded it leaves the VM in `error`, naming
+            // the step, for `vm start` to retry. One that could not record anything (a full
+            // disk leaves the store no room) leaves it `created` or `starting` with nothing
+            // running: nobody asked for that VM, so it goes, as when its disks fail.
+            let recorded = self.store().get_vm(vm.id.as_str()).ok().flatten();
+            if let Some(r) = recorded
+                && r.state != VmState::Error
+                && let Err(d) = self.delete_locked(r, true, ctx).await
+            {
+                return Err(OpError::failed(format!(
+                    "{}; removing VM {} failed too: {}",
+                    e.message, vm.name, d.message
+                )));
+            }
+            return Err(e);
         }
         Ok(vm)
     }

@@ -151,6 +151,11 @@ impl Engine {
             .and_then(|l| l.handles.vmm.as_ref().map(|h| h.pid))
     }
 
+    /// The host network operations this engine uses (direct, or the root helper's).
+    pub fn net(&self) -> &Arc<dyn NetOps> {
+        &self.inner.net
+    }
+
     pub fn ssh(&self) -> &SshDir {
         &self.inner.ssh
     }

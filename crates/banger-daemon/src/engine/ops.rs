@@ -12,6 +12,9 @@ use crate::failpoint::hit;
 use crate::handles::Handles;
 use crate::progress::OpCtx;
 
+/// How an `std::io::Error` of ENOSPC prints.
+const NO_SPACE: &str = "No space left on device";
+
 /// Signals `vm kill` accepts. A closed list: the daemon never forwards arbitrary numbers.
 const SIGNALS: &[(&str, i32)] = &[
     ("KILL", libc::SIGKILL),
@@ -184,7 +187,7 @@ impl Engine {
         self.delete_locked(vm, force, ctx).await
     }
 
-    async fn delete_locked(
+    pub(super) async fn delete_locked(
         &self,
         mut vm: VmRecord,
         force: bool,
@@ -218,10 +221,34 @@ impl Engine {
         // whose delete the next daemon's reconcile finishes. Before this, the files went
         // first and a crash before the row's delete left a VM without disks in the store.
         hit("delete", "mark_deleting", false);
-        self.mark_vm_dir(&vm, super::reconcile::DELETING_MARK)?;
+        if let Err(e) = self.mark_vm_dir(&vm, super::reconcile::DELETING_MARK) {
+            // A full disk has no block for the mark, yet deleting VMs is how a user frees
+            // space: the disks go first (the VM is being deleted anyway), then the mark. A crash
+            // in between leaves a VM without disks, which `vm rm` still deletes.
+            if !e.message.contains(NO_SPACE) {
+                return Err(e);
+            }
+            for disk in [
+                self.layout().root_disk(&vm.id),
+                self.layout().work_disk(&vm.id),
+            ] {
+                let _ = std::fs::remove_file(disk);
+            }
+            self.mark_vm_dir(&vm, super::reconcile::DELETING_MARK)?;
+        }
         hit("delete", "mark_deleting", true);
         hit("delete", "delete_row", false);
-        self.store().delete_vm(&vm.id)?;
+        if self.store().delete_vm(&vm.id).is_err() {
+            // A full disk leaves the store no room even for a delete. Past the mark the files
+            // may go before the row (a crash is finished by reconcile): free them, retry.
+            for disk in [
+                self.layout().root_disk(&vm.id),
+                self.layout().work_disk(&vm.id),
+            ] {
+                let _ = std::fs::remove_file(disk);
+            }
+            self.store().delete_vm(&vm.id)?;
+        }
         self.vms_changed();
         self.inner.vm_locks.lock().expect("poisoned").remove(&vm.id);
         hit("delete", "delete_row", true);

@@ -348,10 +348,14 @@ impl Engine {
             )));
         }
         // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
+        let root = unsafe { libc::geteuid() } == 0;
+        if !root && self.config().helper_socket.is_none() {
             return Err(OpError::failed(
-                "building the Debian image needs root (mmdebstrap must create files owned by other users); run bangerd as root, or register an image you built (banger image register)",
+                "building the Debian image needs root (mmdebstrap must create files owned by other users): run bangerd as root, set up the root helper (banger system install), or pull an image (banger image pull)",
             ));
+        }
+        if !root {
+            return self.image_build_via_helper(name, suite, ctx).await;
         }
         let _g = self.inner.artifact_lock.lock().await;
         if self.store().get_image(name)?.is_some() {
@@ -369,6 +373,83 @@ impl Engine {
             .map_err(|e| OpError::failed(format!("creating {}: {e}", build.display())))?;
         let result = self.image_build_in(name, suite, &build, ctx).await;
         let _ = std::fs::remove_dir_all(&build);
+        result
+    }
+
+    /// The unprivileged daemon's image build: the root helper runs mmdebstrap into a tarball
+    /// (owned by the daemon's user), and the tarball plus a small layer of banger's changes are
+    /// flattened into the ext4 like any pulled image — no root needed on this side.
+    async fn image_build_via_helper(
+        &self,
+        name: &str,
+        suite: &str,
+        ctx: &OpCtx<'_>,
+    ) -> OpResult<ImageRecord> {
+        let sock = self
+            .config()
+            .helper_socket
+            .clone()
+            .ok_or_else(|| OpError::failed("no helper_socket configured"))?;
+        if self.store().get_image(name)?.is_some() {
+            return Err(OpError::new(
+                ErrorCode::AlreadyExists,
+                format!("an image named {name:?} already exists (banger image rm {name} first)"),
+            ));
+        }
+        let build = self.layout().build_dir();
+        create_private_dir(&build)
+            .map_err(|e| OpError::failed(format!("creating {}: {e}", build.display())))?;
+        let tar = build.join(format!("debian-{name}.{}.tar", std::process::id()));
+        let custom = build.join(format!("custom-{name}.{}.tar", std::process::id()));
+        let started = Instant::now();
+        let result = async {
+            ctx.progress.stage(
+                "mmdebstrap",
+                Some(format!(
+                    "Debian {suite} from {} (through banger-helper)",
+                    self.config().debian_mirror
+                )),
+            );
+            let packages: Vec<String> = DEBIAN_PACKAGES.iter().map(|p| p.to_string()).collect();
+            banger_helper::HelperClient::new(sock)
+                .debootstrap(suite, &self.config().debian_mirror, &packages, &tar)
+                .await
+                .map_err(|e| OpError::failed(format!("building the Debian image: {e}")))?;
+            std::fs::write(&custom, customization_layer())
+                .map_err(|e| OpError::failed(format!("{}: {e}", custom.display())))?;
+            let layers = vec![
+                banger_rootfs::Layer {
+                    path: tar.clone(),
+                    compression: banger_rootfs::LayerCompression::None,
+                    label: format!("mmdebstrap {suite}"),
+                },
+                banger_rootfs::Layer {
+                    path: custom.clone(),
+                    compression: banger_rootfs::LayerCompression::None,
+                    label: "banger's image changes".into(),
+                },
+            ];
+            let mut meta = ImageMeta::default();
+            self.image_from_layers(
+                name,
+                layers,
+                &mut meta,
+                Some(self.config().default_kernel.clone()),
+                &format!("build:debian:{suite}"),
+                ctx,
+            )
+            .await
+        }
+        .await;
+        let _ = std::fs::remove_file(&tar);
+        let _ = std::fs::remove_file(&custom);
+        if result.is_ok() {
+            info!(
+                image = name,
+                secs = started.elapsed().as_secs(),
+                "image built"
+            );
+        }
         result
     }
 
@@ -440,7 +521,7 @@ impl Engine {
         // Content plus room to grow for VMs whose root disk is a copy; sparse, so free space
         // costs nothing on the host.
         let size_mib = (content / (1 << 20)) * 3 / 2 + 2048;
-        let staging = self.layout().images_dir().join(format!(".{name}.staging"));
+        let staging = self.layout().staging_dir(name);
         let _ = std::fs::remove_dir_all(&staging);
         create_private_dir(&staging)
             .map_err(|e| OpError::failed(format!("creating {}: {e}", staging.display())))?;
@@ -628,6 +709,56 @@ fn package_of(program: &str) -> &'static str {
 
 /// Small fixes that make a bare Debian tree a good sandbox image. Per-VM identity is not here:
 /// the guest agent writes it at every boot.
+/// [`customize_rootfs`] as a layer on top of the mmdebstrap tarball (whiteouts for the
+/// build-time host keys), for the unprivileged build.
+fn customization_layer() -> Vec<u8> {
+    let mut tar = tar::Builder::new(Vec::new());
+    let file = |tar: &mut tar::Builder<Vec<u8>>, path: &str, data: &[u8]| {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_size(data.len() as u64);
+        h.set_mtime(0);
+        h.set_cksum();
+        tar.append_data(&mut h, path, data)
+            .expect("appending to an in-memory tar cannot fail");
+    };
+    for key in ["ecdsa", "ed25519", "rsa", "dsa"] {
+        for suffix in ["", ".pub"] {
+            file(
+                &mut tar,
+                &format!("etc/ssh/.wh.ssh_host_{key}_key{suffix}"),
+                b"",
+            );
+        }
+    }
+    file(&mut tar, "etc/hostname", b"banger\n");
+    file(
+        &mut tar,
+        "etc/fstab",
+        b"# banger mounts / and /root from its initramfs\n",
+    );
+    file(&mut tar, "etc/machine-id", b"");
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Symlink);
+    h.set_mode(0o777);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_size(0);
+    h.set_mtime(0);
+    h.set_cksum();
+    tar.append_link(
+        &mut h,
+        "etc/systemd/system/serial-getty@ttyS0.service",
+        "/dev/null",
+    )
+    .expect("appending to an in-memory tar cannot fail");
+    tar.into_inner()
+        .expect("finishing an in-memory tar cannot fail")
+}
+
 fn customize_rootfs(root: &Path) -> std::io::Result<()> {
     // Keys generated at build time would be shared by every VM; the agent writes a per-VM one.
     for entry in std::fs::read_dir(root.join("etc/ssh"))?.flatten() {

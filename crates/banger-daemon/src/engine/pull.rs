@@ -226,7 +226,7 @@ impl Engine {
         source: &str,
         ctx: &OpCtx<'_>,
     ) -> OpResult<ImageRecord> {
-        let staging = self.layout().images_dir().join(format!(".{name}.staging"));
+        let staging = self.layout().staging_dir(name);
         let scratch = self
             .layout()
             .build_dir()
@@ -283,8 +283,9 @@ impl Engine {
                         scratch.display()
                     )),
                     e => OpError::failed(format!(
-                        "building image {name} as {}: {e}",
-                        out.display()
+                        "building image {name} as {}: {}",
+                        out.display(),
+                        one_line(&e.to_string())
                     )),
                 }
             })?;
@@ -458,7 +459,7 @@ impl Engine {
             let source = source
                 .map(str::to_string)
                 .unwrap_or_else(|| format!("bundle:{}", bundle.display()));
-            let final_dir = staging.with_file_name(format!(".{name}.staging"));
+            let final_dir = self.layout().staging_dir(&name);
             let _g = self.inner.artifact_lock.lock().await;
             if self.store().get_image(&name)?.is_some() {
                 return Err(OpError::new(
@@ -781,6 +782,15 @@ impl RateTracker {
     }
 }
 
+/// A tool's multi-line stderr as one line of an error message.
+fn one_line(s: &str) -> String {
+    s.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" | ")
+}
+
 fn mib(b: u64) -> f64 {
     b as f64 / (1 << 20) as f64
 }
@@ -941,7 +951,18 @@ pub fn unpack_bundle(bundle: &Path, dir: &Path) -> OpResult<BundleManifest> {
             .open(&out)
             .map_err(|e| OpError::failed(format!("{}: {e}", out.display())))?;
         let mut w = SparseHashWriter::new(f);
-        std::io::copy(&mut e, &mut w).map_err(|err| bad(format!("reading rootfs.ext4: {err}")))?;
+        std::io::copy(&mut e, &mut w).map_err(|err| {
+            if w.write_failed {
+                // This host's fault (a full disk), not the bundle's.
+                OpError::failed(format!(
+                    "importing bundle {}: writing {}: {err}",
+                    bundle.display(),
+                    out.display()
+                ))
+            } else {
+                bad(format!("reading rootfs.ext4: {err}"))
+            }
+        })?;
         let (f, sum) = w
             .finish()
             .map_err(|e| OpError::failed(format!("{}: {e}", out.display())))?;
@@ -971,6 +992,8 @@ struct SparseHashWriter {
     file: std::fs::File,
     hash: Sha256,
     pos: u64,
+    /// A write to the file failed (so a failed copy is not blamed on the bundle).
+    write_failed: bool,
 }
 
 impl SparseHashWriter {
@@ -979,6 +1002,7 @@ impl SparseHashWriter {
             file,
             hash: Sha256::new(),
             pos: 0,
+            write_failed: false,
         }
     }
 
@@ -995,7 +1019,9 @@ impl Write for SparseHashWriter {
         self.hash.update(buf);
         for chunk in buf.chunks(4096) {
             if chunk.iter().any(|b| *b != 0) {
-                self.file.write_all_at(chunk, self.pos)?;
+                self.file
+                    .write_all_at(chunk, self.pos)
+                    .inspect_err(|_| self.write_failed = true)?;
             }
             self.pos += chunk.len() as u64;
         }

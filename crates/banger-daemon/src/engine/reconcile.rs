@@ -42,6 +42,10 @@ impl Engine {
             }
         }
         let mut report = ReconcileReport::default();
+        // Half-made images and kernels of a daemon that died mid-operation.
+        for dir in self.layout().clear_staging() {
+            info!(dir = %dir.display(), "removed a staging dir left by an interrupted operation");
+        }
         let vms = match self.store().list_vms() {
             Ok(v) => v,
             Err(e) => {

@@ -468,3 +468,28 @@ fn sigkill_at_every_step_leaves_no_leaks_and_loses_no_vm() {
         failures.len()
     );
 }
+
+/// Failpoints are a test facility: without `BANGER_FAILPOINTS_ENABLE=1` they are ignored (and
+/// the log says so); with it, a spec naming no real step stops the daemon at start-up.
+#[test]
+fn failpoints_need_the_enable_switch_and_a_valid_spec() {
+    let mut env = TestEnv::new("");
+    env.start_daemon_with_env(&[(failpoint::ENV, "crash@create:validate:before")]);
+    env.seed_artifacts();
+    let v = create(&env, NAME, false);
+    assert_eq!(v["state"], "running", "{v}");
+    assert_logged(&env, "is set but ignored", "no enable switch");
+    env.stop_daemon();
+
+    let out = env
+        .daemon_command()
+        .env(failpoint::ENV, "crash@create:no_such_step:before")
+        .env(failpoint::ENABLE_ENV, "1")
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .expect("run bangerd");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no_such_step"), "{stderr}");
+    assert!(stderr.contains("commit"), "lists the real steps: {stderr}");
+}

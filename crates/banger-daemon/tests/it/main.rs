@@ -14,4 +14,5 @@ mod oci;
 mod protocol;
 mod real_guest;
 mod recovery;
+mod unprivileged;
 mod workspace;
