@@ -5,6 +5,7 @@ mod crash;
 mod dns;
 mod engine_faults;
 mod full_disk;
+mod fuzz;
 mod images;
 mod kernel_build;
 mod kernels;
