@@ -103,7 +103,7 @@ impl Rng {
 }
 
 fn mutate(rng: &mut Rng, seeds: &[Vec<u8>], i: usize) -> Vec<u8> {
-    let mut input = if i % 5 == 0 {
+    let mut input = if i.is_multiple_of(5) {
         let n = (rng.next() % 160) as usize;
         (0..n).map(|_| rng.next() as u8).collect::<Vec<u8>>()
     } else {
