@@ -515,6 +515,45 @@ mod tests {
     }
 
     #[test]
+    fn systemd_accepts_the_units() {
+        if !Path::new("/usr/bin/systemd-analyze").is_file() {
+            println!("SKIP: systemd-analyze is not installed");
+            return;
+        }
+        let t = tempfile::tempdir().unwrap();
+        let bin = t.path().join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        for b in ["bangerd", "banger-helper"] {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::write(bin.join(b), "#!/bin/sh\n").unwrap();
+            std::fs::set_permissions(bin.join(b), std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let nobody = Owner {
+            name: "nobody".into(),
+            uid: 65534,
+            gid: 65534,
+            home: "/nonexistent".into(),
+        };
+        let cfg = t.path().join("config.toml");
+        std::fs::write(t.path().join(DAEMON_UNIT), daemon_unit(&nobody, &bin, &cfg)).unwrap();
+        std::fs::write(t.path().join(HELPER_UNIT), helper_unit(&nobody, &bin, &cfg)).unwrap();
+        let out = Command::new("systemd-analyze")
+            .args(["verify", "--man=no"])
+            .arg(t.path().join(DAEMON_UNIT))
+            .arg(t.path().join(HELPER_UNIT))
+            .env("SYSTEMD_LOG_LEVEL", "warning")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        // Complaints about the host's own units are not ours; ours are named by file.
+        let ours: Vec<&str> = err
+            .lines()
+            .filter(|l| l.contains(DAEMON_UNIT) || l.contains(HELPER_UNIT))
+            .collect();
+        assert!(out.status.success() && ours.is_empty(), "{err}");
+    }
+
+    #[test]
     fn bad_owner_names_are_refused() {
         for bad in ["", "-rf", "a b", "root", "x/y", &"u".repeat(40)] {
             assert!(Owner::lookup(bad).is_err(), "{bad:?}");
