@@ -439,14 +439,14 @@ impl Engine {
         hit(phase, "vmm_kill", true);
         // The snapshot, then its loop devices: only once the VMM no longer holds them.
         hit(phase, "block_release", false);
-        for r in handles
-            .map(|h| h.block.as_slice())
-            .unwrap_or_default()
-            .iter()
-            .rev()
-        {
-            if let Err(e) = crate::dm::release(self.inner.runner.as_ref(), r).await {
-                errors.push(e.to_string());
+        let block = handles.map(|h| h.block.as_slice()).unwrap_or_default();
+        if !block.is_empty() {
+            // As they were made: here as root, or through the root helper.
+            let ops = crate::dm::block_ops(self.config(), self.inner.runner.clone());
+            for r in block.iter().rev() {
+                if let Err(e) = crate::dm::release(ops.as_ref(), r).await {
+                    errors.push(e.to_string());
+                }
             }
         }
         hit(phase, "block_release", true);

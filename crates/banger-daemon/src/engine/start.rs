@@ -289,15 +289,16 @@ impl Engine {
                 if self.config().root_disk != RootDiskStrategy::DmSnapshot {
                     return Ok(());
                 }
-                let runner = self.inner.runner.clone();
-                let undo_runner = runner.clone();
+                // Run here as root, or through the root helper by an unprivileged daemon.
+                let ops = dm::block_ops(self.config(), self.inner.runner.clone());
+                let undo_ops = ops.clone();
                 let made: Arc<std::sync::Mutex<Vec<DmResource>>> = Arc::default();
                 let undo_made = made.clone();
                 rollback.push(step, move || async move {
                     let items = std::mem::take(&mut *undo_made.lock().expect("poisoned"));
                     let mut errors = Vec::new();
                     for r in items.iter().rev() {
-                        if let Err(e) = dm::release(undo_runner.as_ref(), r).await {
+                        if let Err(e) = dm::release(undo_ops.as_ref(), r).await {
                             errors.push(e.to_string());
                         }
                     }
@@ -317,9 +318,16 @@ impl Engine {
                     handles.block.push(r.clone());
                     handles.write(&handles_path).map_err(|e| e.to_string())
                 };
-                let device = dm::attach(runner.as_ref(), vm.id.as_str(), &image, &cow, &mut record)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let device = match dm::attach(ops.as_ref(), &vm.id, &image, &cow, &mut record).await
+                {
+                    Ok(d) => d,
+                    Err(e) => {
+                        // A failed attach has already released what it made (its error says
+                        // if that failed too); releasing again could hit a device reused since.
+                        made.lock().expect("poisoned").clear();
+                        return Err(e.to_string());
+                    }
+                };
                 attempt.handles = handles;
                 // The VM boots from the snapshot instead of the image plus its own disk.
                 let spec = attempt.spec();
