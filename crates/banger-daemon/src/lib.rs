@@ -83,7 +83,14 @@ fn net_ops(
 ) -> Arc<dyn banger_net::NetOps> {
     match &config.helper_socket {
         Some(sock) => Arc::new(banger_helper::HelperClient::new(sock.clone())),
-        None => Arc::new(RealNetOps::new(runner)),
+        None => {
+            let net = RealNetOps::new(runner);
+            // The config loader checked the name; an unparsable one keeps the default table.
+            Arc::new(match banger_net::BridgeName::parse(&config.bridge_name) {
+                Ok(b) => net.for_bridge(&b),
+                Err(_) => net,
+            })
+        }
     }
 }
 

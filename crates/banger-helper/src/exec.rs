@@ -79,13 +79,9 @@ impl Helper {
     /// sticky, so nobody else can move the helper's private directory there).
     pub fn real(cfg: HelperConfig) -> Self {
         let runner: Arc<dyn CommandRunner> = Arc::new(RealRunner);
-        Helper::new(
-            cfg,
-            Arc::new(RealNetOps::new(runner.clone())),
-            runner,
-            Arc::new(RealHost::default()),
-        )
-        .with_scratch_dir("/var/tmp")
+        let net = RealNetOps::new(runner.clone()).for_bridge(&cfg.bridge_name);
+        Helper::new(cfg, Arc::new(net), runner, Arc::new(RealHost::default()))
+            .with_scratch_dir("/var/tmp")
     }
 
     /// Where `Debootstrap` makes its private working directory. It must be a directory only

@@ -93,7 +93,7 @@ fn remove_all(config: PathBuf) -> Result<(), String> {
         .enable_all()
         .build()
         .map_err(|e| format!("starting the runtime: {e}"))?;
-    let net = banger_net::RealNetOps::new(Arc::new(banger_sys::RealRunner));
+    let net = banger_net::RealNetOps::new(Arc::new(banger_sys::RealRunner)).for_bridge(&bridge);
     rt.block_on(banger_net::NetOps::remove_all(&net, Some(&bridge)))
         .map_err(|e| e.to_string())?;
     info!(

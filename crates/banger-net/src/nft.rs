@@ -23,7 +23,19 @@ use banger_config::Ipv4Cidr;
 use crate::names::BridgeName;
 
 pub const FAMILY: &str = "ip";
+/// The table of the default bridge (`br-banger`); see [`table_for`].
 pub const TABLE: &str = "banger";
+
+/// The table of the installation using `bridge`: `banger` for `br-banger`, `banger_<suffix>`
+/// for `br-banger-<suffix>`. Two installations on one host (a user's and a system one, or test
+/// environments) each own their table, so neither's leak check or uninstall touches the
+/// other's rules.
+pub fn table_for(bridge: &BridgeName) -> String {
+    match bridge.as_str().strip_prefix("br-banger-") {
+        Some(suffix) => format!("{TABLE}_{suffix}"),
+        None => TABLE.to_string(),
+    }
+}
 pub const CHAIN_POSTROUTING: &str = "postrouting";
 pub const CHAIN_FORWARD: &str = "forward";
 pub const CHAIN_NAT_VMS: &str = "nat_vms";
@@ -40,8 +52,8 @@ pub fn vm_comment(vm_id: &str) -> String {
 
 /// Creates banger's table and chains if missing and (re)writes the base rules for `bridge`
 /// and `cidr`; per-VM rules are untouched. Safe to apply any number of times.
-pub fn ensure_script(bridge: &BridgeName, cidr: &Ipv4Cidr) -> String {
-    let t = format!("{FAMILY} {TABLE}");
+pub fn ensure_script(table: &str, bridge: &BridgeName, cidr: &Ipv4Cidr) -> String {
+    let t = format!("{FAMILY} {table}");
     let br = bridge.as_str();
     let c = BASE_COMMENT;
     let mut s = String::new();
@@ -85,10 +97,10 @@ pub fn ensure_script(bridge: &BridgeName, cidr: &Ipv4Cidr) -> String {
 
 /// Deletes `stale` rules (a previous set for the same VM) and adds the VM's three rules, in one
 /// transaction: either the VM ends with exactly one set or nothing changes.
-pub fn add_vm_script(vm_id: &str, ip: Ipv4Addr, stale: &[RuleRef]) -> String {
-    let t = format!("{FAMILY} {TABLE}");
+pub fn add_vm_script(table: &str, vm_id: &str, ip: Ipv4Addr, stale: &[RuleRef]) -> String {
+    let t = format!("{FAMILY} {table}");
     let c = vm_comment(vm_id);
-    let mut s = delete_script(stale);
+    let mut s = delete_script(table, stale);
     let _ = writeln!(
         s,
         "add rule {t} {CHAIN_NAT_VMS} ip saddr {ip} masquerade comment \"{c}\""
@@ -105,12 +117,12 @@ pub fn add_vm_script(vm_id: &str, ip: Ipv4Addr, stale: &[RuleRef]) -> String {
 }
 
 /// Deletes rules by handle.
-pub fn delete_script(rules: &[RuleRef]) -> String {
+pub fn delete_script(table: &str, rules: &[RuleRef]) -> String {
     let mut s = String::new();
     for r in rules {
         let _ = writeln!(
             s,
-            "delete rule {FAMILY} {TABLE} {} handle {}",
+            "delete rule {FAMILY} {table} {} handle {}",
             r.chain, r.handle
         );
     }
@@ -134,17 +146,17 @@ impl RuleRef {
 }
 
 /// Whether `nft -j list tables` output lists banger's table.
-pub fn has_table(json: &[u8]) -> Result<bool, String> {
+pub fn has_table(json: &[u8], table: &str) -> Result<bool, String> {
     let v: serde_json::Value = serde_json::from_slice(json).map_err(|e| e.to_string())?;
     let items = v["nftables"].as_array().ok_or("no \"nftables\" array")?;
     Ok(items.iter().any(|i| {
         let t = &i["table"];
-        t["family"] == FAMILY && t["name"] == TABLE
+        t["family"] == FAMILY && t["name"] == table
     }))
 }
 
 /// The rules of banger's table from `nft -j -a list table ip banger` output.
-pub fn parse_rules(json: &[u8]) -> Result<Vec<RuleRef>, String> {
+pub fn parse_rules(json: &[u8], table: &str) -> Result<Vec<RuleRef>, String> {
     let v: serde_json::Value = serde_json::from_slice(json).map_err(|e| e.to_string())?;
     let items = v["nftables"].as_array().ok_or("no \"nftables\" array")?;
     let mut out = Vec::new();
@@ -152,7 +164,7 @@ pub fn parse_rules(json: &[u8]) -> Result<Vec<RuleRef>, String> {
         let Some(rule) = item.get("rule") else {
             continue;
         };
-        if rule["family"] != FAMILY || rule["table"] != TABLE {
+        if rule["family"] != FAMILY || rule["table"] != table {
             continue;
         }
         let chain = rule["chain"].as_str().ok_or("a rule without a chain")?;
@@ -186,7 +198,7 @@ mod tests {
 
     #[test]
     fn ensure_script_exact() {
-        let s = ensure_script(&BridgeName::default(), &cidr());
+        let s = ensure_script(TABLE, &BridgeName::default(), &cidr());
         let expected = "\
 add table ip banger
 add chain ip banger postrouting { type nat hook postrouting priority srcnat; policy accept; }
@@ -219,7 +231,7 @@ add rule ip banger forward iifname != \"br-banger\" oifname \"br-banger\" ip dad
                 comment: Some("banger:abc".into()),
             },
         ];
-        let s = add_vm_script("abc", "172.30.0.5".parse().unwrap(), &stale);
+        let s = add_vm_script(TABLE, "abc", "172.30.0.5".parse().unwrap(), &stale);
         let expected = "\
 delete rule ip banger nat_vms handle 16
 delete rule ip banger fwd_in handle 18
@@ -240,28 +252,28 @@ add rule ip banger fwd_in ip daddr 172.30.0.5 ct state established,related accep
 
     #[test]
     fn parses_rules_of_our_table_only() {
-        let rules = parse_rules(LISTING.as_bytes()).unwrap();
+        let rules = parse_rules(LISTING.as_bytes(), TABLE).unwrap();
         assert_eq!(rules.len(), 3);
         assert_eq!(rules[0].vm_id(), None);
         assert_eq!(rules[1].vm_id(), Some("abc"));
         assert_eq!(rules[1].handle, 16);
         assert_eq!(rules[2].comment, None);
-        assert!(has_table(LISTING.as_bytes()).unwrap());
-        assert!(!has_table(br#"{"nftables": [{"metainfo": {}}]}"#).unwrap());
+        assert!(has_table(LISTING.as_bytes(), TABLE).unwrap());
+        assert!(!has_table(br#"{"nftables": [{"metainfo": {}}]}"#, TABLE).unwrap());
     }
 
     #[test]
     fn rejects_odd_listings() {
-        assert!(parse_rules(b"not json").is_err());
-        assert!(parse_rules(b"{}").is_err());
+        assert!(parse_rules(b"not json", TABLE).is_err());
+        assert!(parse_rules(b"{}", TABLE).is_err());
         let evil = r#"{"nftables": [{"rule": {"family": "ip", "table": "banger", "chain": "x; flush ruleset", "handle": 1}}]}"#;
         assert!(
-            parse_rules(evil.as_bytes())
+            parse_rules(evil.as_bytes(), TABLE)
                 .unwrap_err()
                 .contains("chain name")
         );
         let no_handle =
             r#"{"nftables": [{"rule": {"family": "ip", "table": "banger", "chain": "fwd_in"}}]}"#;
-        assert!(parse_rules(no_handle.as_bytes()).is_err());
+        assert!(parse_rules(no_handle.as_bytes(), TABLE).is_err());
     }
 }

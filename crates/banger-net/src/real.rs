@@ -15,6 +15,8 @@ use crate::{NetError, NetOps, check_gateway};
 pub struct RealNetOps {
     runner: Arc<dyn CommandRunner>,
     netns: Option<String>,
+    /// This installation's nftables table (see [`nft::table_for`]).
+    table: String,
 }
 
 /// One interface as `ip -d -j link show` describes it.
@@ -41,7 +43,14 @@ impl RealNetOps {
         RealNetOps {
             runner,
             netns: None,
+            table: nft::TABLE.to_string(),
         }
+    }
+
+    /// Uses the nftables table of the installation whose bridge is `bridge`.
+    pub fn for_bridge(mut self, bridge: &BridgeName) -> Self {
+        self.table = nft::table_for(bridge);
+        self
     }
 
     /// Runs every command inside network namespace `name` (`ip netns exec <name> ...`), so tests
@@ -125,7 +134,7 @@ impl RealNetOps {
         let out = self
             .run(op, target, self.cmd("nft", &["-j", "list", "tables"]))
             .await?;
-        nft::has_table(&out).map_err(|reason| NetError::Output {
+        nft::has_table(&out, &self.table).map_err(|reason| NetError::Output {
             op,
             target: target.to_string(),
             reason,
@@ -147,11 +156,11 @@ impl RealNetOps {
                 target,
                 self.cmd(
                     "nft",
-                    &["-j", "-a", "list", "table", nft::FAMILY, nft::TABLE],
+                    &["-j", "-a", "list", "table", nft::FAMILY, &self.table],
                 ),
             )
             .await?;
-        nft::parse_rules(&out)
+        nft::parse_rules(&out, &self.table)
             .map(Some)
             .map_err(|reason| NetError::Output {
                 op,
@@ -350,7 +359,7 @@ impl NetOps for RealNetOps {
             self.cmd("sysctl", &["-q", "-w", "net.ipv4.ip_forward=1"]),
         )
         .await?;
-        self.nft_script(OP, &target, nft::ensure_script(bridge, cidr))
+        self.nft_script(OP, &target, nft::ensure_script(&self.table, bridge, cidr))
             .await
     }
 
@@ -365,8 +374,12 @@ impl NetOps for RealNetOps {
                 vm_id: vm_id.to_string(),
             });
         };
-        self.nft_script(OP, vm_id, nft::add_vm_script(vm_id, ip, &stale))
-            .await
+        self.nft_script(
+            OP,
+            vm_id,
+            nft::add_vm_script(&self.table, vm_id, ip, &stale),
+        )
+        .await
     }
 
     async fn remove_vm_nat(&self, vm_id: &str) -> Result<(), NetError> {
@@ -374,7 +387,8 @@ impl NetOps for RealNetOps {
         const OP: &str = "removing NAT for VM";
         match self.vm_rules(OP, vm_id).await? {
             Some(rules) if !rules.is_empty() => {
-                self.nft_script(OP, vm_id, nft::delete_script(&rules)).await
+                self.nft_script(OP, vm_id, nft::delete_script(&self.table, &rules))
+                    .await
             }
             _ => Ok(()),
         }
@@ -382,7 +396,7 @@ impl NetOps for RealNetOps {
 
     async fn list_nat_vms(&self) -> Result<Vec<String>, NetError> {
         let mut ids: Vec<String> = self
-            .rules("listing NAT VMs", nft::TABLE)
+            .rules("listing NAT VMs", &self.table.clone())
             .await?
             .unwrap_or_default()
             .iter()
@@ -415,9 +429,9 @@ impl NetOps for RealNetOps {
         };
         const OP: &str = "removing banger's table";
         let table = async {
-            if self.has_table(OP, nft::TABLE).await? {
-                let del = self.cmd("nft", &["delete", "table", nft::FAMILY, nft::TABLE]);
-                self.run(OP, nft::TABLE, del).await?;
+            if self.has_table(OP, &self.table).await? {
+                let del = self.cmd("nft", &["delete", "table", nft::FAMILY, &self.table]);
+                self.run(OP, &self.table, del).await?;
             }
             Ok(())
         };
@@ -794,7 +808,7 @@ mod tests {
         assert_eq!(calls[1].display(), "nft -f -");
         assert_eq!(
             calls[1].stdin.as_deref(),
-            Some(nft::ensure_script(&BridgeName::default(), &cidr).as_bytes())
+            Some(nft::ensure_script(nft::TABLE, &BridgeName::default(), &cidr).as_bytes())
         );
     }
 
@@ -819,7 +833,7 @@ mod tests {
             lines[2],
             format!(
                 "nft -f - <<< {}",
-                nft::add_vm_script("aaa", ip("172.30.0.9"), &stale)
+                nft::add_vm_script(nft::TABLE, "aaa", ip("172.30.0.9"), &stale)
             )
         );
         assert!(!lines[2].contains("handle 8"));

@@ -581,6 +581,12 @@ impl Drop for TestEnv {
         }
         if let Some((bridge, _)) = self.network() {
             let _ = Command::new("ip").args(["link", "del", &bridge]).output();
+            // The environment's own nftables table (named after its bridge).
+            if let Some(suffix) = bridge.strip_prefix("br-banger-") {
+                let _ = Command::new("nft")
+                    .args(["delete", "table", "ip", &format!("banger_{suffix}")])
+                    .output();
+            }
         }
     }
 }
@@ -618,10 +624,16 @@ pub fn bridge_ports(bridge: &str) -> Vec<String> {
         .collect()
 }
 
-/// The text of `nft list table ip banger` (empty when there is no table).
-pub fn nft_banger_table() -> String {
+/// The text of `nft list table ip <table>` of the installation whose bridge is `bridge`
+/// (`banger` for `br-banger`, `banger_<suffix>` for `br-banger-<suffix>`); empty when there is
+/// no table.
+pub fn nft_banger_table(bridge: &str) -> String {
+    let table = match bridge.strip_prefix("br-banger-") {
+        Some(suffix) => format!("banger_{suffix}"),
+        None => "banger".to_string(),
+    };
     Command::new("nft")
-        .args(["-a", "list", "table", "ip", "banger"])
+        .args(["-a", "list", "table", "ip", &table])
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         .unwrap_or_default()

@@ -94,7 +94,7 @@ fn real_guest_end_to_end() {
     ok(&env, &["vm", "create", "--name", "alpha", "--nat"]);
     ok(&env, &["vm", "create", "--name", "beta"]);
     let (a, b) = (vm_id(&env, "alpha"), vm_id(&env, "beta"));
-    let rules = nft_banger_table();
+    let rules = nft_banger_table(&env.network().expect("a real environment").0);
     assert!(
         rules.contains(&format!("banger:{a}")),
         "alpha's NAT rules missing:\n{rules}"
@@ -149,12 +149,14 @@ fn real_guest_end_to_end() {
     // 4. Stop removes the NAT rules; files in /root and /etc survive stop/start.
     ok(&env, &["vm", "stop", "alpha"]);
     assert!(
-        !nft_banger_table().contains(&format!("banger:{a}")),
+        !nft_banger_table(&env.network().expect("a real environment").0)
+            .contains(&format!("banger:{a}")),
         "NAT rules survive stop"
     );
     ok(&env, &["vm", "start", "alpha"]);
     assert!(
-        nft_banger_table().contains(&format!("banger:{a}")),
+        nft_banger_table(&env.network().expect("a real environment").0)
+            .contains(&format!("banger:{a}")),
         "NAT rules back after start"
     );
     let kept = ok(
@@ -172,7 +174,7 @@ fn real_guest_end_to_end() {
     assert_eq!(kept, "in-root\nin-etc\n");
 
     ok(&env, &["vm", "rm", "--force", "alpha", "beta"]);
-    let rules = nft_banger_table();
+    let rules = nft_banger_table(&env.network().expect("a real environment").0);
     assert!(
         !rules.contains(&format!("banger:{a}")) && !rules.contains(&format!("banger:{b}")),
         "rules left after delete:\n{rules}"
