@@ -639,6 +639,23 @@ pub fn nft_banger_table(bridge: &str) -> String {
         .unwrap_or_default()
 }
 
+/// Every file below `dir` (recursively; an unreadable or missing dir gives nothing): leftover
+/// checks look for partial downloads and scratch files with it.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(files_under(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
 /// Makes a real ext4 image of `mib` MiB with a marker file, without root (mkfs.ext4 -d).
 pub fn make_ext4(path: &Path, mib: u64) {
     let src = path.with_extension("d");

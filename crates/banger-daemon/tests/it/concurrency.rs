@@ -5,7 +5,6 @@
 //! no VM dir, no staging or scratch dir.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -303,24 +302,9 @@ fn assert_no_scratch(env: &TestEnv, round: usize) {
             .unwrap_or_default();
         assert!(names.is_empty(), "round {round}: left in {dir}: {names:?}");
     }
-    let partials: Vec<_> = walk(&env.root().join("cache"))
+    let partials: Vec<_> = banger_testkit::files_under(&env.root().join("cache"))
         .into_iter()
         .filter(|p| p.to_string_lossy().contains("partial"))
         .collect();
     assert!(partials.is_empty(), "round {round}: {partials:?}");
-}
-
-fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    if let Ok(rd) = std::fs::read_dir(dir) {
-        for e in rd.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                out.extend(walk(&p));
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out
 }

@@ -268,7 +268,7 @@ fn assert_no_half_image(env: &TestEnv, name: &str) {
     assert!(stray.is_empty(), "staging left in images/: {stray:?}");
     let scratch = entries(&env.state_dir().join("build"));
     assert!(scratch.is_empty(), "scratch left in build/: {scratch:?}");
-    let partials: Vec<_> = walk(&env.root().join("cache"))
+    let partials: Vec<_> = banger_testkit::files_under(&env.root().join("cache"))
         .into_iter()
         .filter(|p| p.to_string_lossy().contains("partial"))
         .collect();
@@ -283,21 +283,6 @@ fn entries(dir: &Path) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
-}
-
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    if let Ok(rd) = std::fs::read_dir(dir) {
-        for e in rd.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                out.extend(walk(&p));
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out
 }
 
 fn vm_names(env: &TestEnv) -> Vec<(String, String, Option<String>)> {
@@ -580,7 +565,7 @@ fn a_full_blob_cache_fails_cleanly() {
     let (code, msg) = pull(&env, &format!("{}/cache/huge:1", reg.addr())).err();
     assert_disk_full("pull into a full cache", code, &msg, &["cache"]);
     assert_no_half_image(&env, "huge-1");
-    let blobs = walk(&cache.join("oci"));
+    let blobs = banger_testkit::files_under(&cache.join("oci"));
     println!("cache after the failed pull: {blobs:?}");
     assert!(
         free_bytes(&cache) > 16 << 20,

@@ -5,7 +5,6 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -263,26 +262,11 @@ fn assert_no_leftovers(env: &TestEnv) {
             .unwrap_or_default();
         assert!(stray.is_empty(), "{}: {stray:?}", dir.display());
     }
-    let partials: Vec<_> = walk(&env.root().join("cache"))
+    let partials: Vec<_> = banger_testkit::files_under(&env.root().join("cache"))
         .into_iter()
         .filter(|p| p.to_string_lossy().contains("partial"))
         .collect();
     assert!(partials.is_empty(), "{partials:?}");
-}
-
-fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    if let Ok(rd) = std::fs::read_dir(dir) {
-        for e in rd.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                out.extend(walk(&p));
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out
 }
 
 /// Random bytes (incompressible, so the gzip layer is as big as the file).
@@ -383,7 +367,7 @@ fn a_pull_cut_off_half_way_leaves_nothing() {
     // The daemon notices, stops the download and removes what it wrote.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let partials: Vec<_> = walk(&env.root().join("cache"))
+        let partials: Vec<_> = banger_testkit::files_under(&env.root().join("cache"))
             .into_iter()
             .filter(|p| p.to_string_lossy().contains("partial"))
             .collect();
