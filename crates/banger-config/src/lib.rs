@@ -35,6 +35,14 @@ pub fn system_owner_uid() -> Option<u32> {
         .and_then(|u| u32::try_from(u).ok())
 }
 
+/// The owner (uid, gid) recorded by `banger system install`, if there is a readable record.
+pub fn system_owner() -> Option<(u32, u32)> {
+    let text = std::fs::read_to_string(INSTALL_RECORD_PATH).ok()?;
+    let v: toml::Value = toml::from_str(&text).ok()?;
+    let id = |k: &str| v.get(k)?.as_integer().and_then(|u| u32::try_from(u).ok());
+    Some((id("uid")?, id("gid")?))
+}
+
 /// What can go wrong loading the configuration. Messages name the file, and the key and value
 /// when one is at fault.
 #[derive(Debug, thiserror::Error)]
@@ -282,6 +290,12 @@ pub struct Config {
     pub qemu_bin: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub jailer_bin: Option<PathBuf>,
+    /// The uid and gid the jailer runs Firecracker as (both or neither; never 0). Unset: the
+    /// owner recorded by `banger system install`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jailer_uid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jailer_gid: Option<u32>,
     /// The static guest agent put into banger's initramfs as `/init`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub agent_bin: Option<PathBuf>,
@@ -367,6 +381,8 @@ impl Config {
             firecracker_bin: None,
             qemu_bin: None,
             jailer_bin: None,
+            jailer_uid: None,
+            jailer_gid: None,
             agent_bin: None,
             helper_socket: None,
             root_disk: RootDiskStrategy::Overlay,
@@ -480,6 +496,8 @@ struct RawConfig {
     firecracker_bin: Option<Value>,
     qemu_bin: Option<Value>,
     jailer_bin: Option<Value>,
+    jailer_uid: Option<Value>,
+    jailer_gid: Option<Value>,
     agent_bin: Option<Value>,
     helper_socket: Option<Value>,
     root_disk: Option<Value>,
@@ -603,6 +621,23 @@ impl Checker<'_> {
         }
         if let Some(v) = &raw.jailer_bin {
             c.jailer_bin = Some(self.abs_path("jailer_bin", v)?);
+        }
+        // Never 0 (root) and never u32::MAX ((uid_t)-1 means "unchanged" to the kernel).
+        let max_id = i64::from(u32::MAX) - 1;
+        if let Some(v) = &raw.jailer_uid {
+            c.jailer_uid = Some(self.int("jailer_uid", v, 1, max_id)? as u32);
+        }
+        if let Some(v) = &raw.jailer_gid {
+            c.jailer_gid = Some(self.int("jailer_gid", v, 1, max_id)? as u32);
+        }
+        match (&raw.jailer_uid, &raw.jailer_gid) {
+            (Some(v), None) => {
+                return Err(self.invalid("jailer_uid", v, "set jailer_gid too"));
+            }
+            (None, Some(v)) => {
+                return Err(self.invalid("jailer_gid", v, "set jailer_uid too"));
+            }
+            _ => {}
         }
         if let Some(v) = &raw.helper_socket {
             c.helper_socket = Some(self.abs_path("helper_socket", v)?);

@@ -584,3 +584,29 @@ fn image_catalog_and_registries() {
         &["insecure_registries[0]"],
     );
 }
+
+#[test]
+fn jailer_identity_keys() {
+    let c = parse("jailer_uid = 65534\njailer_gid = 65533\n").unwrap();
+    assert_eq!((c.jailer_uid, c.jailer_gid), (Some(65534), Some(65533)));
+    let d = parse("").unwrap();
+    assert_eq!((d.jailer_uid, d.jailer_gid), (None, None));
+    rejected(
+        "jailer_uid = 0\njailer_gid = 1\n",
+        &["jailer_uid = 0", "between 1"],
+    );
+    rejected("jailer_uid = 1\njailer_gid = 0\n", &["jailer_gid = 0"]);
+    rejected("jailer_uid = 4294967295\njailer_gid = 1\n", &["jailer_uid"]);
+    rejected(
+        "jailer_uid = \"nobody\"\njailer_gid = 1\n",
+        &["jailer_uid", "integer"],
+    );
+    rejected(
+        "jailer_uid = 1000\n",
+        &["jailer_uid = 1000", "jailer_gid too"],
+    );
+    rejected(
+        "jailer_gid = 1000\n",
+        &["jailer_gid = 1000", "jailer_uid too"],
+    );
+}

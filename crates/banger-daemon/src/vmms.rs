@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use banger_config::{Config, VmmChoice};
 use banger_vmm::firecracker::Firecracker;
+use banger_vmm::firecracker::jailer::JailerConfig;
 use banger_vmm::qemu::{Accel, Qemu, detect_accel};
 use banger_vmm::{Vmm, VmmKind};
 
@@ -25,6 +26,12 @@ pub struct ConfigVmmProvider {
     qemu_bin: Option<PathBuf>,
     firecracker: Mutex<Option<Arc<Firecracker>>>,
     qemu: Mutex<Option<Arc<Qemu>>>,
+    /// Set: Firecracker VMMs are launched through this jailer.
+    jailer_bin: Option<PathBuf>,
+    jailer_ids: (Option<u32>, Option<u32>),
+    /// `<state_dir>/jail`: the jailer's chroot base, also known without a jailer so the jails
+    /// of VMMs launched by an earlier config are still cleaned up.
+    jail_base: PathBuf,
 }
 
 impl ConfigVmmProvider {
@@ -35,6 +42,9 @@ impl ConfigVmmProvider {
             qemu_bin: config.qemu_bin.clone(),
             firecracker: Mutex::new(None),
             qemu: Mutex::new(None),
+            jailer_bin: config.jailer_bin.clone(),
+            jailer_ids: (config.jailer_uid, config.jailer_gid),
+            jail_base: config.state_dir.join("jail"),
         }
     }
 
@@ -56,8 +66,31 @@ impl ConfigVmmProvider {
             "Firecracker was not found: install it in PATH or set firecracker_bin in the config"
                 .to_string()
         })?;
-        let fc = Firecracker::new(bin).map_err(|e| e.to_string())?;
-        fc.check_version().await.map_err(|e| e.to_string())?;
+        let mut fc = Firecracker::new(bin)
+            .map_err(|e| e.to_string())?
+            .with_jail_base(self.jail_base.clone());
+        if let Some(jailer) = &self.jailer_bin {
+            // SAFETY: geteuid has no preconditions.
+            let euid = unsafe { libc::geteuid() };
+            let (uid, gid) = jail_identity(self.jailer_ids, euid, banger_config::system_owner)?;
+            fc = fc
+                .with_jailer(JailerConfig {
+                    bin: jailer.clone(),
+                    chroot_base: self.jail_base.clone(),
+                    uid,
+                    gid,
+                })
+                .map_err(|e| e.to_string())?;
+        }
+        let version = fc.check_version().await.map_err(|e| e.to_string())?;
+        if let Some(jv) = fc.check_jailer_version().await.map_err(|e| e.to_string())?
+            && jv != version
+        {
+            return Err(format!(
+                "the jailer is v{jv} but Firecracker is v{version}: use the jailer of the same \
+                 Firecracker release"
+            ));
+        }
         let fc = Arc::new(fc);
         *self.firecracker.lock().expect("poisoned") = Some(fc.clone());
         Ok(fc)
@@ -106,7 +139,8 @@ impl VmmProvider for ConfigVmmProvider {
                 let fc = self
                     .firecracker_path()
                     .and_then(|p| Firecracker::new(p).ok())
-                    .unwrap_or_else(Firecracker::control_only);
+                    .unwrap_or_else(Firecracker::control_only)
+                    .with_jail_base(self.jail_base.clone());
                 Some(Arc::new(fc))
             }
             VmmKind::QemuKvm | VmmKind::QemuTcg => {
@@ -126,6 +160,38 @@ impl VmmProvider for ConfigVmmProvider {
     }
 }
 
+/// Who the jailer runs Firecracker as: `jailer_uid`/`jailer_gid` when configured, else the
+/// owner recorded by `banger system install`. The jailer needs a root daemon, and Firecracker
+/// never runs as root inside the jail.
+pub fn jail_identity(
+    configured: (Option<u32>, Option<u32>),
+    euid: u32,
+    install_owner: impl FnOnce() -> Option<(u32, u32)>,
+) -> Result<(u32, u32), String> {
+    if euid != 0 {
+        return Err(format!(
+            "jailer_bin is set, but bangerd runs as uid {euid}: the jailer needs root (chroot, \
+             device nodes, cgroups, the uid switch); run the daemon as root or unset jailer_bin"
+        ));
+    }
+    let (uid, gid) = match configured {
+        (Some(u), Some(g)) => (u, g),
+        _ => install_owner().ok_or_else(|| {
+            "jailer_bin is set, but there is no user to run Firecracker as: set jailer_uid and \
+             jailer_gid in the config (an unprivileged user, e.g. 65534), or install with \
+             `banger system install --owner USER`"
+                .to_string()
+        })?,
+    };
+    if uid == 0 || gid == 0 {
+        return Err(format!(
+            "the jailer would run Firecracker as uid {uid} gid {gid}; banger never runs it as \
+             root inside the jail: set jailer_uid and jailer_gid to an unprivileged user"
+        ));
+    }
+    Ok((uid, gid))
+}
+
 /// Which backend `vmm = "auto"` would choose here and why, for `doctor` and `daemon status`.
 pub fn describe_auto() -> String {
     let probe = detect_accel();
@@ -133,5 +199,32 @@ pub fn describe_auto() -> String {
         (Accel::Kvm, true) => "firecracker (hardware KVM)".into(),
         (Accel::Kvm, false) => "qemu-kvm (Firecracker not installed)".into(),
         (Accel::Tcg, _) => format!("qemu-tcg ({})", probe.reason),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jail_identity_prefers_the_config_then_the_install_owner() {
+        let none = || None;
+        assert_eq!(
+            jail_identity((Some(65534), Some(65533)), 0, || Some((1000, 1000))),
+            Ok((65534, 65533))
+        );
+        assert_eq!(
+            jail_identity((None, None), 0, || Some((1000, 1001))),
+            Ok((1000, 1001))
+        );
+        let e = jail_identity((None, None), 0, none).unwrap_err();
+        assert!(e.contains("set jailer_uid and jailer_gid"), "{e}");
+        let e = jail_identity((Some(65534), Some(65534)), 1000, none).unwrap_err();
+        assert!(e.contains("needs root"), "{e}");
+        // An install record naming root is refused like a configured root.
+        let e = jail_identity((None, None), 0, || Some((0, 0))).unwrap_err();
+        assert!(e.contains("never runs it as root"), "{e}");
+        let e = jail_identity((Some(0), Some(5)), 0, none).unwrap_err();
+        assert!(e.contains("never runs it as root"), "{e}");
     }
 }

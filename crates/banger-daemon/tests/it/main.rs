@@ -7,6 +7,7 @@ mod engine_faults;
 mod full_disk;
 mod fuzz;
 mod images;
+mod jailer;
 mod kernel_build;
 mod kernels;
 mod leaks;

@@ -6,6 +6,7 @@
 //! ever Firecracker's root device.
 
 pub mod client;
+pub mod jailer;
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -90,6 +91,11 @@ pub struct Firecracker {
     api_timeout: Duration,
     snapshot_timeout: Duration,
     kill_timeout: Duration,
+    /// Set: every VMM is launched through the jailer ([`jailer`]).
+    jailer: Option<jailer::JailerConfig>,
+    /// Where jails are (`<state_dir>/jail`), also without a jailer configured: a VMM launched
+    /// jailed is still recognised by its socket path and its jail removed after it.
+    jail_base: Option<PathBuf>,
 }
 
 impl Firecracker {
@@ -118,6 +124,8 @@ impl Firecracker {
             api_timeout: client::DEFAULT_TIMEOUT,
             snapshot_timeout: Duration::from_secs(300),
             kill_timeout: Duration::from_secs(5),
+            jailer: None,
+            jail_base: None,
         })
     }
 
@@ -132,7 +140,143 @@ impl Firecracker {
             api_timeout: client::DEFAULT_TIMEOUT,
             snapshot_timeout: Duration::from_secs(300),
             kill_timeout: Duration::from_secs(5),
+            jailer: None,
+            jail_base: None,
         }
+    }
+
+    /// Launches every VMM through the jailer (see [`jailer`]). The jailer binary must be an
+    /// executable file and the uid/gid must not be root's.
+    pub fn with_jailer(mut self, config: jailer::JailerConfig) -> Result<Self, VmmError> {
+        config.validate()?;
+        let meta = std::fs::metadata(&config.bin).map_err(|e| VmmError::Binary {
+            path: config.bin.clone(),
+            reason: e.to_string(),
+        })?;
+        if !meta.is_file() || nix::unistd::access(&config.bin, AccessFlags::X_OK).is_err() {
+            return Err(VmmError::Binary {
+                path: config.bin.clone(),
+                reason: "not an executable file".into(),
+            });
+        }
+        self.jail_base = Some(config.chroot_base.clone());
+        self.jailer = Some(config);
+        Ok(self)
+    }
+
+    /// Where jails are, for a backend that does not launch jailed VMMs itself but may have to
+    /// stop and clean up ones that were (a daemon restarted with another config).
+    pub fn with_jail_base(mut self, base: PathBuf) -> Self {
+        self.jail_base = Some(base);
+        self
+    }
+
+    /// The jailer configuration, when VMMs are launched through it.
+    pub fn jailer(&self) -> Option<&jailer::JailerConfig> {
+        self.jailer.as_ref()
+    }
+
+    /// Runs `<jailer> --version` and returns its version (`Jailer vX.Y.Z`).
+    pub async fn check_jailer_version(&self) -> Result<Option<Version>, VmmError> {
+        let Some(j) = &self.jailer else {
+            return Ok(None);
+        };
+        let stdout = common::version_output(&j.bin, &self.env).await?;
+        jailer::parse_version_output(&stdout)
+            .map(Some)
+            .ok_or_else(|| VmmError::Binary {
+                path: j.bin.clone(),
+                reason: format!(
+                    "unexpected --version output {:?} (expected \"Jailer vX.Y.Z\")",
+                    stdout.lines().next().unwrap_or("")
+                ),
+            })
+    }
+
+    /// The jail of a VMM launched through the jailer, recognised by its API socket path.
+    fn jail_of(&self, handle: &VmmHandle) -> Option<jailer::JailLayout> {
+        let base = self.jail_base.as_ref()?;
+        let canonical = std::fs::canonicalize(base).ok();
+        canonical
+            .iter()
+            .chain(std::iter::once(base))
+            .find_map(|b| jailer::JailLayout::from_api_socket(b, &handle.control_socket))
+    }
+
+    /// Launches the VMM through the jailer: jail root with the VM's files, then
+    /// `jailer ... -- --api-sock /run/firecracker.socket`. Anything that fails removes the jail.
+    async fn spawn_jailed(
+        &self,
+        jail: &jailer::JailerConfig,
+        spec: &LaunchSpec,
+    ) -> Result<VmmHandle, VmmError> {
+        if spec.vsock.is_some() {
+            return Err(VmmError::Spec(
+                "vsock is not supported for a jailed Firecracker yet".into(),
+            ));
+        }
+        // The jailer names the jail after the canonical binary's file name.
+        let exec_file = std::fs::canonicalize(&self.bin).map_err(|e| VmmError::Binary {
+            path: self.bin.clone(),
+            reason: e.to_string(),
+        })?;
+        let exec_name = exec_file
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| VmmError::Binary {
+                path: exec_file.clone(),
+                reason: "has no UTF-8 file name".into(),
+            })?
+            .to_string();
+        let base = jailer::ensure_base(&jail.chroot_base)?;
+        let layout = jailer::JailLayout::new(&base, &exec_name, &spec.vm_id)?;
+        let socket = layout.api_socket();
+        check_socket_path("Firecracker API socket path (in the jail)", &socket)?;
+
+        let cleanup = |why: &str| {
+            if let Err(e) = jailer::remove_jail(&layout, None) {
+                tracing::warn!(vm_id = %spec.vm_id, error = %e, "removing the jail after {why} failed");
+            }
+        };
+        let prepared = jailer::prepare(&layout, &jailer::jail_files(spec), jail.uid, jail.gid)
+            .and_then(|()| match &spec.net {
+                Some(net) => jailer::set_tap_owner(&net.tap, jail.uid, jail.gid),
+                None => Ok(()),
+            });
+        if let Err(e) = prepared {
+            cleanup("a failed jail setup");
+            return Err(e);
+        }
+        let spawned = match process::spawn_detached(&DetachedCommand {
+            inherit_fds: Vec::new(),
+            program: jail.bin.clone(),
+            args: jailer::jailer_argv(jail, &exec_file, &layout),
+            env: self.env.clone(),
+            log_path: spec.log_path.clone(),
+        }) {
+            Ok(s) => s,
+            Err(e) => {
+                cleanup("a failed spawn");
+                return Err(e);
+            }
+        };
+        tracing::debug!(pid = spawned.pid, vm_id = %spec.vm_id, socket = %socket.display(), uid = jail.uid, "jailed firecracker spawned");
+
+        let waited = self.wait_ready(spawned, &socket).await;
+        let result = common::finish_spawn(
+            VmmKind::Firecracker,
+            spawned,
+            socket,
+            &spec.log_path,
+            waited,
+            self.socket_timeout,
+            self.kill_timeout,
+        )
+        .await;
+        if result.is_err() && !process::is_alive(spawned.pid, spawned.start_time) {
+            cleanup("a failed start");
+        }
+        result
     }
 
     /// Adds an environment variable for every process this backend runs (the VMM and
@@ -345,6 +489,9 @@ impl Vmm for Firecracker {
 
     async fn spawn(&self, spec: &LaunchSpec) -> Result<VmmHandle, VmmError> {
         check_instance_id(&spec.vm_id)?;
+        if let Some(jail) = &self.jailer {
+            return self.spawn_jailed(jail, spec).await;
+        }
         let socket = spec.run_dir.join(API_SOCKET_NAME);
         check_socket_path("Firecracker API socket path", &socket)?;
 
@@ -392,6 +539,15 @@ impl Vmm for Firecracker {
     async fn configure(&self, handle: &VmmHandle, spec: &LaunchSpec) -> Result<(), VmmError> {
         check_kind(handle)?;
         validate_spec(spec)?;
+        // A jailed Firecracker sees only its jail: it gets the files' names there.
+        let jailed;
+        let spec = match self.jail_of(handle) {
+            Some(_) => {
+                jailed = jailer::jailed_spec(spec);
+                &jailed
+            }
+            None => spec,
+        };
         let api = self.client(handle);
 
         api.put_machine_config(&MachineConfiguration {
@@ -469,7 +625,14 @@ impl Vmm for Firecracker {
 
     async fn kill(&self, handle: &VmmHandle) -> Result<(), VmmError> {
         check_kind(handle)?;
-        common::kill_pid(handle.pid, handle.start_time, self.kill_timeout).await
+        common::kill_pid(handle.pid, handle.start_time, self.kill_timeout).await?;
+        // Every teardown (stop, kill, a failed start, reconcile) ends here once the VMM is
+        // gone: its jail goes with it.
+        if let Some(layout) = self.jail_of(handle) {
+            let cgroup2 = jailer::host_cgroup2_mount();
+            jailer::remove_jail(&layout, cgroup2.as_deref())?;
+        }
+        Ok(())
     }
 
     async fn wait_exit(&self, handle: &VmmHandle) {

@@ -1,0 +1,416 @@
+//! Firecracker through the jailer (`jailer_bin`): the fake jailer in front of the fake
+//! Firecracker. The VMM runs as the jail user, in its own jail root holding hard links to the
+//! VM's files, is told only jail-relative paths, and its jail goes away with it: stop, kill, a
+//! failed start, a daemon restart. A real jailer with real Firecracker needs hardware KVM.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use banger_protocol::{Request, VmCreateParams, VmDeleteParams, VmKillParams, VmRef, VmStopParams};
+use banger_testkit::{TestEnv, bin, pid_alive};
+
+const JAIL_UID: u32 = 65534;
+const JAIL_GID: u32 = 65534;
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// An environment whose Firecracker VMMs go through the fake jailer as 65534:65534. `None`
+/// (after `SKIP`) when not root: the jailer needs root.
+fn jailed_env(extra: &str) -> Option<TestEnv> {
+    if !is_root() {
+        println!("SKIP: the jailer needs a root daemon (chown, mknod, setuid)");
+        return None;
+    }
+    let env = TestEnv::new(&format!(
+        "jailer_bin = \"{}\"\n{extra}",
+        bin("fake-jailer").display()
+    ));
+    // The fake Firecracker runs as the jail user: it must still reach its control and record
+    // files in the (0700) temp dir.
+    std::fs::set_permissions(env.root(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    env.set_control(serde_json::json!({}));
+    std::fs::set_permissions(&env.control, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::write(&env.record, b"").unwrap();
+    std::fs::set_permissions(&env.record, std::fs::Permissions::from_mode(0o666)).unwrap();
+    Some(env)
+}
+
+fn with_ids() -> String {
+    format!("jailer_uid = {JAIL_UID}\njailer_gid = {JAIL_GID}\n")
+}
+
+fn set_control(env: &TestEnv, v: serde_json::Value) {
+    env.set_control(v);
+    std::fs::set_permissions(&env.control, std::fs::Permissions::from_mode(0o644)).unwrap();
+}
+
+fn show(env: &TestEnv, name: &str) -> serde_json::Value {
+    env.request(&Request::VmShow(VmRef { vm: name.into() }))
+        .ok()
+}
+
+fn create(name: &str) -> Request {
+    Request::VmCreate(VmCreateParams {
+        name: Some(name.into()),
+        ..Default::default()
+    })
+}
+
+/// `<state>/jail/fake-firecracker/<id>`: what cleanup must remove.
+fn jail_dir(env: &TestEnv, id: &str) -> PathBuf {
+    env.state_dir()
+        .join("jail")
+        .join("fake-firecracker")
+        .join(id)
+}
+
+/// (real uid, effective uid, real gid, effective gid) of a process.
+fn ids_of(pid: i32) -> (u32, u32, u32, u32) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| -> Vec<u32> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or_else(|| panic!("no {name} in {status}"))
+            .split_whitespace()
+            .map(|n| n.parse().unwrap())
+            .collect()
+    };
+    let (u, g) = (field("Uid:"), field("Gid:"));
+    (u[0], u[1], g[0], g[1])
+}
+
+fn wait_gone(pid: i32) {
+    let t = Instant::now();
+    while pid_alive(pid) {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "pid {pid} still alive"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn recorded_calls(env: &TestEnv) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(&env.record)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn jailed_vmm_runs_as_the_jail_user_in_its_jail_and_the_jail_goes_with_it() {
+    let Some(mut env) = jailed_env(&with_ids()) else {
+        return;
+    };
+    env.start_daemon();
+    env.seed_artifacts();
+    env.request(&create("jailed")).ok();
+    let v = show(&env, "jailed");
+    assert_eq!(v["state"], "running", "{v}");
+    let pid = v["pid"].as_i64().unwrap() as i32;
+    let id = v["id"].as_str().unwrap().to_string();
+
+    // The spawned pid is the (fake) Firecracker itself, dropped to the jail user, working in
+    // its jail root.
+    assert_eq!(ids_of(pid), (JAIL_UID, JAIL_UID, JAIL_GID, JAIL_GID));
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+    let jail = jail_dir(&env, &id);
+    let root = std::fs::canonicalize(jail.join("root")).unwrap();
+    assert_eq!(
+        exe,
+        root.join("fake-firecracker"),
+        "the jail's own copy runs"
+    );
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap(),
+        root
+    );
+    let handles: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(env.state_dir().join("vms").join(&id).join("handles.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        handles["vmm"]["control_socket"].as_str().map(PathBuf::from),
+        Some(root.join("run/firecracker.socket")),
+        "{handles}"
+    );
+
+    // The base is private; the VM's files are hard links owned for the jail user.
+    let mode = |p: &Path| std::fs::symlink_metadata(p).unwrap().mode() & 0o7777;
+    assert_eq!(mode(&env.state_dir().join("jail")), 0o700);
+    for (name, writable) in [
+        ("vmlinux", false),
+        ("initrd", false),
+        ("drive-image", false),
+        ("drive-root", true),
+        ("drive-work", true),
+        ("drive-config", false),
+    ] {
+        let m = std::fs::symlink_metadata(root.join(name))
+            .unwrap_or_else(|e| panic!("{name} not in the jail: {e}"));
+        assert!(m.file_type().is_file(), "{name}");
+        assert!(m.nlink() >= 2, "{name} is not a hard link");
+        if writable {
+            assert_eq!(
+                (m.uid(), m.gid(), m.mode() & 0o777),
+                (JAIL_UID, JAIL_GID, 0o600),
+                "{name}"
+            );
+        } else {
+            assert_eq!((m.gid(), m.mode() & 0o777), (JAIL_GID, 0o440), "{name}");
+        }
+    }
+    let root_disk = env.state_dir().join("vms").join(&id).join("root.ext4");
+    assert_eq!(
+        std::fs::metadata(&root_disk).unwrap().ino(),
+        std::fs::metadata(root.join("drive-root")).unwrap().ino()
+    );
+
+    // Firecracker was told only jail-relative paths, and accepted every call.
+    let calls = recorded_calls(&env);
+    assert!(calls.len() >= 6, "{calls:?}");
+    for c in &calls {
+        let status = c["status"].as_u64().unwrap();
+        assert!((200..300).contains(&status), "rejected call: {c}");
+    }
+    let boot = calls.iter().find(|c| c["path"] == "/boot-source").unwrap();
+    assert_eq!(boot["body"]["kernel_image_path"], "vmlinux", "{boot}");
+    assert_eq!(boot["body"]["initrd_path"], "initrd", "{boot}");
+    let drives: Vec<&str> = calls
+        .iter()
+        .filter(|c| c["path"].as_str().unwrap().starts_with("/drives/"))
+        .map(|c| c["body"]["path_on_host"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        drives,
+        ["drive-image", "drive-root", "drive-work", "drive-config"]
+    );
+
+    // Stop: the VMM and its jail are gone.
+    env.request(&Request::VmStop(VmStopParams {
+        vm: "jailed".into(),
+        timeout_secs: Some(2),
+    }))
+    .ok();
+    assert_eq!(show(&env, "jailed")["state"], "stopped");
+    assert!(!pid_alive(pid));
+    assert!(!jail.exists(), "{} left after stop", jail.display());
+    assert!(root_disk.is_file(), "the VM's disk survives its jail");
+
+    // Start again (a fresh jail), then kill: gone again.
+    env.request(&Request::VmStart(VmRef {
+        vm: "jailed".into(),
+    }))
+    .ok();
+    let pid2 = show(&env, "jailed")["pid"].as_i64().unwrap() as i32;
+    assert_eq!(ids_of(pid2).0, JAIL_UID);
+    assert!(jail.join("root/run/firecracker.socket").exists());
+    env.request(&Request::VmKill(VmKillParams {
+        vm: "jailed".into(),
+        signal: None,
+    }))
+    .ok();
+    assert!(!pid_alive(pid2));
+    assert!(!jail.exists(), "{} left after kill", jail.display());
+
+    env.request(&Request::VmDelete(VmDeleteParams {
+        vm: "jailed".into(),
+        force: false,
+    }))
+    .ok();
+    assert!(env.vm_leftovers().is_empty(), "{:?}", env.vm_leftovers());
+    assert!(
+        env.stray_processes().is_empty(),
+        "{:?}",
+        env.stray_processes()
+    );
+}
+
+#[test]
+fn failed_jailed_starts_leave_no_jail() {
+    let Some(mut env) = jailed_env(&with_ids()) else {
+        return;
+    };
+    env.start_daemon();
+    env.seed_artifacts();
+    for (step, rule) in [
+        (
+            "vmm_configure",
+            serde_json::json!({"method": "PUT", "path": "/boot-source"}),
+        ),
+        (
+            "vmm_boot",
+            serde_json::json!({"method": "PUT", "path": "/actions", "action_type": "InstanceStart"}),
+        ),
+    ] {
+        set_control(&env, serde_json::json!({"fail": [rule]}));
+        let name = format!("fail-{}", step.replace('_', "-"));
+        let (_, msg) = env.request(&create(&name)).err();
+        assert!(msg.contains(step), "{msg}");
+        let v = show(&env, &name);
+        assert_eq!(v["state"], "error", "{v}");
+        let id = v["id"].as_str().unwrap();
+        assert!(
+            !jail_dir(&env, id).exists(),
+            "{step}: {} left",
+            jail_dir(&env, id).display()
+        );
+    }
+    // Once the fault is gone, the same VM starts and stops cleanly.
+    set_control(&env, serde_json::json!({}));
+    env.request(&Request::VmStart(VmRef {
+        vm: "fail-vmm-boot".into(),
+    }))
+    .ok();
+    let v = show(&env, "fail-vmm-boot");
+    assert_eq!(v["state"], "running", "{v}");
+    let id = v["id"].as_str().unwrap().to_string();
+    assert!(jail_dir(&env, &id).exists());
+    env.request(&Request::VmStop(VmStopParams {
+        vm: "fail-vmm-boot".into(),
+        timeout_secs: Some(2),
+    }))
+    .ok();
+    assert!(!jail_dir(&env, &id).exists());
+    assert!(
+        env.stray_processes().is_empty(),
+        "{:?}",
+        env.stray_processes()
+    );
+}
+
+#[test]
+fn restarted_daemon_readopts_jailed_vmms_and_cleans_dead_ones() {
+    let Some(mut env) = jailed_env(&with_ids()) else {
+        return;
+    };
+    env.start_daemon();
+    env.seed_artifacts();
+    env.request(&create("survivor")).ok();
+    env.request(&create("casualty")).ok();
+    let s = show(&env, "survivor");
+    let c = show(&env, "casualty");
+    let (live_pid, dead_pid) = (
+        s["pid"].as_i64().unwrap() as i32,
+        c["pid"].as_i64().unwrap() as i32,
+    );
+    let (live_id, dead_id) = (
+        s["id"].as_str().unwrap().to_string(),
+        c["id"].as_str().unwrap().to_string(),
+    );
+
+    env.kill_daemon();
+    assert!(pid_alive(live_pid), "jailed VMMs outlive the daemon");
+    // SAFETY: killing a fake VMM this test started.
+    unsafe { libc::kill(dead_pid, libc::SIGKILL) };
+    wait_gone(dead_pid);
+
+    env.start_daemon();
+    let s = show(&env, "survivor");
+    assert_eq!(s["state"], "running", "{s}");
+    assert_eq!(
+        s["pid"].as_i64(),
+        Some(live_pid as i64),
+        "same VMM re-adopted"
+    );
+    assert!(jail_dir(&env, &live_id).exists());
+    let c = show(&env, "casualty");
+    assert_eq!(c["state"], "stopped", "{c}");
+    assert!(
+        !jail_dir(&env, &dead_id).exists(),
+        "reconcile left the dead VMM's jail"
+    );
+
+    // The re-adopted VMM answers on its jailed socket and is cleaned up on stop.
+    env.request(&Request::VmStop(VmStopParams {
+        vm: "survivor".into(),
+        timeout_secs: Some(2),
+    }))
+    .ok();
+    assert!(!pid_alive(live_pid));
+    assert!(!jail_dir(&env, &live_id).exists());
+    let ctrl_alt_del = recorded_calls(&env).into_iter().any(|c| {
+        c["path"] == "/actions"
+            && c["body"]["action_type"] == "SendCtrlAltDel"
+            && c["status"].as_u64() == Some(204)
+    });
+    assert!(ctrl_alt_del, "the stop went through the jailed API socket");
+    assert!(
+        env.stray_processes().is_empty(),
+        "{:?}",
+        env.stray_processes()
+    );
+}
+
+#[test]
+fn jailer_without_a_user_to_run_as_is_refused() {
+    if Path::new(banger_config::INSTALL_RECORD_PATH).exists() {
+        println!("SKIP: this host has a system install record, whose owner would be used");
+        return;
+    }
+    let Some(mut env) = jailed_env("") else {
+        return;
+    };
+    env.start_daemon();
+    env.seed_artifacts();
+    let (_, msg) = env.request(&create("nobody")).err();
+    assert!(msg.contains("preflight"), "{msg}");
+    assert!(msg.contains("set jailer_uid and jailer_gid"), "{msg}");
+    assert!(env.stray_processes().is_empty());
+}
+
+/// A real jailer in front of real Firecracker: needs both binaries and hardware KVM.
+#[test]
+fn real_jailer_boots_real_firecracker() {
+    let (Some(fc), Some(jailer)) = (
+        banger_sys::find_in_path("firecracker"),
+        banger_sys::find_in_path("jailer"),
+    ) else {
+        println!("SKIP: real jailer + Firecracker: no firecracker and jailer binaries in PATH");
+        return;
+    };
+    let probe = banger_vmm::qemu::detect_accel();
+    if probe.accel != banger_vmm::qemu::Accel::Kvm {
+        println!(
+            "SKIP: real jailer + Firecracker need hardware KVM: {}",
+            probe.reason
+        );
+        return;
+    }
+    let extra = format!(
+        "vmm = \"firecracker\"\nfirecracker_bin = \"{}\"\njailer_bin = \"{}\"\n{}",
+        fc.display(),
+        jailer.display(),
+        with_ids()
+    );
+    let Some(mut env) = TestEnv::real(&extra) else {
+        return;
+    };
+    env.start_daemon();
+    let o = env.cli(&["vm", "create", "--name", "jailed"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v = show(&env, "jailed");
+    let pid = v["pid"].as_i64().unwrap() as i32;
+    assert_eq!(ids_of(pid).0, JAIL_UID);
+    let o = env.cli(&["vm", "exec", "jailed", "--", "true"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = env.cli(&["vm", "rm", "--force", "jailed"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // The jailer names the jail dir after the canonical binary's file name.
+    let exec_name = std::fs::canonicalize(&fc).unwrap();
+    let jail = env
+        .state_dir()
+        .join("jail")
+        .join(exec_name.file_name().unwrap());
+    let left: Vec<_> = std::fs::read_dir(&jail)
+        .map(|rd| rd.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "jails left: {left:?}");
+    env.stop_daemon();
+}
