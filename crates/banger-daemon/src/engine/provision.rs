@@ -89,7 +89,14 @@ impl Engine {
             );
             return self.image_build(name, suite, ctx).await;
         }
-        Err(OpError::not_found("image", name))
+        // A bare word is an image name; a registry image needs its tag or path to be pulled
+        // implicitly (`alpine:latest`, `library/alpine`), so say how.
+        Err(OpError::new(
+            ErrorCode::NotFound,
+            format!(
+                "no image named {name:?} (banger image ls); to use the registry image, run `banger image pull {name}` or pass --image {name}:latest"
+            ),
+        ))
     }
 
     /// The kernel, pulling it first when it is missing and `kernel pull` knows it (the built-in
