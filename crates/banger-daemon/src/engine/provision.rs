@@ -611,6 +611,7 @@ async fn forward_pull_progress(
     ctx: &OpCtx<'_>,
 ) {
     let mut last = Instant::now() - Duration::from_secs(1);
+    let started = Instant::now();
     while let Some(p) = rx.recv().await {
         match p {
             PullProgress::Stage { stage, detail } => {
@@ -628,10 +629,11 @@ async fn forward_pull_progress(
             } => {
                 if last.elapsed() > Duration::from_millis(250) || done == total {
                     last = Instant::now();
+                    let rate = mib(done) / started.elapsed().as_secs_f64().max(0.001);
                     let detail = if total > 0 {
-                        format!("{:.1} / {:.1} MiB", mib(done), mib(total))
+                        format!("{:.1} / {:.1} MiB, {rate:.1} MiB/s", mib(done), mib(total))
                     } else {
-                        format!("{:.1} MiB", mib(done))
+                        format!("{:.1} MiB, {rate:.1} MiB/s", mib(done))
                     };
                     ctx.progress
                         .stage(&format!("kernel_{}", stage.as_str()), Some(detail));
