@@ -188,6 +188,7 @@ pub fn vm_details(d: &VmDetails, now: i64) -> String {
                 .map(|t| when(now, t))
                 .unwrap_or_else(|| "-".into()),
         ),
+        ("access", or_dash(d.access.clone())),
         ("dir", d.dir.display().to_string()),
         ("log_file", d.log_file.display().to_string()),
     ]);
@@ -386,8 +387,14 @@ a-much-longer-name  stopped  debian-bookworm  -           2     1024M  8G    -  
             pid: Some(4242),
             dir: PathBuf::from("/state/vms/0123456789ab"),
             log_file: PathBuf::from("/state/vms/0123456789ab/vmm.log"),
+            access: Some("banger's agent serves ssh (no sshd in the image)".into()),
         };
         let text = vm_details(&d, NOW);
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("access:") && l.contains("banger's agent serves ssh")),
+            "{text}"
+        );
         assert!(
             text.contains("last_error: start: vmm_spawn: firecracker exited\n"),
             "{text}"

@@ -651,6 +651,10 @@ pub struct VmDetails {
     pub pid: Option<i32>,
     pub dir: PathBuf,
     pub log_file: PathBuf,
+    /// Who serves ssh and who is PID 1 in this VM (the image's sshd and init, or banger's
+    /// agent), in words.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access: Option<String>,
 }
 
 /// `vm.ssh_info` result: what a client needs to run `ssh` into the VM itself (it needs the

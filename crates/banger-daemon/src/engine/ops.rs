@@ -330,7 +330,17 @@ impl Engine {
 
     pub fn show(&self, name: &str) -> OpResult<VmDetails> {
         let vm = self.find_vm(name)?;
+        let access = self.store().get_image(&vm.image)?.map(|img| {
+            if img.meta.agent_ssh() && self.layout().sshd_installed(&vm.id).exists() {
+                let mut m = img.meta.clone();
+                m.has_sshd = Some(true);
+                format!("{} (sshd installed at first boot)", m.access_summary())
+            } else {
+                img.meta.access_summary()
+            }
+        });
         Ok(VmDetails {
+            access,
             pid: self.vmm_pid(&vm.id),
             dir: self.layout().vm_dir(&vm.id),
             log_file: self.layout().vmm_log(&vm.id),

@@ -348,6 +348,13 @@ fn real_guest_boots_pulled_oci_images() {
         &env,
         &["vm", "create", "--name", "alp", "--image", &alpine_ref],
     );
+    let shown = ok(&env, &["vm", "show", "alp"]);
+    assert!(
+        shown
+            .lines()
+            .any(|l| l.starts_with("access:") && l.contains("banger's agent serves ssh")),
+        "{shown}"
+    );
     ok(
         &env,
         &["vm", "exec", "alp", "--", "sh", "-c", "echo kept > /root/f"],
