@@ -94,7 +94,8 @@ fn daemon_runs_unprivileged_with_the_root_helper() {
             .expect("spawn banger-helper"),
     );
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !sock.exists() {
+    // The socket file appears at bind(), a moment before listen(): wait until it accepts.
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
         assert!(
             Instant::now() < deadline,
             "the helper did not create its socket"

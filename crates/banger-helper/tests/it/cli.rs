@@ -118,7 +118,8 @@ async fn serves_logs_each_op_and_stops_on_sigterm() {
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !sock.exists() {
+    // The socket file appears at bind(), a moment before listen(): wait until it accepts.
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
         assert!(Instant::now() < deadline, "no socket");
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -538,8 +538,9 @@ fn version_override_reaches_the_api() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
+    // The socket file appears at bind(), a moment before listen(): wait until it accepts.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !sock.exists() && Instant::now() < deadline {
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
     }
     let a = request(&sock, "GET", "/", None);
