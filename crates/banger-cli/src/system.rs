@@ -211,8 +211,23 @@ fn write_file(path: &Path, text: &str, mode: u32) -> Result<(), CliError> {
 fn owned_dir(path: &Path, owner: &Owner) -> Result<(), CliError> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(path).map_err(io_err(path))?;
-    std::os::unix::fs::chown(path, Some(owner.uid), Some(owner.gid)).map_err(io_err(path))?;
+    // State left by a root setup (install.sh) becomes the owner's, all of it: the unprivileged
+    // daemon must be able to write its database, images and VM dirs.
+    chown_tree(path, owner)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).map_err(io_err(path))
+}
+
+/// `chown -R` without following symlinks (a link is re-owned itself, never its target).
+fn chown_tree(path: &Path, owner: &Owner) -> Result<(), CliError> {
+    std::os::unix::fs::lchown(path, Some(owner.uid), Some(owner.gid)).map_err(io_err(path))?;
+    let meta = std::fs::symlink_metadata(path).map_err(io_err(path))?;
+    if meta.is_dir() {
+        for entry in std::fs::read_dir(path).map_err(io_err(path))? {
+            let entry = entry.map_err(io_err(path))?;
+            chown_tree(&entry.path(), owner)?;
+        }
+    }
+    Ok(())
 }
 
 fn systemctl(args: &[&str]) -> Result<(), CliError> {
@@ -253,6 +268,15 @@ pub fn install(
         require_root()?;
     }
     let owner = Owner::lookup(owner)?;
+    // A daemon already running here (the quick root setup) owns VMs whose VMMs run as root;
+    // an unprivileged daemon could not manage them. Stop it (and its VMs) first.
+    let running = Path::new(DAEMON_RUNTIME).join("bangerd.sock");
+    if paths.root == Path::new("/") && std::os::unix::net::UnixStream::connect(&running).is_ok() {
+        return Err(CliError::local(format!(
+            "a banger daemon is running ({}): stop its VMs and the daemon first (banger vm stop …; banger daemon stop), then install",
+            running.display()
+        )));
+    }
     for bin in ["bangerd", "banger-helper"] {
         if !bin_dir.join(bin).is_file() {
             return Err(CliError::local(format!(
@@ -596,6 +620,19 @@ mod tests {
         let nobody = Owner::lookup("nobody").unwrap();
         let m = std::fs::metadata(paths.state()).unwrap();
         assert_eq!((m.uid(), m.mode() & 0o777), (nobody.uid, 0o700));
+        // State of an earlier root setup becomes the owner's; a symlink in it is re-owned
+        // itself, never its target.
+        std::fs::create_dir_all(paths.state().join("images/x")).unwrap();
+        std::fs::write(paths.state().join("banger.db"), b"db").unwrap();
+        let outside = t.path().join("outside");
+        std::fs::write(&outside, b"o").unwrap();
+        std::os::unix::fs::symlink(&outside, paths.state().join("link")).unwrap();
+        install(&mut Vec::new(), "nobody", &paths, &bin).unwrap();
+        for p in ["banger.db", "images", "images/x"] {
+            let m = std::fs::metadata(paths.state().join(p)).unwrap();
+            assert_eq!(m.uid(), nobody.uid, "{p}");
+        }
+        assert_eq!(std::fs::metadata(&outside).unwrap().uid(), 0);
         assert!(paths.units().join(DAEMON_UNIT).is_file());
         assert!(paths.units().join(HELPER_UNIT).is_file());
         // A second install keeps the (possibly edited) config.
