@@ -429,30 +429,8 @@ fn build_into(
     jobs: usize,
     progress: &mut dyn FnMut(PullProgress),
 ) -> Result<PulledKernel, KernelError> {
-    let url = mirror.url(&pkg.filename);
-    stage(
-        progress,
-        PullStage::Download,
-        format!(
-            "{} {} ({} bytes)",
-            pkg.package, pkg.package_version, pkg.size
-        ),
-    );
     let deb_path = work.join("linux-source.deb");
-    mirror.download_verified(
-        &pkg.filename,
-        pkg.size,
-        &pkg.sha256,
-        &deb_path,
-        &mut |done, total| {
-            progress(PullProgress::Download {
-                stage: PullStage::Download,
-                url: url.clone(),
-                done,
-                total,
-            })
-        },
-    )?;
+    let url = crate::download_package(mirror, pkg, &deb_path, progress)?;
 
     stage(progress, PullStage::Extract, SOURCE_TARBALL);
     let tarball = work.join("linux-source.tar.xz");

@@ -239,6 +239,40 @@ pub(crate) fn stage(
     });
 }
 
+/// Downloads `pkg`'s .deb to `dest` (size and SHA256 checked against the signed index),
+/// reporting the stage and byte counts; returns its URL.
+pub(crate) fn download_package(
+    mirror: &DebianMirror,
+    pkg: &KernelPackage,
+    dest: &Path,
+    progress: &mut dyn FnMut(PullProgress),
+) -> Result<String, KernelError> {
+    let url = mirror.url(&pkg.filename);
+    stage(
+        progress,
+        PullStage::Download,
+        format!(
+            "{} {} ({} bytes)",
+            pkg.package, pkg.package_version, pkg.size
+        ),
+    );
+    mirror.download_verified(
+        &pkg.filename,
+        pkg.size,
+        &pkg.sha256,
+        dest,
+        &mut |done, total| {
+            progress(PullProgress::Download {
+                stage: PullStage::Download,
+                url: url.clone(),
+                done,
+                total,
+            })
+        },
+    )?;
+    Ok(url)
+}
+
 /// Does the whole pull inside `staging`; returns the manifest (relative paths), already written.
 fn pull_into(
     mirror: &DebianMirror,
@@ -249,30 +283,8 @@ fn pull_into(
     std::fs::create_dir_all(&work).map_err(KernelError::io(&work))?;
 
     let pkg = mirror.resolve_cloud_kernel(&work, progress)?;
-    let url = mirror.url(&pkg.filename);
-    stage(
-        progress,
-        PullStage::Download,
-        format!(
-            "{} {} ({} bytes)",
-            pkg.package, pkg.package_version, pkg.size
-        ),
-    );
     let deb = work.join("kernel.deb");
-    mirror.download_verified(
-        &pkg.filename,
-        pkg.size,
-        &pkg.sha256,
-        &deb,
-        &mut |done, total| {
-            progress(PullProgress::Download {
-                stage: PullStage::Download,
-                url: url.clone(),
-                done,
-                total,
-            })
-        },
-    )?;
+    let url = download_package(mirror, &pkg, &deb, progress)?;
 
     stage(progress, PullStage::Extract, deb.display().to_string());
     let unpacked = unpack_kernel_deb(&deb, &pkg.kernel_release, staging, &work.join("modules"))?;

@@ -708,12 +708,8 @@ impl RateTracker {
     }
 
     fn bytes(&self, ctx: &OpCtx<'_>, stage: &str, what: &str, done: u64, total: u64) {
-        self.state
-            .lock()
-            .expect("rate lock")
-            .blobs
-            .insert(what.to_string(), (done, total));
         let mut s = self.state.lock().expect("rate lock");
+        s.blobs.insert(what.to_string(), (done, total));
         if s.last
             .is_some_and(|l| l.elapsed() < Duration::from_millis(250))
             && done != total
