@@ -310,6 +310,11 @@ pub struct Config {
     pub debian_mirror: String,
     /// How long a start waits for the guest to answer ssh.
     pub boot_timeout_secs: u64,
+    /// How long banger waits for a VMM's control socket to appear and for one control call
+    /// (Firecracker API request, QMP command) to answer. Unset: derived from
+    /// `boot_timeout_secs` (see [`Config::vmm_timeout`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vmm_timeout_secs: Option<u64>,
     pub bridge_name: String,
     pub bridge_cidr: Ipv4Cidr,
     pub tap_pool_size: u32,
@@ -346,6 +351,21 @@ impl Config {
     /// Kernels `kernel pull` knows without configuration; a `[[kernel_catalog]]` entry may not
     /// take one of these names.
     pub const BUILTIN_KERNELS: &[&str] = &["debian-6.1-cloud"];
+
+    /// The floor of the derived [`Config::vmm_timeout`].
+    pub const MIN_DERIVED_VMM_TIMEOUT_SECS: u64 = 10;
+
+    /// How long a VMM may take to open its control socket and to answer one control call:
+    /// `vmm_timeout_secs` when set, else a third of `boot_timeout_secs` and at least
+    /// [`Self::MIN_DERIVED_VMM_TIMEOUT_SECS`]. A loaded or nested host takes many seconds for
+    /// Firecracker's InstanceStart (it loads the kernel into guest memory), and a host slow
+    /// enough for that needs a longer `boot_timeout_secs` too, so one follows the other.
+    pub fn vmm_timeout(&self) -> std::time::Duration {
+        let secs = self.vmm_timeout_secs.unwrap_or_else(|| {
+            (self.boot_timeout_secs / 3).max(Self::MIN_DERIVED_VMM_TIMEOUT_SECS)
+        });
+        std::time::Duration::from_secs(secs)
+    }
 
     /// Every key at its default for `host`.
     pub fn defaults(host: &HostInfo) -> Config {
@@ -389,6 +409,7 @@ impl Config {
             network: NetworkMode::Bridge,
             debian_mirror: Self::DEFAULT_MIRROR.to_string(),
             boot_timeout_secs: 180,
+            vmm_timeout_secs: None,
             bridge_name: Self::DEFAULT_BRIDGE.to_string(),
             bridge_cidr: Ipv4Cidr::parse(Self::DEFAULT_CIDR).unwrap_or_else(|e| {
                 unreachable!("built-in default {} is invalid: {e}", Self::DEFAULT_CIDR)
@@ -504,6 +525,7 @@ struct RawConfig {
     network: Option<Value>,
     debian_mirror: Option<Value>,
     boot_timeout_secs: Option<Value>,
+    vmm_timeout_secs: Option<Value>,
     bridge_name: Option<Value>,
     bridge_cidr: Option<Value>,
     tap_pool_size: Option<Value>,
@@ -666,6 +688,9 @@ impl Checker<'_> {
         }
         if let Some(v) = &raw.boot_timeout_secs {
             c.boot_timeout_secs = self.int("boot_timeout_secs", v, 5, 3600)? as u64;
+        }
+        if let Some(v) = &raw.vmm_timeout_secs {
+            c.vmm_timeout_secs = Some(self.int("vmm_timeout_secs", v, 1, 3600)? as u64);
         }
         if let Some(v) = &raw.bridge_name {
             let s = self.string("bridge_name", v)?;

@@ -610,3 +610,23 @@ fn jailer_identity_keys() {
         &["jailer_gid = 1000", "jailer_uid too"],
     );
 }
+
+#[test]
+fn vmm_timeout_follows_the_boot_timeout_unless_set() {
+    let c = parse("").unwrap();
+    assert_eq!(c.vmm_timeout_secs, None);
+    assert_eq!(c.vmm_timeout(), Duration::from_secs(60));
+    let c = parse("boot_timeout_secs = 600").unwrap();
+    assert_eq!(c.vmm_timeout(), Duration::from_secs(200));
+    // Never below the floor, however short the boot timeout.
+    let c = parse("boot_timeout_secs = 6").unwrap();
+    assert_eq!(c.vmm_timeout(), Duration::from_secs(10));
+    let c = parse("boot_timeout_secs = 6\nvmm_timeout_secs = 2").unwrap();
+    assert_eq!(c.vmm_timeout(), Duration::from_secs(2));
+    rejected("vmm_timeout_secs = 0", &["vmm_timeout_secs"]);
+    rejected("vmm_timeout_secs = 3601", &["vmm_timeout_secs", "3601"]);
+    // It survives the effective-config round trip.
+    let c = parse("vmm_timeout_secs = 42").unwrap();
+    let back = parse(&toml::to_string(&c).unwrap()).unwrap();
+    assert_eq!(back.vmm_timeout_secs, Some(42));
+}

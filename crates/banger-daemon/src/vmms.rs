@@ -32,6 +32,8 @@ pub struct ConfigVmmProvider {
     /// `<state_dir>/jail`: the jailer's chroot base, also known without a jailer so the jails
     /// of VMMs launched by an earlier config are still cleaned up.
     jail_base: PathBuf,
+    /// Control socket wait and per-call limit ([`Config::vmm_timeout`]).
+    vmm_timeout: std::time::Duration,
 }
 
 impl ConfigVmmProvider {
@@ -45,6 +47,7 @@ impl ConfigVmmProvider {
             jailer_bin: config.jailer_bin.clone(),
             jailer_ids: (config.jailer_uid, config.jailer_gid),
             jail_base: config.state_dir.join("jail"),
+            vmm_timeout: config.vmm_timeout(),
         }
     }
 
@@ -68,7 +71,9 @@ impl ConfigVmmProvider {
         })?;
         let mut fc = Firecracker::new(bin)
             .map_err(|e| e.to_string())?
-            .with_jail_base(self.jail_base.clone());
+            .with_jail_base(self.jail_base.clone())
+            .with_socket_timeout(self.vmm_timeout)
+            .with_api_timeout(self.vmm_timeout);
         if let Some(jailer) = &self.jailer_bin {
             // SAFETY: geteuid has no preconditions.
             let euid = unsafe { libc::geteuid() };
@@ -105,7 +110,10 @@ impl ConfigVmmProvider {
         })?;
         let probe = detect_accel();
         tracing::info!(accel = ?probe.accel, reason = %probe.reason, "QEMU accelerator chosen");
-        let q = Qemu::new(bin, probe.accel).map_err(|e| e.to_string())?;
+        let q = Qemu::new(bin, probe.accel)
+            .map_err(|e| e.to_string())?
+            .with_socket_timeout(self.vmm_timeout)
+            .with_qmp_timeout(self.vmm_timeout);
         q.version().await.map_err(|e| e.to_string())?;
         let q = Arc::new(q);
         *self.qemu.lock().expect("poisoned") = Some(q.clone());
@@ -140,7 +148,8 @@ impl VmmProvider for ConfigVmmProvider {
                     .firecracker_path()
                     .and_then(|p| Firecracker::new(p).ok())
                     .unwrap_or_else(Firecracker::control_only)
-                    .with_jail_base(self.jail_base.clone());
+                    .with_jail_base(self.jail_base.clone())
+                    .with_api_timeout(self.vmm_timeout);
                 Some(Arc::new(fc))
             }
             VmmKind::QemuKvm | VmmKind::QemuTcg => {
@@ -153,7 +162,8 @@ impl VmmProvider for ConfigVmmProvider {
                 let q = self
                     .qemu_path()
                     .and_then(|p| Qemu::new(p, accel).ok())
-                    .unwrap_or_else(|| Qemu::control_only(accel));
+                    .unwrap_or_else(|| Qemu::control_only(accel))
+                    .with_qmp_timeout(self.vmm_timeout);
                 Some(Arc::new(q))
             }
         }

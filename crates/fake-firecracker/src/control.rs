@@ -89,6 +89,11 @@ pub struct Control {
     /// Wait this long before creating the API socket (a slow VMM start).
     #[serde(default)]
     pub socket_delay_ms: Option<u64>,
+    /// InstanceStart takes this long before it answers, as the real one does while it loads
+    /// the kernel into guest memory (8-9 s for a 53 MB kernel on a nested host). Like every
+    /// call, it blocks the API meanwhile.
+    #[serde(default)]
+    pub instance_start_ms: Option<u64>,
     /// Append one JSON line per API call to this file.
     #[serde(default)]
     pub record: Option<PathBuf>,

@@ -63,6 +63,10 @@ struct Shared {
     spec: Spec,
     instance: Mutex<Instance>,
     exit: mpsc::UnboundedSender<i32>,
+    /// Held for the whole of one request: Firecracker's API thread hands each request to the
+    /// VMM thread and waits for its answer before reading the next, so a slow InstanceStart
+    /// delays every other call, `GET /` included.
+    api: tokio::sync::Mutex<()>,
 }
 
 /// Serves until the process should end and returns its exit code: 0 on SIGTERM/SIGINT or a
@@ -116,6 +120,7 @@ pub async fn serve(cfg: ServerConfig) -> i32 {
         spec: Spec::load(),
         cfg,
         exit: exit_tx,
+        api: tokio::sync::Mutex::new(()),
     });
 
     loop {
@@ -146,7 +151,10 @@ pub async fn serve(cfg: ServerConfig) -> i32 {
 async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let method = req.method().as_str().to_string();
     let path = req.uri().path().to_string();
-    let reply = answer(shared, &method, req).await;
+    let reply = {
+        let _serialised = shared.api.lock().await;
+        answer(shared, &method, req).await
+    };
     let id = &shared.cfg.id;
     eprintln!(
         "fake-firecracker[{id}]: {method} {path} -> {}",
@@ -242,6 +250,11 @@ async fn answer(shared: &Shared, method: &str, req: Request<Incoming>) -> Reply 
                 action_type,
                 vm_id: &shared.cfg.id,
             };
+            if action_type == Some("InstanceStart")
+                && let Some(ms) = control.instance_start_ms
+            {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
             match control.failure_for(&call) {
                 Some(rule) => Reply::fault(rule.status(), rule.message()),
                 None => match shared.instance.lock() {

@@ -16,5 +16,6 @@ mod oci;
 mod protocol;
 mod real_guest;
 mod recovery;
+mod slow_vmm;
 mod unprivileged;
 mod workspace;

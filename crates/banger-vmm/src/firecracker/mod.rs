@@ -292,6 +292,14 @@ impl Firecracker {
         self
     }
 
+    /// The limit for each API call (default [`client::DEFAULT_TIMEOUT`]). InstanceStart loads
+    /// the kernel into guest memory and takes seconds on a slow or nested host, so the daemon
+    /// derives this from its boot timeout.
+    pub fn with_api_timeout(mut self, timeout: Duration) -> Self {
+        self.api_timeout = timeout;
+        self
+    }
+
     pub fn bin(&self) -> &Path {
         &self.bin
     }
@@ -618,8 +626,13 @@ impl Vmm for Firecracker {
         if !self.is_alive(handle) {
             return Ok(true);
         }
-        // A guest reboot (which Ctrl-Alt-Del triggers) ends the Firecracker process.
-        let requested = self.client(handle).action(ActionType::SendCtrlAltDel).await;
+        // A guest reboot (which Ctrl-Alt-Del triggers) ends the Firecracker process. The request
+        // itself may not use up more than the stop's own timeout.
+        let requested = self
+            .client(handle)
+            .with_timeout(self.api_timeout.min(timeout.max(Duration::from_secs(1))))
+            .action(ActionType::SendCtrlAltDel)
+            .await;
         common::await_shutdown(handle, timeout, requested).await
     }
 

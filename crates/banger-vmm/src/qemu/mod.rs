@@ -667,8 +667,12 @@ impl Vmm for Qemu {
         if !self.is_alive(handle) {
             return Ok(true);
         }
+        // The request itself may not use up more than the stop's own timeout.
+        let qmp = self
+            .qmp(handle)
+            .with_timeout(self.qmp_timeout.min(timeout.max(Duration::from_secs(1))));
         let request = async {
-            let mut conn = self.qmp(handle).connect().await?;
+            let mut conn = qmp.connect().await?;
             if conn.query_status().await?.status == "prelaunch" {
                 conn.quit().await
             } else {

@@ -611,3 +611,34 @@ fn one_connection_serves_many_requests() {
     assert_eq!(statuses, [204, 204, 400, 204, 200]);
     assert_eq!(answers[4].body.as_ref().unwrap()["state"], "Running");
 }
+
+#[test]
+fn slow_instance_start_blocks_the_whole_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let control = d.join("control.json");
+    write_control(&control, json!({"instance_start_ms": 1500}));
+    let fake = Fake::start(d, "vm-slowstart", &[("FAKE_FIRECRACKER_CONTROL", &control)]);
+    configure_minimal(&fake, d);
+    let sock = d.join("vm-slowstart.sock");
+    let started = Instant::now();
+    let starter = std::thread::spawn(move || {
+        request(
+            &sock,
+            "PUT",
+            "/actions",
+            Some(r#"{"action_type": "InstanceStart"}"#),
+        )
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    // Asked while InstanceStart runs, `GET /` waits for it, as in Firecracker (one API thread
+    // waiting on the VMM thread), and then sees the guest running.
+    let info = fake.call("GET", "/", None);
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(info.body.unwrap()["state"], "Running");
+    assert_eq!(starter.join().unwrap().status, 204);
+}
