@@ -103,6 +103,8 @@ struct Inner {
     /// (agent path, size, mtime) → sha256, see `ensure_initramfs`.
     agent_digest: Mutex<Option<(AgentKey, String)>>,
     pulls: pull::PullState,
+    /// The starts in progress, so `vm stop`/`kill`/`rm -f` can cancel one instead of waiting.
+    starts: start::StartAborts,
 }
 
 type AgentKey = (std::path::PathBuf, u64, Option<std::time::SystemTime>);
@@ -127,6 +129,7 @@ impl Engine {
                 generation: std::sync::atomic::AtomicU64::new(1),
                 agent_digest: Mutex::new(None),
                 pulls: pull::PullState::default(),
+                starts: start::StartAborts::default(),
                 vm_changes: tokio::sync::watch::Sender::new(0),
             }),
         }

@@ -37,9 +37,23 @@ impl Engine {
         timeout: Option<u64>,
         ctx: &OpCtx<'_>,
     ) -> OpResult<VmRecord> {
+        let cancelled = self.cancel_start(name, "vm stop");
         let (_guard, mut vm) = self.lock_vm(name).await?;
+        if cancelled && vm.state == VmState::Stopped {
+            // The start was cancelled and undone: nothing runs any more.
+            return Ok(vm);
+        }
         self.stop_locked(&mut vm, timeout, ctx).await?;
         Ok(vm)
+    }
+
+    /// Cancels a start of `name` in progress (on behalf of `op`), so the caller gets the VM's
+    /// lock once the start has undone what it did, instead of after the boot timeout.
+    fn cancel_start(&self, name: &str, op: &'static str) -> bool {
+        match self.find_vm(name) {
+            Ok(vm) => self.inner.starts.cancel(&vm.id, op),
+            Err(_) => false,
+        }
     }
 
     pub async fn restart(
@@ -154,7 +168,11 @@ impl Engine {
                 signal.unwrap_or_default()
             )));
         };
+        let cancelled = signo == libc::SIGKILL && self.cancel_start(name, "vm kill");
         let (_guard, mut vm) = self.lock_vm(name).await?;
+        if cancelled && vm.state == VmState::Stopped {
+            return Ok(vm);
+        }
         if !vm.state.may_have_vmm() {
             return Err(OpError::new(
                 ErrorCode::NotRunning,
@@ -183,6 +201,9 @@ impl Engine {
     }
 
     pub async fn delete(&self, name: &str, force: bool, ctx: &OpCtx<'_>) -> OpResult<VmRecord> {
+        if force {
+            self.cancel_start(name, "vm rm --force");
+        }
         let (_guard, vm) = self.lock_vm(name).await?;
         self.delete_locked(vm, force, ctx).await
     }

@@ -69,6 +69,81 @@ impl Rollback {
     }
 }
 
+/// The starts in progress, by VM: each can be cancelled by a `vm stop`, `vm kill` or
+/// `vm rm --force` of its VM, which would otherwise wait for the VM's lock, i.e. for the whole
+/// boot timeout of a guest that never becomes ready.
+#[derive(Debug, Default)]
+pub(super) struct StartAborts {
+    running: std::sync::Mutex<std::collections::HashMap<banger_core::VmId, StartAbort>>,
+}
+
+#[derive(Debug, Clone)]
+struct StartAbort {
+    token: tokio_util::sync::CancellationToken,
+    /// The operation that cancelled the start, when one did (not the client going away).
+    by: Arc<std::sync::OnceLock<&'static str>>,
+}
+
+impl StartAbort {
+    fn reason(&self) -> String {
+        match self.by.get() {
+            Some(op) => format!("cancelled by {op}"),
+            None => "cancelled: the client went away".into(),
+        }
+    }
+}
+
+/// Unregisters a start when it ends, however it ends.
+struct Registered<'a> {
+    aborts: &'a StartAborts,
+    id: banger_core::VmId,
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        self.aborts
+            .running
+            .lock()
+            .expect("poisoned")
+            .remove(&self.id);
+    }
+}
+
+impl StartAborts {
+    /// Registers the start of `id`; its token is also cancelled when `parent` (the client's) is.
+    fn register(
+        &self,
+        id: &banger_core::VmId,
+        parent: &tokio_util::sync::CancellationToken,
+    ) -> (StartAbort, Registered<'_>) {
+        let abort = StartAbort {
+            token: parent.child_token(),
+            by: Arc::default(),
+        };
+        self.running
+            .lock()
+            .expect("poisoned")
+            .insert(id.clone(), abort.clone());
+        (
+            abort,
+            Registered {
+                aborts: self,
+                id: id.clone(),
+            },
+        )
+    }
+
+    /// Cancels the start of `id` in progress, if any, on behalf of `op`; true when there was one.
+    pub(super) fn cancel(&self, id: &banger_core::VmId, op: &'static str) -> bool {
+        let Some(abort) = self.running.lock().expect("poisoned").get(id).cloned() else {
+            return false;
+        };
+        let _ = abort.by.set(op);
+        abort.token.cancel();
+        true
+    }
+}
+
 /// What the steps pass along.
 struct Attempt {
     vmm: Option<Arc<dyn Vmm>>,
@@ -117,6 +192,13 @@ impl Engine {
         vm.last_error = None;
         self.save(vm)?;
 
+        let (abort, _registered) = self.inner.starts.register(&vm.id, &ctx.cancel);
+        // The steps see the start's own token: the client going away or a stop/kill cancels it.
+        let ctx = &OpCtx {
+            op_id: ctx.op_id.clone(),
+            progress: ctx.progress,
+            cancel: abort.token.clone(),
+        };
         let mut rollback = Rollback::default();
         let mut attempt = Attempt {
             vmm: None,
@@ -129,7 +211,7 @@ impl Engine {
         let mut failed: Option<(&'static str, String)> = None;
         for &step in START_STEPS {
             if ctx.cancel.is_cancelled() {
-                failed = Some((step, "cancelled: the client went away".into()));
+                failed = Some((step, abort.reason()));
                 break;
             }
             ctx.progress.stage(step, None);
@@ -143,8 +225,14 @@ impl Engine {
                 self.inner.hook.check(vm, step, true)
             };
             // Steps are not abandoned half-way (a dropped spawn could orphan a process); a
-            // cancel takes effect at the next step boundary, or inside the long waits.
+            // cancel takes effect at the next step boundary, or inside the long waits (the VMM
+            // calls and the wait for the guest, whose VMM the rollback then kills).
             if let Err(e) = result.await {
+                let e = if ctx.cancel.is_cancelled() {
+                    abort.reason()
+                } else {
+                    e
+                };
                 failed = Some((step, e));
                 break;
             }
@@ -158,8 +246,15 @@ impl Engine {
             if !undo_errors.is_empty() {
                 msg.push_str(&format!("; cleanup errors: {}", join_errors(&undo_errors)));
             }
-            vm.state = VmState::Error;
-            vm.last_error = Some(msg.clone());
+            // A start cancelled by a stop/kill/delete of its VM, cleanly undone, leaves the VM
+            // stopped: that is what the user asked for.
+            let stopped = abort.by.get().is_some() && undo_errors.is_empty();
+            vm.state = if stopped {
+                VmState::Stopped
+            } else {
+                VmState::Error
+            };
+            vm.last_error = (!stopped).then(|| msg.clone());
             self.save(vm)?;
             return Err(OpError::failed(msg));
         }
@@ -456,27 +551,32 @@ impl Engine {
                 );
                 Ok(())
             }
+            // API calls may be abandoned: the process is recorded, and the rollback kills it.
             "vmm_configure" => {
                 let spec = attempt.spec().clone();
-                attempt
-                    .vmm()
-                    .configure(attempt.handle(), &spec)
-                    .await
-                    .map_err(|e| e.to_string())
+                let configure = attempt.vmm().configure(attempt.handle(), &spec);
+                tokio::select! {
+                    r = configure => r.map_err(|e| e.to_string()),
+                    _ = ctx.cancel.cancelled() => Err("cancelled".into()),
+                }
             }
-            "vmm_boot" => attempt
-                .vmm()
-                .boot(attempt.handle())
-                .await
-                .map_err(|e| e.to_string()),
+            "vmm_boot" => {
+                let boot = attempt.vmm().boot(attempt.handle());
+                tokio::select! {
+                    r = boot => r.map_err(|e| e.to_string()),
+                    _ = ctx.cancel.cancelled() => Err("cancelled".into()),
+                }
+            }
             "guest_ready" => {
                 let vmm = attempt.vmm().clone();
                 let handle = attempt.handle().clone();
                 if bridged {
                     let ip = vm.ip.expect("checked in preflight");
                     let timeout = Duration::from_secs(self.config().boot_timeout_secs);
-                    self.wait_for_ssh(vm, ip, &vmm, &handle, timeout, ctx)
-                        .await?;
+                    tokio::select! {
+                        r = self.wait_for_ssh(vm, ip, &vmm, &handle, timeout, ctx) => r?,
+                        _ = ctx.cancel.cancelled() => return Err("cancelled".into()),
+                    }
                     self.install_sshd_once(vm, ip, &attempt.image_meta, ctx)
                         .await;
                 } else {

@@ -55,3 +55,94 @@ fn a_configured_vmm_timeout_is_the_limit() {
         env.stray_processes()
     );
 }
+
+/// Starts `name` in the background with a guest that never gets ready (InstanceStart never
+/// answers), and returns once the start is inside the boot step.
+fn start_forever(env: &TestEnv, name: &str) -> std::thread::JoinHandle<Reply> {
+    env.request(&Request::VmCreate(VmCreateParams {
+        name: Some(name.into()),
+        no_start: true,
+        ..Default::default()
+    }))
+    .ok();
+    env.set_control(serde_json::json!({"instance_start_ms": 600_000}));
+    let socket = env.socket();
+    let req = Request::VmStart(VmRef { vm: name.into() });
+    let creating = std::thread::spawn(move || banger_testkit::request(&socket, &req));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = env.request(&Request::VmShow(VmRef { vm: name.into() }));
+        if let banger_protocol::Frame::Result { result, .. } = r.last()
+            && result["state"] == "starting"
+            && result["pid"].is_i64()
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{name} never reached vmm_spawn");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Past spawn: configure (a few quick calls), then the InstanceStart that never ends.
+    std::thread::sleep(Duration::from_millis(1000));
+    creating
+}
+
+#[test]
+fn stop_of_a_starting_vm_cancels_the_start_promptly() {
+    let mut env = TestEnv::new("boot_timeout_secs = 300");
+    env.start_daemon();
+    env.seed_artifacts();
+    let creating = start_forever(&env, "booting");
+    let pid = show(&env, "booting")["pid"].as_i64().unwrap() as i32;
+    let t = Instant::now();
+    let v = env
+        .request(&Request::VmStop(VmStopParams {
+            vm: "booting".into(),
+            timeout_secs: None,
+        }))
+        .ok();
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    assert_eq!(v["state"], "stopped", "{v}");
+    let (_, msg) = creating.join().unwrap().err();
+    assert!(msg.contains("cancelled by vm stop"), "{msg}");
+    let v = show(&env, "booting");
+    let state: VmState = serde_json::from_value(v["state"].clone()).unwrap();
+    assert_eq!(state, VmState::Stopped, "{v}");
+    assert!(!pid_alive(pid));
+    assert!(
+        env.stray_processes().is_empty(),
+        "{:?}",
+        env.stray_processes()
+    );
+    // And it starts again normally.
+    env.set_control(serde_json::json!({}));
+    env.request(&Request::VmStart(VmRef {
+        vm: "booting".into(),
+    }))
+    .ok();
+}
+
+#[test]
+fn kill_of_a_starting_vm_cancels_the_start_at_once() {
+    let mut env = TestEnv::new("boot_timeout_secs = 300");
+    env.start_daemon();
+    env.seed_artifacts();
+    let creating = start_forever(&env, "doomed");
+    let pid = show(&env, "doomed")["pid"].as_i64().unwrap() as i32;
+    let t = Instant::now();
+    let v = env
+        .request(&Request::VmKill(VmKillParams {
+            vm: "doomed".into(),
+            signal: None,
+        }))
+        .ok();
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    assert_eq!(v["state"], "stopped", "{v}");
+    let (_, msg) = creating.join().unwrap().err();
+    assert!(msg.contains("cancelled by vm kill"), "{msg}");
+    assert!(!pid_alive(pid));
+    assert!(
+        env.stray_processes().is_empty(),
+        "{:?}",
+        env.stray_processes()
+    );
+}
