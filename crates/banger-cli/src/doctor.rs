@@ -273,18 +273,7 @@ fn host_checks(config: Option<&Config>) -> Vec<Check> {
         ),
     });
 
-    let probe = detect_accel();
-    v.push(match probe.accel {
-        Accel::Kvm => Check::new(Level::Pass, "kvm", probe.reason),
-        Accel::Tcg => Check::new(
-            if fc_needed { Level::Fail } else { Level::Warn },
-            "kvm",
-            format!(
-                "not usable, guests run under QEMU TCG (slow): {}",
-                probe.reason
-            ),
-        ),
-    });
+    v.push(kvm_check(choice, &detect_accel()));
 
     v.push(match std::fs::metadata("/dev/net/tun") {
         Ok(_) => Check::new(Level::Pass, "/dev/net/tun", "present"),
@@ -583,6 +572,37 @@ fn daemon_checks(ctx: &mut Ctx<'_>, config: Option<&Config>) -> Vec<Check> {
     v
 }
 
+/// The `kvm` line for the configured backend. Only QEMU falls back to TCG: with
+/// `vmm = "firecracker"` an unusable KVM means no VM can start, and the line says so.
+fn kvm_check(choice: VmmChoice, probe: &banger_vmm::qemu::AccelProbe) -> Check {
+    match (probe.accel, choice) {
+        (Accel::Kvm, VmmChoice::Firecracker) => Check::new(
+            Level::Pass,
+            "kvm",
+            format!("{}: Firecracker can run guests", probe.reason),
+        ),
+        (Accel::Kvm, _) => Check::new(Level::Pass, "kvm", probe.reason.clone()),
+        (Accel::Tcg, VmmChoice::Firecracker) => Check::new(
+            Level::Fail,
+            "kvm",
+            format!(
+                "not usable, and vmm = \"firecracker\" needs it (Firecracker has no software \
+                 fallback, no VM can start): {}; set vmm = \"auto\" or \"qemu\" to run guests \
+                 under QEMU TCG",
+                probe.reason
+            ),
+        ),
+        (Accel::Tcg, _) => Check::new(
+            Level::Warn,
+            "kvm",
+            format!(
+                "not usable, guests run under QEMU TCG (slow): {}",
+                probe.reason
+            ),
+        ),
+    }
+}
+
 /// `vmm = auto`'s choice seen from here, when no daemon can say.
 fn local_auto() -> String {
     let probe = detect_accel();
@@ -688,6 +708,63 @@ mod tests {
         );
         assert_eq!(Check::new(Level::Fail, "x", "y").to_string(), "FAIL  x: y");
         assert!(Level::Fail > Level::Warn && Level::Warn > Level::Pass);
+    }
+
+    #[test]
+    fn kvm_line_follows_the_configured_backend() {
+        let tcg = banger_vmm::qemu::AccelProbe {
+            accel: Accel::Tcg,
+            reason: "/dev/kvm is PVM".into(),
+        };
+        let kvm = banger_vmm::qemu::AccelProbe {
+            accel: Accel::Kvm,
+            reason: "/dev/kvm is usable and the CPU advertises svm".into(),
+        };
+        let c = kvm_check(VmmChoice::Firecracker, &tcg);
+        assert_eq!(c.level, Level::Fail);
+        assert!(
+            !c.detail.contains("guests run under QEMU TCG"),
+            "{}",
+            c.detail
+        );
+        assert!(
+            c.detail.contains("Firecracker") && c.detail.contains("PVM"),
+            "{}",
+            c.detail
+        );
+        for choice in [VmmChoice::Auto, VmmChoice::Qemu] {
+            let c = kvm_check(choice, &tcg);
+            assert_eq!(c.level, Level::Warn);
+            assert!(c.detail.contains("QEMU TCG"), "{}", c.detail);
+        }
+        let c = kvm_check(VmmChoice::Firecracker, &kvm);
+        assert_eq!(c.level, Level::Pass);
+        assert!(
+            c.detail.contains("Firecracker can run guests"),
+            "{}",
+            c.detail
+        );
+    }
+
+    /// On this host, whatever it is: the `kvm` line of `vmm = "firecracker"` never claims a
+    /// QEMU fallback (it did: "guests run under QEMU TCG" above a start that could only fail).
+    #[test]
+    fn host_kvm_line_with_firecracker_configured() {
+        let mut config = Config::defaults(&banger_config::HostInfo::new(2, 1 << 30, "/root", 0));
+        config.vmm = VmmChoice::Firecracker;
+        let checks = host_checks(Some(&config));
+        let line = checks.iter().find(|c| c.name == "kvm").expect("a kvm line");
+        match detect_accel().accel {
+            Accel::Tcg => {
+                assert_eq!(line.level, Level::Fail, "{}", line.detail);
+                assert!(
+                    !line.detail.contains("guests run under QEMU TCG"),
+                    "{}",
+                    line.detail
+                );
+            }
+            Accel::Kvm => assert_eq!(line.level, Level::Pass, "{}", line.detail),
+        }
     }
 
     #[test]
