@@ -17,6 +17,10 @@ use crate::engine::VmmProvider;
 
 pub use banger_sys::find_in_path;
 
+/// Set to `1` for a jailer that does not chroot (the tests' `fake-jailer`, in front of the
+/// dynamically linked `fake-firecracker`): skips the check that Firecracker is static.
+pub const JAILER_NO_CHROOT_ENV: &str = "BANGER_TEST_JAILER_NO_CHROOT";
+
 /// The production provider. The backend is resolved at each start (cheaply, once it is known to
 /// work) so installing Firecracker or QEMU does not need a daemon restart.
 #[derive(Debug)]
@@ -86,6 +90,10 @@ impl ConfigVmmProvider {
                     gid,
                 })
                 .map_err(|e| e.to_string())?;
+            if std::env::var_os(JAILER_NO_CHROOT_ENV).is_none_or(|v| v != "1") {
+                banger_vmm::firecracker::jailer::check_jailable(fc.bin())
+                    .map_err(|e| e.to_string())?;
+            }
         }
         let version = fc.check_version().await.map_err(|e| e.to_string())?;
         if let Some(jv) = fc.check_jailer_version().await.map_err(|e| e.to_string())?

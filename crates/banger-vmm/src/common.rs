@@ -151,6 +151,27 @@ pub(crate) async fn finish_spawn(
     }
 }
 
+/// A failed spawn's error quotes only what this start wrote to the log (from byte `mark`, see
+/// [`process::log_mark`]): the log is appended across starts, and an older run's lines would
+/// blame the wrong start.
+pub(crate) fn own_log_tail(err: VmmError, log_path: &Path, mark: u64) -> VmmError {
+    let tail = || process::tail_file_since(log_path, mark, LOG_TAIL_LINES);
+    match err {
+        VmmError::Exited { pid, .. } => VmmError::Exited {
+            pid,
+            log_tail: tail(),
+        },
+        VmmError::SocketTimeout {
+            socket, timeout, ..
+        } => VmmError::SocketTimeout {
+            socket,
+            timeout,
+            log_tail: tail(),
+        },
+        other => other,
+    }
+}
+
 /// Waits for a VMM to exit after a shutdown request (Ctrl-Alt-Del, ACPI power button) was sent
 /// with outcome `requested`. `Ok(true)`: gone within `timeout`; `Ok(false)`: still running.
 /// A failed request still counts as a shutdown when the process is gone anyway: it may have

@@ -29,6 +29,29 @@ pub fn tail_file(path: &Path, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
+/// The current length of the log at `path` (0 when missing): where the next start's lines
+/// begin, so its error quotes those and not an older run's.
+pub fn log_mark(path: &Path) -> u64 {
+    std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+}
+
+/// The last `lines` lines of `path` written after byte `from` (a [`log_mark`]); everything when
+/// the file is shorter than `from` (it was rotated or truncated meanwhile).
+pub fn tail_file_since(path: &Path, from: u64, lines: usize) -> String {
+    let Ok(bytes) = std::fs::read(path) else {
+        return String::new();
+    };
+    let start = usize::try_from(from).unwrap_or(usize::MAX);
+    let tail = if start <= bytes.len() {
+        &bytes[start..]
+    } else {
+        &bytes[..]
+    };
+    let text = String::from_utf8_lossy(tail);
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
 /// What to launch with [`spawn_detached`].
 #[derive(Debug, Clone)]
 pub struct DetachedCommand {

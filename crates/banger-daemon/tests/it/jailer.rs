@@ -39,6 +39,12 @@ fn jailed_env(extra: &str) -> Option<TestEnv> {
     Some(env)
 }
 
+/// The fake jailer does not chroot (its module docs say why), so the dynamically linked fake
+/// Firecracker may run behind it; the daemon is told so.
+fn start_daemon(env: &mut TestEnv) {
+    env.start_daemon_with_env(&[(banger_daemon::vmms::JAILER_NO_CHROOT_ENV, "1")]);
+}
+
 fn with_ids() -> String {
     format!("jailer_uid = {JAIL_UID}\njailer_gid = {JAIL_GID}\n")
 }
@@ -108,7 +114,7 @@ fn jailed_vmm_runs_as_the_jail_user_in_its_jail_and_the_jail_goes_with_it() {
     let Some(mut env) = jailed_env(&with_ids()) else {
         return;
     };
-    env.start_daemon();
+    start_daemon(&mut env);
     env.seed_artifacts();
     env.request(&create("jailed")).ok();
     let v = show(&env, "jailed");
@@ -237,7 +243,7 @@ fn failed_jailed_starts_leave_no_jail() {
     let Some(mut env) = jailed_env(&with_ids()) else {
         return;
     };
-    env.start_daemon();
+    start_daemon(&mut env);
     env.seed_artifacts();
     for (step, rule) in [
         (
@@ -290,7 +296,7 @@ fn restarted_daemon_readopts_jailed_vmms_and_cleans_dead_ones() {
     let Some(mut env) = jailed_env(&with_ids()) else {
         return;
     };
-    env.start_daemon();
+    start_daemon(&mut env);
     env.seed_artifacts();
     env.request(&create("survivor")).ok();
     env.request(&create("casualty")).ok();
@@ -311,7 +317,7 @@ fn restarted_daemon_readopts_jailed_vmms_and_cleans_dead_ones() {
     unsafe { libc::kill(dead_pid, libc::SIGKILL) };
     wait_gone(dead_pid);
 
-    env.start_daemon();
+    start_daemon(&mut env);
     let s = show(&env, "survivor");
     assert_eq!(s["state"], "running", "{s}");
     assert_eq!(
@@ -357,7 +363,7 @@ fn jailer_without_a_user_to_run_as_is_refused() {
     let Some(mut env) = jailed_env("") else {
         return;
     };
-    env.start_daemon();
+    start_daemon(&mut env);
     env.seed_artifacts();
     let (_, msg) = env.request(&create("nobody")).err();
     assert!(msg.contains("preflight"), "{msg}");
@@ -413,4 +419,81 @@ fn real_jailer_boots_real_firecracker() {
         .unwrap_or_default();
     assert!(left.is_empty(), "jails left: {left:?}");
     env.stop_daemon();
+}
+
+#[test]
+fn a_dynamically_linked_firecracker_is_refused_for_a_jailed_launch_in_preflight() {
+    let Some(mut env) = jailed_env(&with_ids()) else {
+        return;
+    };
+    // No "the jailer does not chroot" hint: the daemon checks Firecracker as for the real
+    // jailer, and fake-firecracker is dynamically linked.
+    env.start_daemon();
+    env.seed_artifacts();
+    let (_, msg) = env.request(&create("dynamic")).err();
+    assert!(msg.contains("at step preflight"), "{msg}");
+    assert!(
+        msg.contains("dynamically linked") && msg.contains("fake-firecracker"),
+        "{msg}"
+    );
+    assert!(!msg.contains('\n'), "one line: {msg}");
+    let v = show(&env, "dynamic");
+    assert!(v["pid"].is_null(), "{v}");
+    assert!(env.stray_processes().is_empty());
+}
+
+#[test]
+fn a_missing_parent_cgroup_is_created_for_the_jailer() {
+    let Some(mut env) = jailed_env(&with_ids()) else {
+        return;
+    };
+    let Some(mount) = banger_vmm::firecracker::jailer::host_cgroup2_mount() else {
+        println!("SKIP: no cgroup v2 mount on this host");
+        return;
+    };
+    let parent = mount.join("banger");
+    // rmdir only removes an empty cgroup without children: one in use stays, and the test
+    // then only shows that an existing parent is used.
+    let removed = std::fs::remove_dir(&parent).is_ok() || !parent.exists();
+    start_daemon(&mut env);
+    env.seed_artifacts();
+    let v = env.request(&create("cg")).ok();
+    assert_eq!(v["state"], "running", "{v}");
+    assert!(parent.is_dir(), "{} was not created", parent.display());
+    if !removed {
+        println!(
+            "note: {} was in use, so it was not removed first",
+            parent.display()
+        );
+    }
+}
+
+#[test]
+fn a_failed_jailed_start_quotes_the_log_of_that_start() {
+    let Some(mut env) = jailed_env(&format!("{}vmm_timeout_secs = 1\n", with_ids())) else {
+        return;
+    };
+    start_daemon(&mut env);
+    env.seed_artifacts();
+    let v = env
+        .request(&Request::VmCreate(VmCreateParams {
+            name: Some("relog".into()),
+            no_start: true,
+            ..Default::default()
+        }))
+        .ok();
+    let id = v["id"].as_str().unwrap().to_string();
+    // An older run's lines in the VM's (appended) VMM log.
+    let log = env.state_dir().join("vms").join(&id).join("vmm.log");
+    let old: String = (0..30).map(|i| format!("OLD RUN line {i}\n")).collect();
+    std::fs::write(&log, old).unwrap();
+    // This start's VMM never opens its API socket.
+    set_control(&env, serde_json::json!({"socket_delay_ms": 30_000}));
+    let (_, msg) = env
+        .request(&Request::VmStart(VmRef { vm: "relog".into() }))
+        .err();
+    assert!(msg.contains("vmm_spawn"), "{msg}");
+    assert!(!msg.contains("OLD RUN"), "{msg}");
+    assert!(!jail_dir(&env, &id).exists());
+    assert!(env.stray_processes().is_empty());
 }

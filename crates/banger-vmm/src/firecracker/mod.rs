@@ -238,7 +238,8 @@ impl Firecracker {
                 tracing::warn!(vm_id = %spec.vm_id, error = %e, "removing the jail after {why} failed");
             }
         };
-        let prepared = jailer::prepare(&layout, &jailer::jail_files(spec), jail.uid, jail.gid)
+        let prepared = jailer::ensure_parent_cgroup(jailer::host_cgroup2_mount().as_deref())
+            .and_then(|_| jailer::prepare(&layout, &jailer::jail_files(spec), jail.uid, jail.gid))
             .and_then(|()| match &spec.net {
                 Some(net) => jailer::set_tap_owner(&net.tap, jail.uid, jail.gid),
                 None => Ok(()),
@@ -247,6 +248,7 @@ impl Firecracker {
             cleanup("a failed jail setup");
             return Err(e);
         }
+        let log_mark = process::log_mark(&spec.log_path);
         let spawned = match process::spawn_detached(&DetachedCommand {
             inherit_fds: Vec::new(),
             program: jail.bin.clone(),
@@ -272,7 +274,8 @@ impl Firecracker {
             self.socket_timeout,
             self.kill_timeout,
         )
-        .await;
+        .await
+        .map_err(|e| common::own_log_tail(e, &spec.log_path, log_mark));
         if result.is_err() && !process::is_alive(spawned.pid, spawned.start_time) {
             cleanup("a failed start");
         }
@@ -517,6 +520,7 @@ impl Vmm for Firecracker {
         // A socket left by a previous run would make Firecracker's bind fail.
         remove_stale_socket(&socket)?;
 
+        let log_mark = process::log_mark(&spec.log_path);
         let spawned = process::spawn_detached(&DetachedCommand {
             inherit_fds: Vec::new(),
             program: self.bin.clone(),
@@ -542,6 +546,7 @@ impl Vmm for Firecracker {
             self.kill_timeout,
         )
         .await
+        .map_err(|e| common::own_log_tail(e, &spec.log_path, log_mark))
     }
 
     async fn configure(&self, handle: &VmmHandle, spec: &LaunchSpec) -> Result<(), VmmError> {

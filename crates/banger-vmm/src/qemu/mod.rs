@@ -590,6 +590,7 @@ impl Vmm for Qemu {
                 vec![(fd.0.as_raw_fd(), TAP_CHILD_FD)]
             })
             .unwrap_or_default();
+        let log_mark = process::log_mark(&spec.log_path);
         let spawned = process::spawn_detached(&DetachedCommand {
             inherit_fds,
             program: self.bin.clone(),
@@ -610,6 +611,7 @@ impl Vmm for Qemu {
             self.kill_timeout,
         )
         .await
+        .map_err(|e| common::own_log_tail(e, &spec.log_path, log_mark))
     }
 
     /// QEMU got its whole configuration on the command line at spawn; this checks that the

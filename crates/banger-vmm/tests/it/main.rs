@@ -549,6 +549,32 @@ async fn a_vmm_that_exits_at_once_reports_its_log() {
 }
 
 #[tokio::test]
+async fn a_failed_spawn_quotes_only_its_own_log_lines() {
+    let fx = Fixture::new();
+    // An earlier run of the same VM left its lines in the (appended) log.
+    let old: String = (0..30).map(|i| format!("OLD RUN line {i}\n")).collect();
+    std::fs::write(fx.spec().log_path, old).unwrap();
+    let script = fx.path("broken-firecracker");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\necho \"this start: no KVM\" >&2\nexit 1\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let err = Firecracker::new(script)
+        .unwrap()
+        .spawn(&fx.spec())
+        .await
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("this start: no KVM"), "{msg}");
+    assert!(!msg.contains("OLD RUN"), "{msg}");
+    // The log itself keeps both.
+    let log = std::fs::read_to_string(fx.spec().log_path).unwrap();
+    assert!(log.contains("OLD RUN line 29") && log.contains("this start"));
+}
+
+#[tokio::test]
 async fn invalid_drive_ids_are_refused_before_any_request() {
     let fx = Fixture::new();
     let fc = fx.backend();

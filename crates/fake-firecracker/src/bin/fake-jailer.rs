@@ -24,7 +24,9 @@
 //!    `/srv/jailer`, must be a directory), creates `<base>/<exec file name>/<id>/root` (the jail
 //!    root), copies the exec file to `<root>/<exec file name>` owned by uid:gid (refused if that
 //!    path is a hard link), applies the resource limits (`no-file` 2048 unless given).
-//! 4. Does **not** touch cgroups (the arguments are only validated).
+//! 4. Does **not** touch cgroups (the arguments are only validated), except that with
+//!    `--cgroup-version 2` and `--parent-cgroup P` it fails, as the real jailer does, when
+//!    `<cgroup2 mount>/P` does not exist (the real one moves Firecracker into it).
 //! 5. Does **not** chroot: `fake-firecracker` is dynamically linked and could not be loaded in a
 //!    jail holding only banger's files. It `chdir`s into the jail root instead, so every path
 //!    relative to the jail (banger gives Firecracker only those) resolves as under a chroot,
@@ -453,11 +455,40 @@ fn drop_privileges(uid: u32, gid: u32) -> Result<(), String> {
     Ok(())
 }
 
+/// The real jailer moves Firecracker into `<cgroup2 mount>/<parent>` and fails when that
+/// cgroup does not exist; so does the fake (without moving anything).
+fn check_parent_cgroup(parent: &str) -> Result<(), String> {
+    let mounts = std::fs::read_to_string("/proc/mounts")
+        .map_err(|e| format!("Failed to read /proc/mounts: {e}"))?;
+    let mount = mounts
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() > 2 && f[2] == "cgroup2").then(|| PathBuf::from(f[1]))
+        })
+        .ok_or("Cgroup error: cgroup2 mount point not found")?;
+    let dir = mount.join(parent);
+    if !dir.is_dir() {
+        return Err(format!(
+            "Cgroup error: failed to write to {}/cgroup.procs: No such file or directory \
+             (the parent cgroup does not exist)",
+            dir.display()
+        ));
+    }
+    Ok(())
+}
+
 fn jail(a: &JailArgs) -> Result<std::convert::Infallible, String> {
     let start_us = now_us(libc::CLOCK_MONOTONIC);
     let start_cpu_us = now_us(libc::CLOCK_PROCESS_CPUTIME_ID);
-    // Cgroup arguments are validated by the parser and otherwise ignored (module docs, 4).
-    let _ = (a.cgroup_version, &a.parent_cgroup, &a.cgroups);
+    // Cgroup arguments are validated by the parser; only the parent's existence is checked
+    // (module docs, 4).
+    let _ = &a.cgroups;
+    if a.cgroup_version == 2
+        && let Some(parent) = &a.parent_cgroup
+    {
+        check_parent_cgroup(parent)?;
+    }
 
     let exec_file = std::fs::canonicalize(&a.exec_file)
         .map_err(|e| format!("Failed to canonicalize path {}: {e}", a.exec_file.display()))?;
