@@ -317,6 +317,10 @@ pub struct Config {
     pub vmm_timeout_secs: Option<u64>,
     pub bridge_name: String,
     pub bridge_cidr: Ipv4Cidr,
+    /// Whether the file set `bridge_cidr`. When it did not, the daemon may pick a free network
+    /// instead of the default (see docs/network.md).
+    #[serde(skip)]
+    pub bridge_cidr_explicit: bool,
     pub tap_pool_size: u32,
     pub dns_port: u16,
     pub default_image: String,
@@ -414,6 +418,7 @@ impl Config {
             bridge_cidr: Ipv4Cidr::parse(Self::DEFAULT_CIDR).unwrap_or_else(|e| {
                 unreachable!("built-in default {} is invalid: {e}", Self::DEFAULT_CIDR)
             }),
+            bridge_cidr_explicit: false,
             tap_pool_size: 4,
             dns_port: Self::DEFAULT_DNS_PORT,
             default_image: Self::DEFAULT_IMAGE.to_string(),
@@ -700,6 +705,7 @@ impl Checker<'_> {
         if let Some(v) = &raw.bridge_cidr {
             c.bridge_cidr = Ipv4Cidr::parse(self.string("bridge_cidr", v)?)
                 .map_err(|e| self.invalid("bridge_cidr", v, e.to_string()))?;
+            c.bridge_cidr_explicit = true;
         }
         if let Some(v) = &raw.tap_pool_size {
             c.tap_pool_size =

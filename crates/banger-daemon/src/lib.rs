@@ -4,6 +4,7 @@
 //! protocol server ([`server`]) and the choice of VMM ([`vmms`]). It runs as the owner user; the
 //! privileged steps it will need go through the root helper, never through a shell.
 
+pub mod bridge_cidr;
 pub mod disks;
 pub mod dm;
 pub mod dns;
@@ -96,12 +97,16 @@ fn net_ops(
 
 /// Runs the daemon until SIGTERM/SIGINT or a `daemon.shutdown` request. VMs keep running: their
 /// VMMs live in their own sessions, and the next daemon re-adopts them.
-pub async fn run(config: Config, log_file: PathBuf) -> anyhow::Result<()> {
+pub async fn run(mut config: Config, log_file: PathBuf) -> anyhow::Result<()> {
     let layout = layout_for(&config);
     let _lock = InstanceLock::acquire(&layout)?;
     let store = Store::open(layout.db()).context("opening the state store")?;
-    let config = Arc::new(config);
     let runner: Arc<dyn banger_sys::CommandRunner> = Arc::new(RealRunner);
+    let net = net_ops(&config, runner.clone());
+    bridge_cidr::resolve(&mut config, net.as_ref(), &layout, &store)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let config = Arc::new(config);
     let engine = Engine::new(
         store,
         config.clone(),
@@ -110,7 +115,7 @@ pub async fn run(config: Config, log_file: PathBuf) -> anyhow::Result<()> {
             vmms: Arc::new(ConfigVmmProvider::new(&config)),
             runner: runner.clone(),
             hook: Arc::new(NoFaults),
-            net: net_ops(&config, runner),
+            net,
         },
     );
     let reconcile = engine.reconcile().await;

@@ -75,6 +75,8 @@ struct State {
     nat_ready: bool,
     /// vm id -> (address, tap)
     nat: BTreeMap<String, (Ipv4Addr, TapName)>,
+    /// The host's routes besides those of the fake's own bridges.
+    host_routes: Vec<crate::routes::HostRoute>,
 }
 
 /// The recording fake. Starts with no bridge, no taps and no table.
@@ -97,6 +99,12 @@ impl RecordingNetOps {
     /// failing command would; `None` clears it.
     pub fn fail_on(&self, op: Option<&'static str>) {
         self.state().fail_on = op;
+    }
+
+    /// The host's own routes (the fake adds one per bridge address it holds, as the kernel
+    /// does).
+    pub fn set_host_routes(&self, routes: Vec<crate::routes::HostRoute>) {
+        self.state().host_routes = routes;
     }
 
     /// Every call so far, in order.
@@ -158,6 +166,23 @@ fn missing(op: &'static str, target: &str, what: String) -> NetError {
 
 #[async_trait::async_trait]
 impl NetOps for RecordingNetOps {
+    /// Not recorded as a call: it changes nothing.
+    async fn host_routes(&self) -> Result<Vec<crate::routes::HostRoute>, NetError> {
+        let st = self.state();
+        let mut routes = st.host_routes.clone();
+        for (bridge, addrs) in &st.bridges {
+            for (gateway, prefix) in addrs {
+                let mask = u32::MAX << (32 - u32::from(*prefix));
+                routes.push(crate::routes::HostRoute {
+                    network: Ipv4Addr::from(u32::from(*gateway) & mask),
+                    prefix: *prefix,
+                    dev: Some(bridge.to_string()),
+                });
+            }
+        }
+        Ok(routes)
+    }
+
     async fn ensure_bridge(
         &self,
         bridge: &BridgeName,

@@ -18,10 +18,12 @@ mod fake;
 mod names;
 pub mod nft;
 mod real;
+pub mod routes;
 
 pub use fake::{NetCall, RecordingNetOps};
 pub use names::{BridgeName, MAX_IFNAME, MAX_VM_ID, MacAddr, TapName, check_vm_id};
 pub use real::RealNetOps;
+pub use routes::HostRoute;
 
 /// Why a network operation failed; every variant names its input.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +60,11 @@ pub enum NetError {
         #[source]
         source: RunError,
     },
+    #[error(
+        "bridge_cidr {cidr} overlaps the host's route {route}: banger's bridge would take that \
+         network's traffic; set bridge_cidr to a free range (see docs/network.md)"
+    )]
+    CidrOverlap { cidr: Ipv4Cidr, route: String },
     #[error("{op} {target}: unexpected output: {reason}")]
     Output {
         op: &'static str,
@@ -124,6 +131,15 @@ pub trait NetOps: Send + Sync + std::fmt::Debug {
     async fn open_tap(&self, tap: &TapName) -> Result<Option<std::os::fd::OwnedFd>, NetError> {
         let _ = tap;
         Ok(None)
+    }
+
+    /// The host's IPv4 routes (main table), to keep the bridge's network clear of them.
+    /// Reading them needs no privilege, so by default this runs `ip` here, also for an
+    /// implementation that otherwise goes through the root helper.
+    async fn host_routes(&self) -> Result<Vec<routes::HostRoute>, NetError> {
+        RealNetOps::new(std::sync::Arc::new(banger_sys::RealRunner))
+            .host_routes()
+            .await
     }
 
     /// Uninstall: deletes banger's table and every banger tap, and `bridge` too when given.

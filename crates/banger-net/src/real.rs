@@ -337,6 +337,22 @@ impl NetOps for RealNetOps {
         }
     }
 
+    async fn host_routes(&self) -> Result<Vec<crate::routes::HostRoute>, NetError> {
+        const OP: &str = "reading the host's routes";
+        let out = self
+            .run(
+                OP,
+                "main table",
+                self.cmd("ip", &["-j", "-4", "route", "show", "table", "main"]),
+            )
+            .await?;
+        crate::routes::parse_ip_routes(&out).map_err(|reason| NetError::Output {
+            op: OP,
+            target: "main table".into(),
+            reason,
+        })
+    }
+
     async fn list_taps(&self) -> Result<Vec<TapName>, NetError> {
         let mut taps: Vec<TapName> = self
             .links("listing taps", "interfaces")
@@ -783,6 +799,19 @@ mod tests {
         ]);
         let e = ops(&r).delete_tap(&TapName::pool(1)).await.unwrap_err();
         assert!(e.to_string().contains("deleting tap bgtpool1"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn host_routes_come_from_the_main_table_as_json() {
+        let r = Scripted::new(&[
+            Ok(r#"[{"dst":"default","dev":"eth0"},{"dst":"172.30.0.0/24","dev":"eth0"}]"#),
+            Ok("not json"),
+        ]);
+        let routes = ops(&r).host_routes().await.unwrap();
+        assert_eq!(routes[1].to_string(), "172.30.0.0/24 dev eth0");
+        assert_eq!(r.lines()[0], "ip -j -4 route show table main");
+        let e = ops(&r).host_routes().await.unwrap_err().to_string();
+        assert!(e.contains("routes") && e.contains("not JSON"), "{e}");
     }
 
     #[tokio::test]

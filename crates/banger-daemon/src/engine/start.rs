@@ -486,6 +486,21 @@ impl Engine {
                     }
                 });
                 let net = &self.inner.net;
+                // A network the host already routes elsewhere would be cut off by the bridge.
+                // banger's own bridge route does not count. Unreadable routes only warn: the
+                // bridge commands below need the same tools and report their own failure.
+                match net.host_routes().await {
+                    Ok(routes) => banger_net::routes::check_cidr_free(
+                        &cfg.bridge_cidr,
+                        bridge.as_str(),
+                        &routes,
+                    )
+                    .map_err(|e| e.to_string())?,
+                    Err(e) => ctx.progress.warn(format!(
+                        "cannot check bridge_cidr {} against the host's routes: {e}",
+                        cfg.bridge_cidr
+                    )),
+                }
                 net.ensure_bridge(&bridge, cfg.bridge_cidr.gateway(), cfg.bridge_cidr.prefix())
                     .await
                     .map_err(|e| e.to_string())?;

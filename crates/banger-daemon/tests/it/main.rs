@@ -1,5 +1,6 @@
 //! bangerd's integration tests: the real daemon binary, the real CLI, the fake Firecracker.
 
+mod bridge_cidr;
 mod concurrency;
 mod crash;
 mod dns;
