@@ -26,6 +26,13 @@ fn rejected(text: &str, needles: &[&str]) -> ConfigError {
     err
 }
 
+/// `c` as a written file would make it: an effective config written out names its
+/// `bridge_cidr`, so reading it back marks that key as set.
+fn written(mut c: Config) -> Config {
+    c.bridge_cidr_explicit = true;
+    c
+}
+
 #[test]
 fn host_derived_vm_defaults() {
     let d = Config::defaults(&host(2, 24)).vm_defaults;
@@ -467,9 +474,12 @@ fn kernel_catalog_entries() {
     // Serialized config reads back the same, with and without entries.
     let out = toml::to_string(&c).unwrap();
     assert!(out.contains("[[kernel_catalog]]"), "{out}");
-    assert_eq!(parse(&out).unwrap(), c, "{out}");
+    assert_eq!(written(parse(&out).unwrap()), written(c), "{out}");
     let d = Config::defaults(&dev());
-    assert_eq!(parse(&toml::to_string(&d).unwrap()).unwrap(), d);
+    assert_eq!(
+        written(parse(&toml::to_string(&d).unwrap()).unwrap()),
+        written(d)
+    );
 }
 
 #[test]
@@ -552,7 +562,10 @@ fn image_catalog_and_registries() {
     );
     assert_eq!(c.image_catalog.len(), 1);
     assert_eq!(c.image_catalog[0].kernel.as_deref(), Some("k1"));
-    assert_eq!(parse(&toml::to_string(&c).unwrap()).unwrap(), c);
+    assert_eq!(
+        written(parse(&toml::to_string(&c).unwrap()).unwrap()),
+        written(c)
+    );
 
     let entry = |name: &str, url: &str, sha: &str| {
         format!("[[image_catalog]]\nname = \"{name}\"\nurl = \"{url}\"\nsha256 = \"{sha}\"\n")
@@ -629,4 +642,15 @@ fn vmm_timeout_follows_the_boot_timeout_unless_set() {
     let c = parse("vmm_timeout_secs = 42").unwrap();
     let back = parse(&toml::to_string(&c).unwrap()).unwrap();
     assert_eq!(back.vmm_timeout_secs, Some(42));
+}
+
+#[test]
+fn an_explicit_bridge_cidr_is_marked() {
+    assert!(!parse("").unwrap().bridge_cidr_explicit);
+    // Even when it names the default: the user chose it.
+    assert!(
+        parse("bridge_cidr = \"172.30.0.0/24\"")
+            .unwrap()
+            .bridge_cidr_explicit
+    );
 }
