@@ -10,11 +10,13 @@
 //!
 //! With KVM (hardware virtualisation, see [`detect_accel`]) guests run at native speed; with TCG
 //! QEMU emulates the CPU, which is slow but boots the same kernel and disks anywhere. Under TCG
-//! the kernel command line gets [`TCG_BOOT_ARGS`]: without a known TSC frequency the guest
-//! kernel's TSC calibration against emulated timers is unreliable and boots can stall.
+//! the kernel command line gets [`tcg_boot_args`]: without a known TSC frequency the guest
+//! kernel's TSC calibration against emulated timers is unreliable and boots can stall, and with
+//! a wrong one the guest's clock runs fast or slow.
 
 pub mod accel;
 pub mod qmp;
+pub mod tsc;
 
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
@@ -47,8 +49,11 @@ pub const DEFAULT_BIN: &str = "/usr/bin/qemu-system-x86_64";
 pub const MIN_VERSION: Version = Version::new(6, 1, 0);
 
 /// Appended to the guest command line under TCG: tells the kernel the TSC frequency instead of
-/// letting it calibrate against emulated timers, which makes TCG boots unreliable.
-pub const TCG_BOOT_ARGS: &str = "tsc_early_khz=2000000 tsc=reliable";
+/// letting it calibrate against emulated timers, which makes TCG boots unreliable. The
+/// frequency is the host's ([`tsc::host_tsc`]): a TCG guest's TSC ticks at the host's rate.
+pub fn tcg_boot_args(tsc_khz: u32) -> String {
+    format!("tsc_early_khz={tsc_khz} tsc=reliable")
+}
 
 /// The microvm machine: no option ROMs (direct kernel boot), the ISA serial port for the console,
 /// an RTC for wall-clock time, ACPI for the power button (and device discovery).
@@ -126,6 +131,8 @@ pub struct Qemu {
     qmp_timeout: Duration,
     kill_timeout: Duration,
     vhost_vsock_device: PathBuf,
+    /// The guest's `tsc_early_khz` under TCG.
+    tsc_khz: u32,
 }
 
 impl Qemu {
@@ -169,7 +176,23 @@ impl Qemu {
             qmp_timeout: qmp::DEFAULT_TIMEOUT,
             kill_timeout: Duration::from_secs(5),
             vhost_vsock_device: VHOST_VSOCK_DEVICE.into(),
+            // Measured once per process, and only for TCG, which alone uses it.
+            tsc_khz: match accel {
+                Accel::Tcg => tsc::host_tsc().khz,
+                Accel::Kvm => tsc::FALLBACK_KHZ,
+            },
         }
+    }
+
+    /// The TSC frequency TCG guests are told (default: the host's, [`tsc::host_tsc`]).
+    pub fn with_tsc_khz(mut self, khz: u32) -> Self {
+        self.tsc_khz = khz;
+        self
+    }
+
+    /// The TSC frequency TCG guests are told.
+    pub fn tsc_khz(&self) -> u32 {
+        self.tsc_khz
     }
 
     /// `qemu-system-x86_64` from `PATH`, else [`DEFAULT_BIN`], if either is an executable file.
@@ -304,7 +327,7 @@ impl Qemu {
             if !cmdline.is_empty() {
                 cmdline.push(' ');
             }
-            cmdline.push_str(TCG_BOOT_ARGS);
+            cmdline.push_str(&tcg_boot_args(self.tsc_khz));
         }
         push("-append".into());
         push(cmdline.into());

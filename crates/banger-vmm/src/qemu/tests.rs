@@ -16,7 +16,9 @@ fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
 }
 
 fn backend(accel: Accel) -> Qemu {
-    Qemu::new("/bin/sh".into(), accel).unwrap()
+    Qemu::new("/bin/sh".into(), accel)
+        .unwrap()
+        .with_tsc_khz(2_000_000)
 }
 
 fn spec() -> LaunchSpec {
@@ -267,7 +269,7 @@ fn optional_devices_and_empty_boot_args() {
     for absent in ["-initrd", "-drive", "-netdev", "-device"] {
         assert!(!argv.iter().any(|a| a == absent), "{absent} in {argv:?}");
     }
-    assert_eq!(argv.last().unwrap(), TCG_BOOT_ARGS);
+    assert_eq!(argv.last().unwrap(), "tsc_early_khz=2000000 tsc=reliable");
     assert_eq!(argv[argv.len() - 2], "-append");
     assert_eq!(backend(Accel::Kvm).argv(&s).last().unwrap(), "");
 }
