@@ -443,7 +443,7 @@ fn a_dynamically_linked_firecracker_is_refused_for_a_jailed_launch_in_preflight(
 }
 
 #[test]
-fn a_missing_parent_cgroup_is_created_for_the_jailer() {
+fn a_missing_parent_cgroup_is_created_so_the_jailer_moves_the_vmm_there() {
     let Some(mut env) = jailed_env(&with_ids()) else {
         return;
     };
@@ -460,6 +460,14 @@ fn a_missing_parent_cgroup_is_created_for_the_jailer() {
     let v = env.request(&create("cg")).ok();
     assert_eq!(v["state"], "running", "{v}");
     assert!(parent.is_dir(), "{} was not created", parent.display());
+    // The jailer moved the VMM there (it silently does not when the cgroup is missing, and the
+    // VMM then stays in the daemon's cgroup, e.g. its systemd service's).
+    let pid = show(&env, "cg")["pid"].as_i64().unwrap();
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    assert!(
+        cgroups.lines().any(|l| l == "0::/banger"),
+        "VMM {pid} is not in the banger cgroup: {cgroups}"
+    );
     if !removed {
         println!(
             "note: {} was in use, so it was not removed first",

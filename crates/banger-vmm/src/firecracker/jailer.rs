@@ -28,7 +28,8 @@ use crate::{LaunchSpec, VmmError};
 /// The API socket as Firecracker sees it inside the jail (the jailer creates `/run`).
 pub const API_SOCKET_IN_JAIL: &str = "/run/firecracker.socket";
 /// The cgroup v2 parent the jailer is pointed at (`--parent-cgroup`). The jailer moves the VMM
-/// into `<cgroup2 mount>/banger` when that cgroup exists and creates nothing otherwise.
+/// into `<cgroup2 mount>/banger` when that cgroup exists and silently does nothing otherwise,
+/// leaving the VMM in the daemon's own cgroup (see [`ensure_parent_cgroup`]).
 pub const PARENT_CGROUP: &str = "banger";
 /// The kernel's name in the jail root.
 pub const KERNEL_FILE: &str = "vmlinux";
@@ -449,9 +450,10 @@ pub fn remove_jail(layout: &JailLayout, cgroup2: Option<&Path>) -> Result<(), Vm
 }
 
 /// Makes the cgroup v2 parent the jailer is given (`<cgroup2 mount>/banger`, see
-/// [`PARENT_CGROUP`]) when it is missing: the jailer moves Firecracker into it and fails when it
-/// does not exist. An empty cgroup with no controllers enabled limits nothing; an administrator
-/// may cap all VMs through it. Returns its path.
+/// [`PARENT_CGROUP`]) when it is missing. Without it the jailer silently leaves Firecracker in
+/// the daemon's cgroup — under systemd the daemon's service, whose stop or restart then kills
+/// every VM with it. An empty cgroup with no controllers enabled limits nothing; an
+/// administrator may cap all VMs through it. Returns its path.
 pub fn ensure_parent_cgroup(cgroup2_mount: Option<&Path>) -> Result<PathBuf, VmmError> {
     let Some(mount) = cgroup2_mount else {
         return Err(VmmError::Spec(format!(
@@ -536,9 +538,21 @@ pub fn elf_interpreter(path: &Path) -> Result<Option<String>, VmmError> {
     Ok(None)
 }
 
-/// Refuses a Firecracker binary that cannot run in the jailer's chroot: one that is dynamically
-/// linked (its loader and libraries are not in the jail) or not an ELF executable at all.
+/// Refuses a Firecracker binary the jailer cannot run: one whose (canonical) file name lacks
+/// `firecracker` (the jailer's own rule), one that is dynamically linked (its loader and
+/// libraries are not in the chroot) or not an ELF executable at all.
 pub fn check_jailable(firecracker: &Path) -> Result<(), VmmError> {
+    let canonical = std::fs::canonicalize(firecracker).map_err(io(firecracker))?;
+    let name = canonical.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    if !name.contains("firecracker") {
+        return Err(VmmError::Binary {
+            path: firecracker.to_path_buf(),
+            reason: format!(
+                "is named {name:?}, and the jailer only runs a binary whose file name contains \
+                 \"firecracker\": rename it or link it under such a name"
+            ),
+        });
+    }
     match elf_interpreter(firecracker)? {
         None => Ok(()),
         Some(loader) => Err(VmmError::Binary {
@@ -884,21 +898,29 @@ mod tests {
 
     #[test]
     fn elf_interpreters_of_static_dynamic_and_non_elf_files() {
-        // Debian's /bin/sh is dynamically linked; busybox-static is static.
-        let sh = elf_interpreter(Path::new("/bin/sh")).unwrap();
+        // Debian's /bin/dash is dynamically linked; busybox-static is static.
+        let sh = elf_interpreter(Path::new("/bin/dash")).unwrap();
         assert!(sh.as_deref().is_some_and(|l| l.contains("ld-")), "{sh:?}");
-        let e = check_jailable(Path::new("/bin/sh"))
-            .unwrap_err()
-            .to_string();
+        let d = tempfile::tempdir().unwrap();
+        let dynamic = d.path().join("firecracker-dyn");
+        std::fs::copy("/bin/dash", &dynamic).unwrap();
+        let e = check_jailable(&dynamic).unwrap_err().to_string();
         assert!(
-            e.contains("dynamically linked") && e.contains("/bin/sh"),
+            e.contains("dynamically linked") && e.contains("firecracker-dyn"),
             "{e}"
         );
         if Path::new("/bin/busybox").is_file() {
             assert_eq!(elf_interpreter(Path::new("/bin/busybox")).unwrap(), None);
+            // The name the jailer sees is the canonical file's.
+            let e = check_jailable(Path::new("/bin/busybox"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("\"busybox\"") && e.contains("contains"), "{e}");
+            let copy = d.path().join("my-firecracker");
+            std::fs::copy("/bin/busybox", &copy).unwrap();
+            check_jailable(&copy).unwrap();
         }
-        let d = tempfile::tempdir().unwrap();
-        let script = d.path().join("fc");
+        let script = d.path().join("firecracker.sh");
         std::fs::write(&script, b"#!/bin/sh\nexit 0\n").unwrap();
         let e = check_jailable(&script).unwrap_err().to_string();
         assert!(e.contains("not a 64-bit"), "{e}");

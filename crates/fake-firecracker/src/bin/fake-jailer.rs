@@ -20,13 +20,15 @@
 //! 2. Closes every inherited descriptor but 0, 1 and 2, and will run Firecracker with an empty
 //!    environment except the `FAKE_FIRECRACKER_*` variables (the real jailer clears it all; the
 //!    fake's control and record files must still reach it).
-//! 3. Canonicalizes `--exec-file` (must be a regular file) and `--chroot-base-dir` (default
+//! 3. Canonicalizes `--exec-file` (must be a regular file whose name contains `firecracker`, the
+//!    real jailer's rule) and `--chroot-base-dir` (default
 //!    `/srv/jailer`, must be a directory), creates `<base>/<exec file name>/<id>/root` (the jail
 //!    root), copies the exec file to `<root>/<exec file name>` owned by uid:gid (refused if that
 //!    path is a hard link), applies the resource limits (`no-file` 2048 unless given).
-//! 4. Does **not** touch cgroups (the arguments are only validated), except that with
-//!    `--cgroup-version 2` and `--parent-cgroup P` it fails, as the real jailer does, when
-//!    `<cgroup2 mount>/P` does not exist (the real one moves Firecracker into it).
+//! 4. Creates no cgroup and writes no cgroup setting (the `--cgroup` arguments are only
+//!    validated), but with `--cgroup-version 2`, `--parent-cgroup P` and no `--cgroup` it does
+//!    what the real jailer does: when `<cgroup2 mount>/P` exists it moves itself (so Firecracker)
+//!    into it, a failed write being an error; when it does not exist, nothing happens.
 //! 5. Does **not** chroot: `fake-firecracker` is dynamically linked and could not be loaded in a
 //!    jail holding only banger's files. It `chdir`s into the jail root instead, so every path
 //!    relative to the jail (banger gives Firecracker only those) resolves as under a chroot,
@@ -455,9 +457,11 @@ fn drop_privileges(uid: u32, gid: u32) -> Result<(), String> {
     Ok(())
 }
 
-/// The real jailer moves Firecracker into `<cgroup2 mount>/<parent>` and fails when that
-/// cgroup does not exist; so does the fake (without moving anything).
-fn check_parent_cgroup(parent: &str) -> Result<(), String> {
+/// As the real jailer with `--cgroup-version 2`, a parent cgroup and no `--cgroup`: when
+/// `<cgroup2 mount>/<parent>` exists, the process moves into it (its pid written to
+/// `cgroup.procs`; a failed write is an error); when it does not, nothing happens and the VMM
+/// stays in the cgroup it was started in.
+fn move_to_parent_cgroup(parent: &str) -> Result<(), String> {
     let mounts = std::fs::read_to_string("/proc/mounts")
         .map_err(|e| format!("Failed to read /proc/mounts: {e}"))?;
     let mount = mounts
@@ -468,28 +472,16 @@ fn check_parent_cgroup(parent: &str) -> Result<(), String> {
         })
         .ok_or("Cgroup error: cgroup2 mount point not found")?;
     let dir = mount.join(parent);
-    if !dir.is_dir() {
-        return Err(format!(
-            "Cgroup error: failed to write to {}/cgroup.procs: No such file or directory \
-             (the parent cgroup does not exist)",
-            dir.display()
-        ));
+    if !dir.exists() {
+        return Ok(());
     }
-    Ok(())
+    std::fs::write(dir.join("cgroup.procs"), std::process::id().to_string())
+        .map_err(|e| format!("Cgroup write error: {e}"))
 }
 
 fn jail(a: &JailArgs) -> Result<std::convert::Infallible, String> {
     let start_us = now_us(libc::CLOCK_MONOTONIC);
     let start_cpu_us = now_us(libc::CLOCK_PROCESS_CPUTIME_ID);
-    // Cgroup arguments are validated by the parser; only the parent's existence is checked
-    // (module docs, 4).
-    let _ = &a.cgroups;
-    if a.cgroup_version == 2
-        && let Some(parent) = &a.parent_cgroup
-    {
-        check_parent_cgroup(parent)?;
-    }
-
     let exec_file = std::fs::canonicalize(&a.exec_file)
         .map_err(|e| format!("Failed to canonicalize path {}: {e}", a.exec_file.display()))?;
     if !exec_file.is_file() {
@@ -500,6 +492,21 @@ fn jail(a: &JailArgs) -> Result<std::convert::Infallible, String> {
         .and_then(|n| n.to_str())
         .ok_or_else(|| format!("{} has no file name", exec_file.display()))?
         .to_string();
+    if !exec_name.contains("firecracker") {
+        return Err(format!(
+            "Invalid filename. The filename of `--exec-file` option must contain \"firecracker\": \
+             {exec_name}"
+        ));
+    }
+    // Cgroup arguments are validated by the parser; only the move into an existing parent
+    // cgroup is done (module docs, 4).
+    if a.cgroup_version == 2
+        && a.cgroups.is_empty()
+        && let Some(parent) = &a.parent_cgroup
+    {
+        move_to_parent_cgroup(parent)?;
+    }
+
     let base = std::fs::canonicalize(&a.chroot_base).map_err(|e| {
         format!(
             "Failed to canonicalize path {}: {e}",
