@@ -181,10 +181,11 @@ impl Engine {
             // A start that failed at a step and recorded it leaves the VM in `error`, naming
             // the step, for `vm start` to retry. One that could not record anything (a full
             // disk leaves the store no room) leaves it `created` or `starting` with nothing
-            // running: nobody asked for that VM, so it goes, as when its disks fail.
+            // running: nobody asked for that VM, so it goes, as when its disks fail. A start
+            // cancelled by `vm stop`/`vm kill` leaves it `stopped`, as asked: it stays.
             let recorded = self.store().get_vm(vm.id.as_str()).ok().flatten();
             if let Some(r) = recorded
-                && r.state != VmState::Error
+                && matches!(r.state, VmState::Created | VmState::Starting)
                 && let Err(d) = self.delete_locked(r, true, ctx).await
             {
                 return Err(OpError::failed(format!(

@@ -146,3 +146,42 @@ fn kill_of_a_starting_vm_cancels_the_start_at_once() {
         env.stray_processes()
     );
 }
+
+#[test]
+fn stop_during_a_create_keeps_the_vm_stopped() {
+    let mut env = TestEnv::new("boot_timeout_secs = 300");
+    env.start_daemon();
+    env.seed_artifacts();
+    env.set_control(serde_json::json!({"instance_start_ms": 600_000}));
+    let socket = env.socket();
+    let creating = std::thread::spawn(move || banger_testkit::request(&socket, &create("young")));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = env.request(&Request::VmShow(VmRef { vm: "young".into() }));
+        if let banger_protocol::Frame::Result { result, .. } = r.last()
+            && result["state"] == "starting"
+            && result["pid"].is_i64()
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "young never reached vmm_spawn");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(1000));
+    let t = Instant::now();
+    env.request(&Request::VmStop(VmStopParams {
+        vm: "young".into(),
+        timeout_secs: None,
+    }))
+    .ok();
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    let (_, msg) = creating.join().unwrap().err();
+    assert!(msg.contains("cancelled by vm stop"), "{msg}");
+    // The create does not throw away the VM the user only stopped.
+    assert_eq!(show(&env, "young")["state"], "stopped");
+    assert!(
+        env.stray_processes().is_empty(),
+        "{:?}",
+        env.stray_processes()
+    );
+}
