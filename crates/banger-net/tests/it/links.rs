@@ -130,3 +130,41 @@ async fn a_tap_on_a_missing_bridge_leaves_nothing() {
     assert!(e.to_string().contains("attaching tap bgtpool1"), "{e}");
     assert!(ops.list_taps().await.unwrap().is_empty());
 }
+
+/// The routes come from the real kernel: a network the (namespace's) host has on another
+/// interface is refused for the bridge, naming both, and skipped when picking a default;
+/// banger's own bridge route is not a collision.
+#[tokio::test]
+async fn host_routes_collide_with_the_bridge_cidr_except_its_own() {
+    use banger_config::Ipv4Cidr;
+    use banger_net::routes::{check_cidr_free, pick_free_cidr};
+    skip_unless_capable!(false);
+    let ns = NetNs::new("rt");
+    // The "VM's own network" banger runs in: 172.30.0.0/24 on eth-like uplink0.
+    ns.ok(&["ip", "link", "add", "uplink0", "type", "bridge"]);
+    ns.ok(&["ip", "addr", "add", "172.30.0.5/24", "dev", "uplink0"]);
+    ns.ok(&["ip", "link", "set", "uplink0", "up"]);
+    let ops = ns.ops();
+    let routes = ops.host_routes().await.unwrap();
+    let default = Ipv4Cidr::parse("172.30.0.0/24").unwrap();
+    let e = check_cidr_free(&default, "br-banger", &routes)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("172.30.0.0/24 dev uplink0"), "{e} ({routes:?})");
+    let free = pick_free_cidr("br-banger", &routes).unwrap();
+    assert_eq!(free.to_string(), "172.29.0.0/24");
+    // The bridge on the free network: its own route is no collision, for it.
+    let br = BridgeName::default();
+    ops.ensure_bridge(&br, free.gateway(), free.prefix())
+        .await
+        .unwrap();
+    let routes = ops.host_routes().await.unwrap();
+    assert!(
+        routes
+            .iter()
+            .any(|r| r.to_string() == "172.29.0.0/24 dev br-banger"),
+        "{routes:?}"
+    );
+    check_cidr_free(&free, "br-banger", &routes).unwrap();
+    assert!(check_cidr_free(&free, "br-banger-x", &routes).is_err());
+}
