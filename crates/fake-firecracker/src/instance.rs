@@ -644,6 +644,15 @@ impl Instance {
                          image: {kernel} is not a regular file"
                     )));
                 }
+                // On x86_64 Firecracker loads only an uncompressed ELF kernel (vmlinux); a
+                // bzImage (vmlinuz) is refused here, at InstanceStart, not at PUT /boot-source.
+                if !has_elf_magic(kernel) {
+                    return Err(Fault::StartMicrovm(format!(
+                        "Cannot load kernel due to invalid memory configuration or invalid kernel \
+                         image: Kernel Loader: failed to load ELF kernel image: Invalid Elf magic \
+                         number ({kernel})"
+                    )));
+                }
                 if let Some(balloon) = &self.balloon {
                     let amount = balloon["amount_mib"].as_u64().unwrap_or(0);
                     if amount > self.machine.mem_size_mib {
@@ -1037,6 +1046,16 @@ impl Instance {
     }
 }
 
+/// Whether the file at `path` starts with the ELF magic.
+fn has_elf_magic(path: &str) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok()
+        && magic == *b"\x7fELF"
+}
+
 fn path_id<'m>(matched: &'m Matched<'_>, name: &str) -> &'m str {
     matched.param(name).unwrap_or_default()
 }
@@ -1132,7 +1151,12 @@ mod tests {
 
         fn file(&self, name: &str) -> String {
             let p = self.dir.path().join(name);
-            std::fs::write(&p, b"data").unwrap();
+            let data: &[u8] = if name.starts_with("vmlinux") {
+                b"\x7fELF kernel"
+            } else {
+                b"data"
+            };
+            std::fs::write(&p, data).unwrap();
             p.to_string_lossy().into_owned()
         }
 
@@ -1245,6 +1269,29 @@ mod tests {
             Some(json!({"kernel_image_path": k, "boot_args": long})),
         );
         assert!(e.contains("too large"), "{e}");
+    }
+
+    #[test]
+    fn start_refuses_a_kernel_that_is_not_elf() {
+        let mut h = Harness::new();
+        let bz = h.dir.path().join("vmlinuz");
+        std::fs::write(&bz, b"MZ\xea\x07 bzImage").unwrap();
+        let bz = bz.to_string_lossy().into_owned();
+        assert_eq!(
+            h.call(
+                "PUT",
+                "/boot-source",
+                Some(json!({"kernel_image_path": bz}))
+            )
+            .status,
+            204
+        );
+        let e = h.fault(
+            "PUT",
+            "/actions",
+            Some(json!({"action_type": "InstanceStart"})),
+        );
+        assert!(e.contains("ELF") && e.contains("vmlinuz"), "{e}");
     }
 
     #[test]

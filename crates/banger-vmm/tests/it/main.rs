@@ -56,9 +56,11 @@ impl Fixture {
             .prefix("bvmm")
             .tempdir_in("/tmp")
             .unwrap();
-        for f in ["vmlinux", "initrd.img", "root.ext4", "work.ext4"] {
+        for f in ["initrd.img", "root.ext4", "work.ext4"] {
             std::fs::write(dir.path().join(f), b"x").unwrap();
         }
+        // Firecracker loads only ELF kernels on x86_64 (so does the fake).
+        std::fs::write(dir.path().join("vmlinux"), b"\x7fELF").unwrap();
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let fixture = Fixture {
             control: dir.path().join("control.json"),

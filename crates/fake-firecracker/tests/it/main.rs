@@ -11,7 +11,13 @@ use serde_json::{Value, json};
 
 fn touch(dir: &Path, name: &str) -> String {
     let p = dir.join(name);
-    std::fs::write(&p, b"image bytes").unwrap();
+    // Kernels are ELF, as Firecracker requires on x86_64.
+    let data: &[u8] = if name.starts_with("vmlinux") {
+        b"\x7fELF kernel bytes"
+    } else {
+        b"image bytes"
+    };
+    std::fs::write(&p, data).unwrap();
     p.to_string_lossy().into_owned()
 }
 
