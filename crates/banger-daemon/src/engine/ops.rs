@@ -168,7 +168,8 @@ impl Engine {
                 signal.unwrap_or_default()
             )));
         };
-        let cancelled = signo == libc::SIGKILL && self.cancel_start(name, "vm kill");
+        // Whatever the signal: a start in progress is cancelled, and its undo kills the VMM.
+        let cancelled = self.cancel_start(name, "vm kill");
         let (_guard, mut vm) = self.lock_vm(name).await?;
         if cancelled && vm.state == VmState::Stopped {
             return Ok(vm);

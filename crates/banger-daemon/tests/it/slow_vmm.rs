@@ -185,3 +185,27 @@ fn stop_during_a_create_keeps_the_vm_stopped() {
         env.stray_processes()
     );
 }
+
+#[test]
+fn kill_with_another_signal_also_cancels_a_start() {
+    let mut env = TestEnv::new("boot_timeout_secs = 300");
+    env.start_daemon();
+    env.seed_artifacts();
+    let creating = start_forever(&env, "termed");
+    let t = Instant::now();
+    let v = env
+        .request(&Request::VmKill(VmKillParams {
+            vm: "termed".into(),
+            signal: Some("TERM".into()),
+        }))
+        .ok();
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    assert_eq!(v["state"], "stopped", "{v}");
+    let (_, msg) = creating.join().unwrap().err();
+    assert!(msg.contains("cancelled by vm kill"), "{msg}");
+    assert!(
+        env.stray_processes().is_empty(),
+        "{:?}",
+        env.stray_processes()
+    );
+}
