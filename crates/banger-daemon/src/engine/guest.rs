@@ -230,11 +230,14 @@ impl Engine {
         vm: &VmRecord,
         ip: Ipv4Addr,
         vmm: &Arc<dyn Vmm>,
-        handle: &VmmHandle,
+        // The VMM's handle, and its log's length before it was spawned.
+        (handle, log_mark): (&VmmHandle, u64),
         timeout: Duration,
         ctx: &OpCtx<'_>,
     ) -> Result<(), String> {
         let started = Instant::now();
+        // Only this start's lines (see `Attempt::log_mark`).
+        let tail = || banger_vmm::process::tail_file_since(&handle.log_path, log_mark, 8);
         let addr = SocketAddr::from((ip, 22));
         let mut announced = false;
         loop {
@@ -244,14 +247,14 @@ impl Engine {
             if !vmm.is_alive(handle) {
                 return Err(format!(
                     "the VM stopped while booting; last log lines: {}",
-                    vmm.log_tail(handle, 8).trim()
+                    tail().trim()
                 ));
             }
             if started.elapsed() > timeout {
                 return Err(format!(
                     "no ssh answer from {ip} within {}s (boot_timeout_secs); last log lines: {}",
                     timeout.as_secs(),
-                    vmm.log_tail(handle, 8).trim()
+                    tail().trim()
                 ));
             }
             if ssh_banner(addr).await {

@@ -152,6 +152,9 @@ struct Attempt {
     handles_path: PathBuf,
     image_rootfs: PathBuf,
     image_meta: banger_core::ImageMeta,
+    /// The VMM log's length before this start's VMM was spawned: errors quote only what this
+    /// start wrote (the log is appended across starts).
+    log_mark: u64,
 }
 
 impl Attempt {
@@ -207,6 +210,7 @@ impl Engine {
             handles_path: self.layout().handles_file(&vm.id),
             image_rootfs: PathBuf::new(),
             image_meta: Default::default(),
+            log_mark: 0,
         };
         let mut failed: Option<(&'static str, String)> = None;
         for &step in START_STEPS {
@@ -552,6 +556,7 @@ impl Engine {
                         None => Ok(()),
                     }
                 });
+                attempt.log_mark = banger_vmm::process::log_mark(&spec.log_path);
                 let handle = vmm.spawn(&spec).await.map_err(|e| e.to_string())?;
                 *slot.lock().expect("poisoned") = Some(handle.clone());
                 attempt.handles.vmm = Some(handle);
@@ -589,7 +594,7 @@ impl Engine {
                     let ip = vm.ip.expect("checked in preflight");
                     let timeout = Duration::from_secs(self.config().boot_timeout_secs);
                     tokio::select! {
-                        r = self.wait_for_ssh(vm, ip, &vmm, &handle, timeout, ctx) => r?,
+                        r = self.wait_for_ssh(vm, ip, &vmm, (&handle, attempt.log_mark), timeout, ctx) => r?,
                         _ = ctx.cancel.cancelled() => return Err("cancelled".into()),
                     }
                     self.install_sshd_once(vm, ip, &attempt.image_meta, ctx)
@@ -603,7 +608,12 @@ impl Engine {
                     if !vmm.is_alive(&handle) {
                         return Err(format!(
                             "the VMM exited during boot; last log lines: {}",
-                            vmm.log_tail(&handle, 5).trim()
+                            banger_vmm::process::tail_file_since(
+                                &handle.log_path,
+                                attempt.log_mark,
+                                5
+                            )
+                            .trim()
                         ));
                     }
                 }
