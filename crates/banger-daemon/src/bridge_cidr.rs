@@ -5,7 +5,9 @@
 //! The choice is written to `<state_dir>/bridge_cidr` and used from then on, whatever the routes
 //! say later, because VMs keep their addresses in it: a later collision is reported by the start
 //! step (`network`) instead of silently moving every VM. An installation that already has VMs
-//! with addresses and no such file keeps the default (its VMs' addresses are in it).
+//! with addresses and no such file keeps the default (its VMs' addresses are in it). With the
+//! root helper (`helper_socket`) nothing is picked: the helper only manages the network of the
+//! config file root reads.
 
 use std::path::{Path, PathBuf};
 
@@ -29,7 +31,13 @@ pub async fn resolve(
     layout: &Layout,
     store: &Store,
 ) -> Result<(), String> {
-    if config.network != NetworkMode::Bridge || config.bridge_cidr_explicit {
+    // With the root helper, the bridge's network is the helper's policy, read by root from the
+    // config file: a choice recorded in the owner's state dir must not widen what root does.
+    // An overlap is then reported by the start step, asking for bridge_cidr in that file.
+    if config.network != NetworkMode::Bridge
+        || config.bridge_cidr_explicit
+        || config.helper_socket.is_some()
+    {
         return Ok(());
     }
     let file = chosen_file(layout);

@@ -217,3 +217,17 @@ async fn an_installation_with_addressed_vms_keeps_the_default() {
         .unwrap();
     assert_eq!(config.bridge_cidr.to_string(), Config::DEFAULT_CIDR);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_root_helper_the_configured_network_stays() {
+    // The helper's policy is the config file's network; the daemon must not pick another.
+    let env = bridged_env("helper_socket = \"/nonexistent/helper.sock\"");
+    let (mut config, layout, store) = load(&env);
+    let net = RecordingNetOps::new();
+    net.set_host_routes(vec![route("172.30.0.0", 24, "eth0")]);
+    banger_daemon::bridge_cidr::resolve(&mut config, &net, &layout, &store)
+        .await
+        .unwrap();
+    assert_eq!(config.bridge_cidr.to_string(), Config::DEFAULT_CIDR);
+    assert!(!banger_daemon::bridge_cidr::chosen_file(&layout).exists());
+}
