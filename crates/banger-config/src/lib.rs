@@ -17,6 +17,7 @@ use toml::Value;
 
 mod cidr;
 mod host;
+pub mod trust;
 
 pub use cidr::{CidrError, Ipv4Cidr};
 pub use host::{HostInfo, XdgDirs};
