@@ -13,7 +13,8 @@ use banger_core::records::WorkspaceInfo;
 use banger_core::{VmName, VmRecord};
 use banger_protocol::{Request, SshInfo, VmDetails, VmRef, VmWorkspaceSetParams};
 use banger_workspace::{
-    HistorySpec, Manifest, Options, PrepareSpec, Prepared, WorkspaceError, archive, guest, history,
+    HistorySpec, Manifest, Options, PrepareSpec, Prepared, WorkspaceError, archive, extract, guest,
+    history,
 };
 
 use crate::Ctx;
@@ -283,7 +284,8 @@ fn export(
         ctx.note(&format!("banger: no changes in vm {name} since {base}"));
     }
     match output {
-        Some(path) => std::fs::write(&path, &out.stdout)
+        // Replaced, never written through: a link at PATH is not followed.
+        Some(path) => extract::write_file(&path, &out.stdout)
             .map_err(|e| CliError::local(format!("writing the patch to {}: {e}", path.display()))),
         None => ctx
             .out
@@ -427,13 +429,19 @@ fn cp_out(ctx: &mut Ctx<'_>, vm: &VmName, gpath: &str, dest: &Path) -> Result<()
         .spawn()
         .map_err(|e| CliError::local(format!("running ssh: {e}")))?;
     let stdout = child.stdout.take().expect("piped stdout");
-    let extracted = archive::extract_as(std::io::BufReader::new(stdout), &target);
+    let extracted = extract::extract_as(std::io::BufReader::new(stdout), &target);
     let status = child
         .wait()
         .map_err(|e| CliError::local(format!("waiting for ssh: {e}")))?;
     if !status.success() {
         return Err(ssh_failed("copying out", vm, status));
     }
-    extracted.map_err(ws_error)?;
+    let done = extracted.map_err(ws_error)?;
+    if done.skipped > 0 {
+        ctx.note(&format!(
+            "banger: left out {} special files (devices, FIFOs, sockets) from {vm}:{gpath}",
+            done.skipped
+        ));
+    }
     Ok(())
 }
