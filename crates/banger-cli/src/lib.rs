@@ -15,6 +15,7 @@ pub mod json;
 pub mod progress;
 mod remote;
 pub mod render;
+pub mod sanitize;
 pub mod ssh_config;
 mod sshmux;
 pub mod system;

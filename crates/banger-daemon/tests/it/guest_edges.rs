@@ -151,3 +151,79 @@ fn copy_out_of_a_hostile_guest_is_sanitised() {
     ok(&env, &["vm", "rm", "--force", "evil"]);
     env.stop_daemon();
 }
+
+/// A guest flooding its serial console keeps `vmm.log` and its one rotated file under the
+/// configured cap, and what it writes there reaches the user's terminal without escapes.
+#[test]
+fn a_flooding_guest_console_stays_capped_and_escape_free() {
+    let Some(mut env) = TestEnv::real("vmm_log_max_size = \"64K\"") else {
+        return;
+    };
+    env.start_daemon();
+    ok(&env, &["vm", "create", "--name", "loud"]);
+    let id: serde_json::Value =
+        serde_json::from_str(&ok(&env, &["vm", "show", "loud", "--json"])).unwrap();
+    let log = std::path::PathBuf::from(id["log_file"].as_str().unwrap());
+    // 1 MiB of console output, then escape sequences (clear screen, a window title, an OSC 52
+    // clipboard write), then a marker.
+    ok(
+        &env,
+        &[
+            "vm",
+            "exec",
+            "loud",
+            "--",
+            "sh",
+            "-c",
+            "head -c 786432 /dev/zero | tr '\\0' x | fold -w 100 > /dev/ttyS0; \
+             printf '\\033[2J\\033]0;pwned\\007\\033]52;c;ZXZpbA==\\007\\033[31mred\\033[0m\\r\\nEND-OF-FLOOD\\n' > /dev/ttyS0",
+        ],
+    );
+    let rotated = {
+        let mut s = log.clone().into_os_string();
+        s.push(".1");
+        std::path::PathBuf::from(s)
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let text = std::fs::read(&log).unwrap_or_default();
+        if String::from_utf8_lossy(&text).contains("END-OF-FLOOD") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the marker never reached {}",
+            log.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let cap = 64 * 1024;
+    let cur = std::fs::metadata(&log).unwrap().len();
+    let old = std::fs::metadata(&rotated).map(|m| m.len()).unwrap_or(0);
+    println!("vmm.log {cur} bytes, vmm.log.1 {old} bytes, cap {cap}");
+    assert!(
+        cur <= cap && old <= cap,
+        "vmm.log {cur} / .1 {old} over the cap {cap}"
+    );
+    assert!(old > 0, "never rotated");
+
+    let o = env.cli(&["vm", "logs", "loud"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let shown = String::from_utf8_lossy(&o.stdout);
+    assert!(shown.contains("END-OF-FLOOD"), "{shown}");
+    assert!(shown.contains("red"), "{shown}");
+    assert!(
+        !shown
+            .chars()
+            .any(|c| c.is_control() && c != '\n' && c != '\t'),
+        "control characters in vm logs: {:?}",
+        shown
+            .chars()
+            .filter(|c| c.is_control() && *c != '\n')
+            .take(10)
+            .collect::<String>()
+    );
+
+    ok(&env, &["vm", "rm", "--force", "loud"]);
+    env.stop_daemon();
+}

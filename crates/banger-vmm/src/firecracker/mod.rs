@@ -253,6 +253,7 @@ impl Firecracker {
             args: jailer::jailer_argv(jail, &exec_file, &layout),
             env: self.env.clone(),
             log_path: spec.log_path.clone(),
+            log_max_bytes: Some(spec.log_max_bytes),
         }) {
             Ok(s) => s,
             Err(e) => {
@@ -520,6 +521,7 @@ impl Vmm for Firecracker {
             ],
             env: self.env.clone(),
             log_path: spec.log_path.clone(),
+            log_max_bytes: Some(spec.log_max_bytes),
         })?;
         tracing::debug!(pid = spawned.pid, vm_id = %spec.vm_id, socket = %socket.display(), "firecracker spawned");
 
@@ -724,6 +726,7 @@ mod tests {
             vm_id: "0123456789ab".into(),
             run_dir: "/run/banger/0123456789ab".into(),
             log_path: "/tmp/fc.log".into(),
+            log_max_bytes: crate::DEFAULT_LOG_MAX_BYTES,
             vcpu: 2,
             memory_mib: 1024,
             kernel: "/k".into(),
@@ -831,6 +834,7 @@ mod tests {
             args: vec!["-c".into(), script.into()],
             env: Vec::new(),
             log_path: dir.join("log"),
+            log_max_bytes: None,
         })
         .unwrap();
         VmmHandle {

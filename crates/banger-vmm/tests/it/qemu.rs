@@ -101,6 +101,7 @@ impl Fixture {
             vm_id: self.vm_id.clone(),
             run_dir: self.path("run"),
             log_path: self.path("qemu.log"),
+            log_max_bytes: banger_vmm::DEFAULT_LOG_MAX_BYTES,
             vcpu: 1,
             memory_mib: 256,
             kernel: self.kernel.clone(),
