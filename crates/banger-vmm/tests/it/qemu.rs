@@ -253,6 +253,9 @@ async fn qemu_boots_linux_only_after_boot_and_a_guest_reboot_ends_it() {
     fx.qemu.boot(&handle).await.unwrap();
     assert!(fx.qemu.is_alive(&handle));
     fx.wait_log("Linux version", BOOT_LIMIT).await;
+    // The console reaches the log through a pump, in chunks: the command line may follow the
+    // version line a moment later.
+    fx.wait_log("Command line:", BOOT_LIMIT).await;
     println!(
         "{}: spawn until QMP ready {spawned_in:?}; boot until \"Linux version\" in the log \
          {:?}; spawn until then {:?}",
