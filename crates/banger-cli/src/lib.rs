@@ -11,6 +11,7 @@ pub mod client;
 pub mod commands;
 pub mod doctor;
 pub mod error;
+mod guest_stderr;
 pub mod json;
 pub mod progress;
 mod remote;

@@ -6,7 +6,7 @@
 //! workspace is (`vm.workspace.set`), and keeps the sync manifest in the cache directory.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Instant;
 
 use banger_core::records::WorkspaceInfo;
@@ -92,15 +92,14 @@ fn show(ctx: &mut Ctx<'_>, name: &VmName) -> Result<VmRecord, CliError> {
     Ok(d.vm)
 }
 
-/// `ssh … -- sh -c SCRIPT`, no terminal, guest errors on our stderr.
-fn guest_command(info: &SshInfo, script: &str) -> Command {
-    let mut c = crate::sshmux::command(
+/// `ssh … -- sh -c SCRIPT`, no terminal, guest errors on our stderr (sanitised: see
+/// [`crate::guest_stderr`]; keep the value alive until the child has exited).
+fn guest_command(info: &SshInfo, script: &str) -> crate::guest_stderr::Relayed {
+    crate::guest_stderr::relay(crate::sshmux::command(
         info,
         false,
         &["sh".to_string(), "-c".to_string(), script.to_string()],
-    );
-    c.stderr(Stdio::inherit());
-    c
+    ))
 }
 
 fn manifest_path(ctx: &Ctx<'_>, vm: &VmRecord) -> PathBuf {
@@ -423,7 +422,8 @@ fn cp_out(ctx: &mut Ctx<'_>, vm: &VmName, gpath: &str, dest: &Path) -> Result<()
         dest.to_path_buf()
     };
     let info = ssh_info(ctx, vm.as_str())?;
-    let mut child = guest_command(&info, &guest::pack_script(gpath))
+    let mut pack = guest_command(&info, &guest::pack_script(gpath));
+    let mut child = pack
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .spawn()
@@ -433,6 +433,7 @@ fn cp_out(ctx: &mut Ctx<'_>, vm: &VmName, gpath: &str, dest: &Path) -> Result<()
     let status = child
         .wait()
         .map_err(|e| CliError::local(format!("waiting for ssh: {e}")))?;
+    drop(pack);
     if !status.success() {
         return Err(ssh_failed("copying out", vm, status));
     }

@@ -297,6 +297,45 @@ mod tests {
         std::fs::write(&log, b"earlier boot\n").unwrap();
         let max = MIN_LOG_MAX;
         let w = start(&log, max).unwrap();
+        // The pump is not our child and not in our session: it outlives its maker, as it must
+        // outlive a daemon that dies.
+        let find = || {
+            std::fs::read_dir("/proc")
+                .unwrap()
+                .flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+                .find(|pid| {
+                    std::fs::read_link(format!("/proc/{pid}/fd/1")).is_ok_and(|p| p == log)
+                        && std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                            .is_ok_and(|c| c.trim() == "banger-logpump")
+                })
+        };
+        // It may not have run its first instructions yet.
+        let since = std::time::Instant::now();
+        let pump = loop {
+            match find() {
+                Some(pid) => break pid,
+                None if since.elapsed() < std::time::Duration::from_secs(5) => {
+                    std::thread::sleep(std::time::Duration::from_millis(10))
+                }
+                None => panic!("no banger-logpump process writing {}", log.display()),
+            }
+        };
+        let stat = crate::process::proc_stat(pump).unwrap();
+        let ours = crate::process::proc_stat(std::process::id() as i32).unwrap();
+        assert_ne!(
+            stat.session, ours.session,
+            "the pump is in a session of its own"
+        );
+        let status = std::fs::read_to_string(format!("/proc/{pump}/status")).unwrap();
+        let ppid: i32 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("PPid:"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert_ne!(ppid, std::process::id() as i32, "the pump is not our child");
         let mut f = std::fs::File::from(w);
         let line = b"\x1b[31mspam spam spam spam spam spam spam spam spam spam spam spam\x1b[0m\n";
         for _ in 0..(16 * 1024 * 1024 / line.len()) {
@@ -324,6 +363,18 @@ mod tests {
             old > max / 2,
             "the rotated file holds the previous output: {old}"
         );
+        assert!(
+            drained_blocking(&log, std::time::Duration::from_secs(5)),
+            "the pump outlived its input"
+        );
+        let since = std::time::Instant::now();
+        while crate::process::proc_stat(pump).is_some_and(|s| s.state != 'Z') {
+            assert!(
+                since.elapsed() < std::time::Duration::from_secs(5),
+                "pump still runs"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
         let mode = std::os::unix::fs::PermissionsExt::mode(
             &std::fs::metadata(&log).unwrap().permissions(),
         );

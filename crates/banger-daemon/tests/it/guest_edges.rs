@@ -148,6 +148,23 @@ fn copy_out_of_a_hostile_guest_is_sanitised() {
             .is_symlink()
     );
 
+    // What the guest prints on stderr during a copy (here its error naming a path full of
+    // escapes) reaches the terminal without them.
+    let o = env.cli(&[
+        "vm",
+        "cp",
+        "evil:/root/\x1b]0;pwned\x07\x1b[2Jnope",
+        back.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success(), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("nope"), "{err:?}");
+    assert!(
+        !err.chars()
+            .any(|c| c.is_control() && c != '\n' && c != '\t'),
+        "{err:?}"
+    );
+
     ok(&env, &["vm", "rm", "--force", "evil"]);
     env.stop_daemon();
 }
