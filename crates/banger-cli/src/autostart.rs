@@ -76,6 +76,9 @@ pub fn start(spec: &StartSpec) -> Result<u32, CliError> {
                 spec.runtime_dir.display()
             ))
         })?;
+    // Another user may have made the directory between the connect's check and here.
+    banger_config::trust::check_dir_chain(&spec.runtime_dir, banger_config::trust::current_uid())
+        .map_err(|e| CliError::local(e.to_string()))?;
     let log_path = spec.start_log();
     let mut child = spawn(spec, &log_path)?;
     let pid = child.id();

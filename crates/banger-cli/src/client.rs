@@ -59,6 +59,9 @@ pub enum Reply {
 /// Why no final answer was obtained.
 #[derive(Debug)]
 pub enum CallError {
+    /// The socket or a directory above it could have been planted by another user: nothing
+    /// was sent.
+    Untrusted(banger_config::trust::TrustError),
     /// The socket could not be connected to.
     Connect(std::io::Error),
     /// Reading or writing failed after connecting.
@@ -85,8 +88,12 @@ pub fn not_running(e: &std::io::Error) -> bool {
     matches!(e.kind(), ErrorKind::NotFound | ErrorKind::ConnectionRefused)
 }
 
-/// Connects to the daemon's socket.
+/// Connects to the daemon's socket, once it and its directories are known to be the user's
+/// or root's (see [`banger_config::trust`]): a socket another user planted never hears a
+/// request, and never answers one.
 pub fn connect(socket: &Path) -> Result<UnixStream, CallError> {
+    use banger_config::trust;
+    trust::check_socket(socket, trust::current_uid()).map_err(CallError::Untrusted)?;
     UnixStream::connect(socket).map_err(CallError::Connect)
 }
 

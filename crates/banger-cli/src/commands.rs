@@ -165,7 +165,8 @@ fn vm(cmd: VmCmd, ctx: &mut Ctx<'_>) -> Result<(), CliError> {
                     lines,
                 }))?
                 .decode("vm.logs")?;
-            ctx.print(&logs.text)
+            // The guest's console: its escape sequences stay out of the user's terminal.
+            ctx.print(&crate::sanitize::terminal_safe(&logs.text))
         }
     }
 }

@@ -48,7 +48,10 @@ impl CliError {
 
     /// The line printed on stderr for this error, if any.
     pub fn line(&self) -> Option<String> {
-        self.message.as_ref().map(|m| format!("banger: {m}"))
+        // Messages quote the daemon and, through it, the guest: never raw escapes.
+        self.message
+            .as_ref()
+            .map(|m| format!("banger: {}", crate::sanitize::terminal_safe(m)))
     }
 }
 

@@ -11,10 +11,12 @@ pub mod client;
 pub mod commands;
 pub mod doctor;
 pub mod error;
+mod guest_stderr;
 pub mod json;
 pub mod progress;
 mod remote;
 pub mod render;
+pub mod sanitize;
 pub mod ssh_config;
 mod sshmux;
 pub mod system;
@@ -265,6 +267,7 @@ impl<'a> Ctx<'a> {
     fn call_error(&self, e: CallError) -> CliError {
         let log = self.daemon.log_file.display();
         match &e {
+            CallError::Untrusted(t) => CliError::local(t.to_string()),
             CallError::Connect(io) if client::not_running(io) => CliError::local(format!(
                 "bangerd is not running (no answer on {})",
                 self.daemon.socket.display()
@@ -286,6 +289,7 @@ impl<'a> Ctx<'a> {
 /// A call failure in words, without the op id.
 pub fn describe_call_error(e: &CallError) -> String {
     match e {
+        CallError::Untrusted(t) => t.to_string(),
         CallError::Connect(io) => format!("cannot connect: {io}"),
         CallError::Io { source, .. } => format!("talking to the daemon failed: {source}"),
         CallError::Closed { .. } => "the daemon closed the connection before answering".into(),

@@ -50,7 +50,11 @@ impl Style {
 
 /// Formats a warning frame the same way on a terminal and off it.
 pub fn warning_line(style: Style, message: &str) -> String {
-    format!("banger: {} {message}", style.yellow("warning:"))
+    format!(
+        "banger: {} {}",
+        style.yellow("warning:"),
+        crate::sanitize::terminal_safe(message)
+    )
 }
 
 /// Warnings only.
@@ -159,8 +163,8 @@ impl FrameSink for TtyProgress<'_> {
     fn progress(&mut self, stage: &str, detail: Option<&str>) {
         self.complete(true);
         self.current = Some(Stage {
-            name: stage.to_string(),
-            detail: detail.map(str::to_string),
+            name: crate::sanitize::terminal_safe(stage),
+            detail: detail.map(crate::sanitize::terminal_safe),
             started: Instant::now(),
         });
         self.draw();

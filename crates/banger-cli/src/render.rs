@@ -155,6 +155,8 @@ pub fn key_values(pairs: &[(&str, String)]) -> String {
     let mut out = String::new();
     for (k, v) in pairs {
         let pad = width - k.len();
+        // Values can quote the guest (last_error): no escapes reach the terminal.
+        let v = crate::sanitize::terminal_safe(v);
         out.push_str(&format!("{k}:{} {v}\n", " ".repeat(pad)));
     }
     out
@@ -376,6 +378,29 @@ a-much-longer-name  stopped  debian-bookworm  -           2     1024M  8G    -  
         assert!(vm_table(&[], NOW).contains("banger vm create"));
         assert!(image_table(&[], NOW).contains("banger image register"));
         assert!(kernel_table(&[], NOW).contains("banger kernel import"));
+    }
+
+    /// A last_error quoting a guest's console (through the VMM's log tail) shows no escapes.
+    #[test]
+    fn vm_show_strips_escape_sequences_from_guest_text() {
+        let mut rec = vm("box", VmState::Error, None, NOW - 60);
+        rec.last_error = Some(
+            "start: guest_ready: last log lines: \x1b]0;pwned\x07\x1b[2Jpanic\r\n\x1b[31mdone"
+                .into(),
+        );
+        let d = VmDetails {
+            vm: rec,
+            pid: None,
+            dir: PathBuf::from("/state/vms/0123456789ab"),
+            log_file: PathBuf::from("/state/vms/0123456789ab/vmm.log"),
+            access: None,
+        };
+        let text = vm_details(&d, NOW);
+        assert!(
+            !text.contains('\x1b') && !text.contains('\r') && !text.contains('\x07'),
+            "{text:?}"
+        );
+        assert!(text.contains("last log lines: panic\ndone\n"), "{text:?}");
     }
 
     #[test]

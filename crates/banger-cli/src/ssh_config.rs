@@ -259,9 +259,18 @@ fn generated_path(ctx: &mut Ctx<'_>) -> Result<PathBuf, CliError> {
     let status: DaemonStatus = ctx
         .request(&Request::DaemonStatus)?
         .decode("daemon.status")?;
-    Ok(status
+    let path = status
         .ssh_config
-        .unwrap_or_else(|| status.state_dir.join("ssh").join("ssh_config")))
+        .unwrap_or_else(|| status.state_dir.join("ssh").join("ssh_config"));
+    // The path becomes a line of ~/.ssh/config: a newline or control character in it would
+    // add lines (a ProxyCommand) of the daemon's choosing.
+    let text = path.to_string_lossy();
+    if !path.is_absolute() || text.chars().any(|c| c.is_control()) {
+        return Err(CliError::local(format!(
+            "the daemon named an unusable ssh config path {text:?}; not including it"
+        )));
+    }
+    Ok(path)
 }
 
 pub fn run(ctx: &mut Ctx<'_>, do_install: bool, do_uninstall: bool) -> Result<(), CliError> {

@@ -30,7 +30,12 @@ fn control_dir() -> Option<PathBuf> {
         Err(_) => return None,
     }
     let meta = std::fs::symlink_metadata(&dir).ok()?;
-    (meta.is_dir() && meta.uid() == uid && meta.mode() & 0o077 == 0).then_some(dir)
+    // Ours and private, and so is every directory above it (a sticky /tmp aside).
+    (meta.is_dir()
+        && meta.uid() == uid
+        && meta.mode() & 0o077 == 0
+        && banger_config::trust::check_dir_chain(&dir, uid).is_ok())
+    .then_some(dir)
 }
 
 fn control_path(vm_id: &str) -> Option<PathBuf> {
@@ -117,7 +122,7 @@ mod tests {
             .iter()
             .position(|a| a.starts_with("ControlPath="))
             .unwrap();
-        let dest = args.iter().position(|a| a == "root@172.30.0.2").unwrap();
+        let dest = args.iter().position(|a| a == "172.30.0.2").unwrap();
         assert!(cp < dest);
     }
 

@@ -6,14 +6,15 @@
 //! workspace is (`vm.workspace.set`), and keeps the sync manifest in the cache directory.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Instant;
 
 use banger_core::records::WorkspaceInfo;
 use banger_core::{VmName, VmRecord};
 use banger_protocol::{Request, SshInfo, VmDetails, VmRef, VmWorkspaceSetParams};
 use banger_workspace::{
-    HistorySpec, Manifest, Options, PrepareSpec, Prepared, WorkspaceError, archive, guest, history,
+    HistorySpec, Manifest, Options, PrepareSpec, Prepared, WorkspaceError, archive, extract, guest,
+    history,
 };
 
 use crate::Ctx;
@@ -91,15 +92,14 @@ fn show(ctx: &mut Ctx<'_>, name: &VmName) -> Result<VmRecord, CliError> {
     Ok(d.vm)
 }
 
-/// `ssh … -- sh -c SCRIPT`, no terminal, guest errors on our stderr.
-fn guest_command(info: &SshInfo, script: &str) -> Command {
-    let mut c = crate::sshmux::command(
+/// `ssh … -- sh -c SCRIPT`, no terminal, guest errors on our stderr (sanitised: see
+/// [`crate::guest_stderr`]; keep the value alive until the child has exited).
+fn guest_command(info: &SshInfo, script: &str) -> crate::guest_stderr::Relayed {
+    crate::guest_stderr::relay(crate::sshmux::command(
         info,
         false,
         &["sh".to_string(), "-c".to_string(), script.to_string()],
-    );
-    c.stderr(Stdio::inherit());
-    c
+    ))
 }
 
 fn manifest_path(ctx: &Ctx<'_>, vm: &VmRecord) -> PathBuf {
@@ -283,7 +283,8 @@ fn export(
         ctx.note(&format!("banger: no changes in vm {name} since {base}"));
     }
     match output {
-        Some(path) => std::fs::write(&path, &out.stdout)
+        // Replaced, never written through: a link at PATH is not followed.
+        Some(path) => extract::write_file(&path, &out.stdout)
             .map_err(|e| CliError::local(format!("writing the patch to {}: {e}", path.display()))),
         None => ctx
             .out
@@ -421,19 +422,27 @@ fn cp_out(ctx: &mut Ctx<'_>, vm: &VmName, gpath: &str, dest: &Path) -> Result<()
         dest.to_path_buf()
     };
     let info = ssh_info(ctx, vm.as_str())?;
-    let mut child = guest_command(&info, &guest::pack_script(gpath))
+    let mut pack = guest_command(&info, &guest::pack_script(gpath));
+    let mut child = pack
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .spawn()
         .map_err(|e| CliError::local(format!("running ssh: {e}")))?;
     let stdout = child.stdout.take().expect("piped stdout");
-    let extracted = archive::extract_as(std::io::BufReader::new(stdout), &target);
+    let extracted = extract::extract_as(std::io::BufReader::new(stdout), &target);
     let status = child
         .wait()
         .map_err(|e| CliError::local(format!("waiting for ssh: {e}")))?;
+    drop(pack);
     if !status.success() {
         return Err(ssh_failed("copying out", vm, status));
     }
-    extracted.map_err(ws_error)?;
+    let done = extracted.map_err(ws_error)?;
+    if done.skipped > 0 {
+        ctx.note(&format!(
+            "banger: left out {} special files (devices, FIFOs, sockets) from {vm}:{gpath}",
+            done.skipped
+        ));
+    }
     Ok(())
 }

@@ -17,6 +17,7 @@ use toml::Value;
 
 mod cidr;
 mod host;
+pub mod trust;
 
 pub use cidr::{CidrError, Ipv4Cidr};
 pub use host::{HostInfo, XdgDirs};
@@ -326,6 +327,9 @@ pub struct Config {
     pub default_image: String,
     pub default_kernel: String,
     pub stop_timeout_secs: u64,
+    /// The cap on each VM's console log (`vmm.log`), and on its one rotated file.
+    #[serde(serialize_with = "serialize_size")]
+    pub vmm_log_max_size: ByteSize,
     // Tables last: TOML needs plain keys before them.
     pub vm_defaults: VmDefaults,
     pub file_sync: Vec<FileSync>,
@@ -352,6 +356,9 @@ impl Config {
     pub const DEFAULT_KERNEL: &str = "debian-6.1-cloud";
     pub const MAX_TAP_POOL: u32 = 64;
     pub const MAX_STOP_TIMEOUT_SECS: u64 = 600;
+    /// `vmm_log_max_size` by default, and its bounds (a pump write must fit in an empty file).
+    pub const DEFAULT_VMM_LOG_MAX: ByteSize = ByteSize(4 * ByteSize::MIB);
+    pub const MIN_VMM_LOG_MAX: ByteSize = ByteSize(64 * ByteSize::KIB);
     /// Kernels `kernel pull` knows without configuration; a `[[kernel_catalog]]` entry may not
     /// take one of these names.
     pub const BUILTIN_KERNELS: &[&str] = &["debian-6.1-cloud"];
@@ -424,6 +431,7 @@ impl Config {
             default_image: Self::DEFAULT_IMAGE.to_string(),
             default_kernel: Self::DEFAULT_KERNEL.to_string(),
             stop_timeout_secs: 10,
+            vmm_log_max_size: Self::DEFAULT_VMM_LOG_MAX,
             vm_defaults: VmDefaults::for_host(host),
             file_sync: Vec::new(),
             kernel_catalog: Vec::new(),
@@ -538,6 +546,7 @@ struct RawConfig {
     default_image: Option<Value>,
     default_kernel: Option<Value>,
     stop_timeout_secs: Option<Value>,
+    vmm_log_max_size: Option<Value>,
     vm_defaults: Option<RawVmDefaults>,
     file_sync: Option<Vec<RawFileSync>>,
     kernel_catalog: Option<Vec<RawKernelCatalogEntry>>,
@@ -723,6 +732,19 @@ impl Checker<'_> {
         if let Some(v) = &raw.stop_timeout_secs {
             let max = Config::MAX_STOP_TIMEOUT_SECS as i64;
             c.stop_timeout_secs = self.int("stop_timeout_secs", v, 1, max)? as u64;
+        }
+        if let Some(v) = &raw.vmm_log_max_size {
+            let key = "vmm_log_max_size";
+            let size = match v {
+                Value::String(s) => {
+                    ByteSize::parse(s).map_err(|e| self.invalid(key, v, e.to_string()))?
+                }
+                _ => return Err(self.invalid(key, v, "expected a size string like \"4M\"")),
+            };
+            if size < Config::MIN_VMM_LOG_MAX {
+                return Err(self.invalid(key, v, "must be at least 64K"));
+            }
+            c.vmm_log_max_size = size;
         }
         if let Some(d) = &raw.vm_defaults {
             self.vm_defaults(d, &mut c.vm_defaults)?;

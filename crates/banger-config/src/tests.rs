@@ -654,3 +654,23 @@ fn an_explicit_bridge_cidr_is_marked() {
             .bridge_cidr_explicit
     );
 }
+
+#[test]
+fn vmm_log_max_size_has_a_default_and_a_floor() {
+    assert_eq!(
+        parse("").unwrap().vmm_log_max_size,
+        Config::DEFAULT_VMM_LOG_MAX
+    );
+    let c = parse("vmm_log_max_size = \"1M\"\n").unwrap();
+    assert_eq!(c.vmm_log_max_size.bytes(), 1024 * 1024);
+    assert_eq!(
+        parse("vmm_log_max_size = \"64K\"\n")
+            .unwrap()
+            .vmm_log_max_size,
+        Config::MIN_VMM_LOG_MAX
+    );
+    for bad in ["\"32K\"", "\"lots\"", "4096"] {
+        let e = parse(&format!("vmm_log_max_size = {bad}\n")).unwrap_err();
+        assert!(e.to_string().contains("vmm_log_max_size"), "{e}");
+    }
+}

@@ -45,6 +45,7 @@ fn main() {
             vm_id: format!("base{i}"),
             run_dir: env.root().join(format!("b{i}")),
             log_path: env.root().join(format!("b{i}.log")),
+            log_max_bytes: banger_vmm::DEFAULT_LOG_MAX_BYTES,
             vcpu: 1,
             memory_mib: 256,
             kernel: kernel.clone(),

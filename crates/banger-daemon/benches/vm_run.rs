@@ -404,6 +404,7 @@ fn raw_iteration(env: &TestEnv, a: &Artifacts, i: usize, ph: &mut Phases) {
         vm_id: RAW_NAME.into(),
         run_dir: dir.clone(),
         log_path: dir.join("vmm.log"),
+        log_max_bytes: banger_vmm::DEFAULT_LOG_MAX_BYTES,
         vcpu: VCPU,
         memory_mib: MEMORY_MIB,
         kernel: a.kernel.clone(),

@@ -124,6 +124,11 @@ pub async fn run(mut config: Config, log_file: PathBuf) -> anyhow::Result<()> {
     let dns = dns::start(&engine, shutdown.clone()).await;
 
     let socket = layout.socket();
+    // Clients refuse a socket in a directory another user could have made or can write
+    // (banger_config::trust); refuse to listen in one, with the same words.
+    if let Some(dir) = socket.parent() {
+        banger_config::trust::check_dir_chain(dir, nix::unistd::geteuid().as_raw())?;
+    }
     match std::fs::remove_file(&socket) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
             return Err(e).with_context(|| format!("removing stale socket {}", socket.display()));

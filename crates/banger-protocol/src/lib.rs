@@ -9,7 +9,7 @@
 //! is an exhaustive `match`); [`decode_request`] turns a line into it, mapping every failure to
 //! the stable [`ErrorCode`] the client will see.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use banger_core::{ByteSize, ErrorCode, ImageRecord, KernelRecord, OpId, VmRecord};
 use serde::{Deserialize, Serialize};
@@ -659,7 +659,12 @@ pub struct VmDetails {
 
 /// `vm.ssh_info` result: what a client needs to run `ssh` into the VM itself (it needs the
 /// user's terminal, so the CLI runs ssh, not the daemon).
+///
+/// Decoding validates every field that reaches ssh's argv ([`SshInfo::validate`]): whatever
+/// answered on the socket, a value shaped like an option (`-oProxyCommand=…`) or carrying
+/// ssh-config syntax never gets that far.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "RawSshInfo")]
 pub struct SshInfo {
     /// The VM's id: unique for ever, so it can key per-VM client state (ssh connection sharing).
     #[serde(default)]
@@ -673,7 +678,82 @@ pub struct SshInfo {
     pub known_hosts: PathBuf,
 }
 
+/// [`SshInfo`] as it comes off the wire, before [`SshInfo::validate`].
+#[derive(Deserialize)]
+struct RawSshInfo {
+    #[serde(default)]
+    id: String,
+    name: String,
+    ip: std::net::Ipv4Addr,
+    user: String,
+    key: PathBuf,
+    known_hosts: PathBuf,
+}
+
+impl TryFrom<RawSshInfo> for SshInfo {
+    type Error = String;
+    fn try_from(r: RawSshInfo) -> Result<Self, String> {
+        let info = SshInfo {
+            id: r.id,
+            name: r.name,
+            ip: r.ip,
+            user: r.user,
+            key: r.key,
+            known_hosts: r.known_hosts,
+        };
+        info.validate()?;
+        Ok(info)
+    }
+}
+
+/// A login name as `useradd` accepts it: a letter or `_` first, then letters, digits, `_`,
+/// `.`, `-`; at most 32 bytes. Nothing ssh could read as an option or a `user@host` split.
+pub fn valid_ssh_user(user: &str) -> bool {
+    let b = user.as_bytes();
+    !b.is_empty()
+        && b.len() <= 32
+        && (b[0].is_ascii_alphabetic() || b[0] == b'_')
+        && b[1..]
+            .iter()
+            .all(|c| c.is_ascii_alphanumeric() || b"_.-".contains(c))
+}
+
+/// A path safe to hand to ssh as `-i PATH` or `-o UserKnownHostsFile=PATH`: absolute, and free
+/// of what ssh's option parser splits on or expands (whitespace, quotes, `\`, `%` tokens,
+/// control characters).
+pub fn valid_ssh_path(p: &Path) -> bool {
+    let Some(s) = p.to_str() else {
+        return false;
+    };
+    p.is_absolute()
+        && !s
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || "\"'\\%".contains(c))
+}
+
 impl SshInfo {
+    /// Checks every field that ends up in ssh's argv; the error names the field and value.
+    pub fn validate(&self) -> Result<(), String> {
+        if !valid_ssh_user(&self.user) {
+            return Err(format!(
+                "invalid ssh user {:?} (expected a plain login name)",
+                self.user
+            ));
+        }
+        for (what, p) in [("key", &self.key), ("known_hosts", &self.known_hosts)] {
+            if !valid_ssh_path(p) {
+                return Err(format!(
+                    "invalid ssh {what} path {:?} (expected an absolute path without spaces, quotes or %)",
+                    p.display().to_string()
+                ));
+            }
+        }
+        if self.ip.is_unspecified() || self.ip.is_broadcast() || self.ip.is_multicast() {
+            return Err(format!("invalid VM address {}", self.ip));
+        }
+        Ok(())
+    }
+
     /// The `ssh` arguments (after the program name) that reach this VM: banger's key and
     /// known_hosts only, strict host key checking (the key was recorded when the VM was made),
     /// no prompts, no user ssh config. `command`, if not empty, runs instead of a login shell;
@@ -702,13 +782,17 @@ impl SshInfo {
             "-o",
             &format!("ConnectTimeout={}", connect_timeout_secs.max(1)),
             if tty { "-t" } else { "-T" },
-            &format!("{}@{}", self.user, self.ip),
+            // The user is an option's argument and the host comes after `--`: neither can be
+            // read as an option, whatever they hold.
+            "-l",
+            &self.user,
+            "--",
+            &self.ip.to_string(),
         ]
         .iter()
         .map(|s| s.to_string())
         .collect();
         if !command.is_empty() {
-            v.push("--".into());
             v.push(
                 command
                     .iter()
@@ -941,13 +1025,58 @@ mod tests {
         );
         assert!(a.windows(2).any(|w| w == ["-o", "UserKnownHostsFile=/kh"]));
         assert_eq!(
-            a[a.len() - 3..],
-            ["root@172.30.0.2", "--", "sh -c 'exit 7'"]
+            a[a.len() - 5..],
+            ["-l", "root", "--", "172.30.0.2", "sh -c 'exit 7'"]
         );
-        assert!(
-            info.ssh_args(true, 5, &[])
-                .ends_with(&["-t".into(), "root@172.30.0.2".into()])
-        );
+        assert!(info.ssh_args(true, 5, &[]).ends_with(&[
+            "-t".into(),
+            "-l".into(),
+            "root".into(),
+            "--".into(),
+            "172.30.0.2".into()
+        ]));
+    }
+
+    /// What a fake daemon answered in the issue, and its cousins: refused when decoded, and
+    /// even when built by hand, never an ssh option.
+    #[test]
+    fn hostile_ssh_info_never_becomes_an_ssh_option() {
+        let good = serde_json::json!({
+            "id": "0123456789ab", "name": "box", "ip": "172.30.0.2", "user": "root",
+            "key": "/home/u/.local/state/banger/ssh/id_ed25519",
+            "known_hosts": "/home/u/.local/state/banger/ssh/known_hosts",
+        });
+        let ok: SshInfo = serde_json::from_value(good.clone()).unwrap();
+        assert_eq!(ok.user, "root");
+        for (field, bad) in [
+            ("user", "-oProxyCommand=touch /tmp/pwned"),
+            ("user", "root@evil"),
+            ("user", "a b"),
+            ("user", ""),
+            ("user", "x\nProxyCommand y"),
+            ("ip", "-oProxyCommand=x"),
+            ("ip", "evil.example"),
+            ("key", "-oProxyCommand=x"),
+            ("key", "relative/key"),
+            ("known_hosts", "/k ProxyCommand=x"),
+            ("known_hosts", "/kh\nProxyCommand x"),
+            ("known_hosts", "/%d/kh"),
+        ] {
+            let mut v = good.clone();
+            v[field] = serde_json::Value::String(bad.into());
+            let e = serde_json::from_value::<SshInfo>(v).unwrap_err();
+            assert!(!e.to_string().is_empty(), "{field}={bad:?}");
+        }
+        // Built by hand (the daemon's own values): still only an argument of -l.
+        let mut info = ok.clone();
+        info.user = "-oProxyCommand=touch /tmp/pwned".into();
+        assert!(info.validate().is_err());
+        let a = info.ssh_args(false, 5, &["true".into()]);
+        let at = a.iter().position(|x| x == &info.user).unwrap();
+        assert_eq!(a[at - 1], "-l");
+        let dashdash = a.iter().position(|x| x == "--").unwrap();
+        assert!(at < dashdash);
+        assert!(!a[..at - 1].iter().any(|x| x.contains("ProxyCommand")));
     }
 
     /// 100,000 random and mutated request lines: the decoder never panics, and every

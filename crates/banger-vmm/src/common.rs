@@ -9,6 +9,9 @@ use nix::sys::signal::Signal;
 
 use crate::{VmmError, VmmHandle, VmmKind, process};
 
+/// How long an error report waits for an exited VMM's console output to reach its log.
+pub(crate) const PUMP_DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// How many log lines an error about a VMM quotes.
 pub(crate) const LOG_TAIL_LINES: usize = 20;
 
@@ -134,14 +137,19 @@ pub(crate) async fn finish_spawn(
             control_socket: socket,
             log_path: log_path.to_path_buf(),
         }),
-        Err(Waited::Exited) => Err(VmmError::Exited {
-            pid: spawned.pid,
-            log_tail: process::tail_file(log_path, LOG_TAIL_LINES),
-        }),
+        Err(Waited::Exited) => {
+            // Its last words may still be in the log pump's pipe.
+            crate::logpump::drained(log_path, PUMP_DRAIN_TIMEOUT).await;
+            Err(VmmError::Exited {
+                pid: spawned.pid,
+                log_tail: process::tail_file(log_path, LOG_TAIL_LINES),
+            })
+        }
         Err(Waited::Timeout) => {
             if let Err(e) = kill_pid(spawned.pid, spawned.start_time, kill_timeout).await {
                 tracing::warn!(pid = spawned.pid, error = %e, "killing an unresponsive VMM failed");
             }
+            crate::logpump::drained(log_path, PUMP_DRAIN_TIMEOUT).await;
             Err(VmmError::SocketTimeout {
                 socket,
                 timeout: socket_timeout,

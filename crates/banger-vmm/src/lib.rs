@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 mod common;
 pub mod firecracker;
+pub mod logpump;
 pub mod process;
 pub mod qemu;
 
@@ -76,6 +77,13 @@ pub struct VsockSpec {
     pub uds_path: PathBuf,
 }
 
+/// The console log cap when none is configured (the config's `vmm_log_max_size` default).
+pub const DEFAULT_LOG_MAX_BYTES: u64 = 4 * 1024 * 1024;
+
+fn default_log_max_bytes() -> u64 {
+    DEFAULT_LOG_MAX_BYTES
+}
+
 /// Everything a backend needs to run one VM.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LaunchSpec {
@@ -86,6 +94,9 @@ pub struct LaunchSpec {
     pub run_dir: PathBuf,
     /// The VMM's own stdout/stderr log, kept for `vm logs` and error reports.
     pub log_path: PathBuf,
+    /// The cap on `log_path` (and on its one rotated file, `<log_path>.1`).
+    #[serde(default = "default_log_max_bytes")]
+    pub log_max_bytes: u64,
     pub vcpu: u32,
     pub memory_mib: u32,
     pub kernel: PathBuf,
@@ -214,6 +225,11 @@ pub trait Vmm: Send + Sync + std::fmt::Debug {
 
     /// The last lines of the VMM's log, for error reports.
     fn log_tail(&self, handle: &VmmHandle, lines: usize) -> String {
+        // After an exit, the log pump may still be writing the last lines (short wait; none
+        // while the VMM runs, since then the tail is whatever is there).
+        if !process::is_alive(handle.pid, handle.start_time) {
+            logpump::drained_blocking(&handle.log_path, std::time::Duration::from_secs(1));
+        }
         process::tail_file(&handle.log_path, lines)
     }
 }

@@ -61,6 +61,9 @@ pub struct DetachedCommand {
     pub env: Vec<(OsString, OsString)>,
     /// stdout and stderr are appended here; created with mode 0600 if missing.
     pub log_path: PathBuf,
+    /// With a cap, output goes through a [`crate::logpump`] that keeps `log_path` and its one
+    /// rotated file under it; without, straight into the file.
+    pub log_max_bytes: Option<u64>,
     /// Open descriptors the child inherits, as (descriptor in the daemon, number in the child):
     /// a tap opened by the root helper becomes QEMU's `fd=3`.
     pub inherit_fds: Vec<(std::os::fd::RawFd, std::os::fd::RawFd)>,
@@ -79,15 +82,19 @@ pub struct Spawned {
 ///
 /// Must be called within a Tokio runtime.
 pub fn spawn_detached(cmd: &DetachedCommand) -> Result<Spawned, VmmError> {
-    let log = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .open(&cmd.log_path)
-        .map_err(|source| VmmError::Io {
-            path: cmd.log_path.clone(),
-            source,
-        })?;
+    let log: OwnedFd = match cmd.log_max_bytes {
+        Some(max) => crate::logpump::start(&cmd.log_path, max)?,
+        None => OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&cmd.log_path)
+            .map_err(|source| VmmError::Io {
+                path: cmd.log_path.clone(),
+                source,
+            })?
+            .into(),
+    };
     let log_err = log.try_clone().map_err(|source| VmmError::Io {
         path: cmd.log_path.clone(),
         source,
@@ -393,6 +400,7 @@ mod tests {
             args: vec!["-c".into(), script.into()],
             env: vec![("BANGER_TEST_VAR".into(), "hello".into())],
             log_path: dir.join("out.log"),
+            log_max_bytes: None,
         }
     }
 

@@ -306,8 +306,8 @@ fn banger_prepare(env: &TestEnv, repo: &Path, i: usize) -> (Duration, Option<f64
 /// The pipeline, through `sh -c` in the repository.
 fn baseline_pipeline(info: &SshInfo, i: usize) -> String {
     let mut ssh: Vec<String> = vec!["ssh".into()];
+    // ssh_args ends with `-- HOST`: the remote command follows directly.
     ssh.extend(info.ssh_args(false, 10, &[]));
-    ssh.push("--".into());
     ssh.push(format!("mkdir -p /root/b{i} && tar -x -C /root/b{i}"));
     let ssh: Vec<String> = ssh.iter().map(|a| shell_quote(a)).collect();
     format!("git ls-files -z | tar --null -T - -c | {}", ssh.join(" "))

@@ -1,10 +1,11 @@
-//! Tar streams built and read in Rust: the workspace copy, `sync`'s changed files, and
-//! `vm cp` both ways. File lists never pass through `tar -T` or a shell.
+//! Tar streams built in Rust: the workspace copy, `sync`'s changed files, and `vm cp` into a
+//! VM. File lists never pass through `tar -T` or a shell. Streams coming back from a VM are
+//! unpacked by [`crate::extract`].
 
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::{Component, Path, PathBuf};
+use std::path::Path;
 
 use crate::WorkspaceError;
 use crate::repo::{FileEntry, Kind};
@@ -131,85 +132,4 @@ pub fn append_tree<W: Write>(
         // Sockets, fifos and devices are not copied.
         Ok(())
     }
-}
-
-/// Extracts a tar stream into `dest`: the archive's single top-level name becomes `dest`
-/// itself (`tar -c -C parent name` on the other side). Refuses absolute paths, `..`,
-/// hard links and writes through a symbolic link the archive created.
-pub fn extract_as(input: impl Read, dest: &Path) -> Result<u64, WorkspaceError> {
-    let mut ar = tar::Archive::new(input);
-    ar.set_preserve_permissions(true);
-    ar.set_overwrite(true);
-    let mut count = 0u64;
-    let mut top: Option<std::ffi::OsString> = None;
-    let entries = ar
-        .entries()
-        .map_err(WorkspaceError::io(dest, "reading the archive"))?;
-    for entry in entries {
-        let mut entry = entry.map_err(WorkspaceError::io(dest, "reading the archive"))?;
-        let raw = entry
-            .path()
-            .map_err(WorkspaceError::io(dest, "reading an entry name"))?
-            .into_owned();
-        let unsafe_entry = |detail: &str| WorkspaceError::UnsafeEntry {
-            path: dest.to_path_buf(),
-            entry: raw.display().to_string(),
-            detail: detail.into(),
-        };
-        let mut parts = Vec::new();
-        for c in raw.components() {
-            match c {
-                Component::Normal(p) => parts.push(p.to_os_string()),
-                Component::CurDir => {}
-                _ => return Err(unsafe_entry("absolute or parent-relative path")),
-            }
-        }
-        let Some(first) = parts.first() else {
-            continue;
-        };
-        match &top {
-            None => top = Some(first.clone()),
-            Some(t) if t != first => return Err(unsafe_entry("more than one top-level name")),
-            Some(_) => {}
-        }
-        let kind = entry.header().entry_type();
-        if !(kind.is_file() || kind.is_dir() || kind.is_symlink()) {
-            if kind.is_hard_link() {
-                return Err(unsafe_entry("hard links are not copied"));
-            }
-            continue;
-        }
-        let mut target: PathBuf = dest.to_path_buf();
-        for p in &parts[1..] {
-            // No ancestor may be a link: a link from an earlier entry could point anywhere.
-            if std::fs::symlink_metadata(&target).is_ok_and(|m| m.file_type().is_symlink()) {
-                return Err(unsafe_entry("it lies below a symbolic link"));
-            }
-            target.push(p);
-        }
-        if let Some(parent) = target.parent() {
-            std::fs::create_dir_all(parent)
-                .map_err(WorkspaceError::io(parent, "creating directory"))?;
-        }
-        if !kind.is_dir()
-            && std::fs::symlink_metadata(&target).is_ok_and(|m| m.file_type().is_symlink())
-        {
-            std::fs::remove_file(&target)
-                .map_err(WorkspaceError::io(&target, "replacing a symbolic link"))?;
-        }
-        entry
-            .unpack(&target)
-            .map_err(WorkspaceError::io(&target, "extracting"))?;
-        if !kind.is_dir() {
-            count += 1;
-        }
-    }
-    if top.is_none() {
-        return Err(WorkspaceError::UnsafeEntry {
-            path: dest.to_path_buf(),
-            entry: String::new(),
-            detail: "the archive is empty (nothing at that path?)".into(),
-        });
-    }
-    Ok(count)
 }

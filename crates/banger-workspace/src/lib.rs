@@ -10,12 +10,13 @@
 //! * [`manifest::Manifest`] records what the guest holds; [`manifest::Manifest::diff`] is
 //!   what `sync` sends.
 //! * [`guest`] holds the guest-side scripts, [`archive`] the tar streams (built in Rust from
-//!   the file list, never `tar -T`).
+//!   the file list, never `tar -T`), [`extract`] the one way guest bytes become host files.
 //!
 //! Nothing here knows about the daemon: the CLI runs the scripts over ssh.
 
 pub mod archive;
 mod error;
+pub mod extract;
 pub mod git;
 pub mod guest;
 pub mod history;

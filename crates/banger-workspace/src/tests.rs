@@ -529,8 +529,8 @@ fn cp_archives_round_trip_and_refuse_escapes() {
         b.finish().unwrap();
     }
     let dest = t.path().join("out/copy");
-    let n = archive::extract_as(&tarball[..], &dest).unwrap();
-    assert_eq!(n, 3);
+    let n = extract::extract_as(&tarball[..], &dest).unwrap();
+    assert_eq!(n.files, 3);
     assert_eq!(std::fs::read(dest.join("a/b.txt")).unwrap(), b"b\n");
     assert_eq!(
         std::fs::read_link(dest.join("l")).unwrap(),
@@ -557,7 +557,7 @@ fn cp_archives_round_trip_and_refuse_escapes() {
         b.append_data(&mut h, "top/esc/pwned", &b"x"[..]).unwrap();
         b.finish().unwrap();
     }
-    let e = archive::extract_as(&evil[..], &t.path().join("evil")).unwrap_err();
+    let e = extract::extract_as(&evil[..], &t.path().join("evil")).unwrap_err();
     assert!(matches!(e, WorkspaceError::UnsafeEntry { .. }), "{e}");
     assert!(!t.path().join("pwned").exists());
 }
@@ -598,4 +598,142 @@ fn in_dir_keeps_arguments_intact() {
         String::from_utf8_lossy(&out.stdout),
         format!("{}\na b|$HOME|", d.display())
     );
+}
+
+/// A hostile guest's stream: set-id and sticky bits, a device, a FIFO, a foreign owner, a link
+/// pointing out and an entry through it, and a link planted at the destination beforehand.
+#[test]
+fn extraction_sanitises_a_hostile_stream() {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let t = tempfile::tempdir().unwrap();
+    let outside = t.path().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    std::fs::write(outside.join("victim"), b"keep\n").unwrap();
+    let entry = |b: &mut tar::Builder<&mut Vec<u8>>, kind, name: &str, mode, data: &[u8]| {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_mode(mode);
+        h.set_uid(1234);
+        h.set_gid(1234);
+        h.set_size(data.len() as u64);
+        b.append_data(&mut h, name, data).unwrap();
+    };
+    let mut evil = Vec::new();
+    {
+        let mut b = tar::Builder::new(&mut evil);
+        entry(&mut b, tar::EntryType::Directory, "box", 0o7777, b"");
+        entry(
+            &mut b,
+            tar::EntryType::Regular,
+            "box/tool",
+            0o4755,
+            b"#!/bin/sh\n",
+        );
+        entry(&mut b, tar::EntryType::Regular, "box/g", 0o2777, b"g");
+        entry(&mut b, tar::EntryType::Directory, "box/d", 0o7777, b"");
+        entry(&mut b, tar::EntryType::Char, "box/d/null", 0o666, b"");
+        entry(&mut b, tar::EntryType::Block, "box/sda", 0o666, b"");
+        entry(&mut b, tar::EntryType::Fifo, "box/fifo", 0o666, b"");
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_size(0);
+        b.append_link(&mut h, "box/out", &outside).unwrap();
+        b.finish().unwrap();
+    }
+    let host = t.path().join("host");
+    std::fs::create_dir(&host).unwrap();
+    let dest = host.join("box");
+    let done = extract::extract_as(&evil[..], &dest).unwrap();
+    assert_eq!(done.skipped, 3, "{done:?}");
+    let euid = nix::unistd::geteuid().as_raw();
+    let umask = std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("Umask:"))
+        .map(|v| u32::from_str_radix(v.trim(), 8).unwrap())
+        .unwrap();
+    for (name, want) in [("", 0o777), ("tool", 0o755), ("g", 0o777), ("d", 0o777)] {
+        let m = std::fs::symlink_metadata(dest.join(name)).unwrap();
+        assert_eq!(m.mode() & 0o7777, want & !umask, "{name}: {:o}", m.mode());
+        assert_eq!(m.mode() & 0o7000, 0, "{name}: special bits kept");
+        assert_eq!(
+            m.uid(),
+            euid,
+            "{name}: not owned by the user running banger"
+        );
+    }
+    for special in ["d/null", "sda", "fifo"] {
+        assert!(!dest.join(special).exists(), "{special} was created");
+    }
+    assert!(
+        std::fs::symlink_metadata(dest.join("out"))
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    assert!(!std::fs::read_dir(&dest).unwrap().any(|e| {
+        let ft = e.unwrap().file_type().unwrap();
+        ft.is_block_device() || ft.is_char_device() || ft.is_fifo()
+    }));
+
+    // Writing through the guest's link: refused, nothing outside touched.
+    let mut through = Vec::new();
+    {
+        let mut b = tar::Builder::new(&mut through);
+        entry(&mut b, tar::EntryType::Directory, "box", 0o755, b"");
+        entry(
+            &mut b,
+            tar::EntryType::Regular,
+            "box/out/victim",
+            0o644,
+            b"pwned",
+        );
+        b.finish().unwrap();
+    }
+    let e = extract::extract_as(&through[..], &dest).unwrap_err();
+    assert!(matches!(e, WorkspaceError::UnsafeEntry { .. }), "{e}");
+    assert_eq!(std::fs::read(outside.join("victim")).unwrap(), b"keep\n");
+
+    // A link planted where the file goes: replaced, never followed.
+    let planted = host.join("tool");
+    std::os::unix::fs::symlink(outside.join("victim"), &planted).unwrap();
+    let mut one = Vec::new();
+    {
+        let mut b = tar::Builder::new(&mut one);
+        entry(&mut b, tar::EntryType::Regular, "tool", 0o4755, b"new");
+        b.finish().unwrap();
+    }
+    extract::extract_as(&one[..], &planted).unwrap();
+    assert_eq!(std::fs::read(outside.join("victim")).unwrap(), b"keep\n");
+    let m = std::fs::symlink_metadata(&planted).unwrap();
+    assert!(m.is_file());
+    assert_eq!(m.mode() & 0o7000, 0);
+
+    // A link planted where a directory goes: refused, nothing written below it.
+    let planted_dir = host.join("tree");
+    std::os::unix::fs::symlink(&outside, &planted_dir).unwrap();
+    let mut tree = Vec::new();
+    {
+        let mut b = tar::Builder::new(&mut tree);
+        entry(&mut b, tar::EntryType::Directory, "tree", 0o755, b"");
+        entry(
+            &mut b,
+            tar::EntryType::Regular,
+            "tree/victim",
+            0o644,
+            b"pwned",
+        );
+        b.finish().unwrap();
+    }
+    assert!(extract::extract_as(&tree[..], &planted_dir).is_err());
+    assert_eq!(std::fs::read(outside.join("victim")).unwrap(), b"keep\n");
+    assert!(!outside.join("tree").exists());
+
+    // Patches: a link at the output path is replaced, not written through.
+    let patch = host.join("out.patch");
+    std::os::unix::fs::symlink(outside.join("victim"), &patch).unwrap();
+    extract::write_file(&patch, b"diff\n").unwrap();
+    assert_eq!(std::fs::read(outside.join("victim")).unwrap(), b"keep\n");
+    assert_eq!(std::fs::read(&patch).unwrap(), b"diff\n");
+    assert!(std::fs::symlink_metadata(&patch).unwrap().is_file());
 }

@@ -1,5 +1,7 @@
 //! Runs the built `banger` binary: help, input validation, and `daemon status` with no daemon.
 
+mod trust;
+
 use std::path::Path;
 use std::process::{Command, Output};
 

@@ -373,11 +373,16 @@ impl Engine {
     pub fn logs(&self, name: &str, lines: Option<usize>) -> OpResult<Logs> {
         let vm = self.find_vm(name)?;
         let path = self.layout().vmm_log(&vm.id);
-        let text = match std::fs::read(&path) {
-            Ok(b) => String::from_utf8_lossy(&b).into_owned(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-            Err(e) => return Err(OpError::failed(format!("reading {}: {e}", path.display()))),
-        };
+        // The rotated file first: together they are the console's latest output, in order.
+        let mut bytes = Vec::new();
+        for p in [banger_vmm::logpump::rotated_path(&path), path.clone()] {
+            match std::fs::read(&p) {
+                Ok(b) => bytes.extend_from_slice(&b),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(OpError::failed(format!("reading {}: {e}", p.display()))),
+            }
+        }
+        let text = String::from_utf8_lossy(&bytes).into_owned();
         let text = match lines {
             Some(n) => {
                 let all: Vec<&str> = text.lines().collect();

@@ -341,6 +341,7 @@ impl Engine {
                     vm_id: vm.id.to_string(),
                     run_dir: layout.vm_run_dir(&vm.id),
                     log_path: layout.vmm_log(&vm.id),
+                    log_max_bytes: self.config().vmm_log_max_size.bytes(),
                     vcpu: vm.vcpu,
                     memory_mib: vm.memory_mib,
                     kernel: kernel.vmlinux.clone(),

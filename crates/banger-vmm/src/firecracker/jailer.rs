@@ -666,6 +666,7 @@ mod tests {
             vm_id: "0123456789ab".into(),
             run_dir: "/run/banger/vms/0123456789ab".into(),
             log_path: "/var/lib/banger/vms/0123456789ab/vmm.log".into(),
+            log_max_bytes: crate::DEFAULT_LOG_MAX_BYTES,
             vcpu: 1,
             memory_mib: 256,
             kernel: "/var/lib/banger/kernels/k/vmlinux".into(),

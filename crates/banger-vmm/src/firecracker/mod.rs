@@ -255,6 +255,7 @@ impl Firecracker {
             args: jailer::jailer_argv(jail, &exec_file, &layout),
             env: self.env.clone(),
             log_path: spec.log_path.clone(),
+            log_max_bytes: Some(spec.log_max_bytes),
         }) {
             Ok(s) => s,
             Err(e) => {
@@ -532,6 +533,7 @@ impl Vmm for Firecracker {
             ],
             env: self.env.clone(),
             log_path: spec.log_path.clone(),
+            log_max_bytes: Some(spec.log_max_bytes),
         })?;
         tracing::debug!(pid = spawned.pid, vm_id = %spec.vm_id, socket = %socket.display(), "firecracker spawned");
 
@@ -742,6 +744,7 @@ mod tests {
             vm_id: "0123456789ab".into(),
             run_dir: "/run/banger/0123456789ab".into(),
             log_path: "/tmp/fc.log".into(),
+            log_max_bytes: crate::DEFAULT_LOG_MAX_BYTES,
             vcpu: 2,
             memory_mib: 1024,
             kernel: "/k".into(),
@@ -849,6 +852,7 @@ mod tests {
             args: vec!["-c".into(), script.into()],
             env: Vec::new(),
             log_path: dir.join("log"),
+            log_max_bytes: None,
         })
         .unwrap();
         VmmHandle {

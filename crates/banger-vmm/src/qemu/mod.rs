@@ -620,6 +620,7 @@ impl Vmm for Qemu {
             args: self.argv(spec),
             env: self.env.clone(),
             log_path: spec.log_path.clone(),
+            log_max_bytes: Some(spec.log_max_bytes),
         })?;
         tracing::debug!(pid = spawned.pid, vm_id = %spec.vm_id, accel = %self.accel, socket = %socket.display(), "qemu spawned");
 

@@ -26,6 +26,7 @@ fn spec() -> LaunchSpec {
         vm_id: "0123456789ab".into(),
         run_dir: "/run/banger/0123456789ab".into(),
         log_path: "/tmp/qemu.log".into(),
+        log_max_bytes: crate::DEFAULT_LOG_MAX_BYTES,
         vcpu: 2,
         memory_mib: 1024,
         kernel: "/k/vmlinux".into(),
@@ -391,6 +392,7 @@ fn real_spec(dir: &Path) -> LaunchSpec {
         vm_id: "vm1".into(),
         run_dir: dir.join("run"),
         log_path: dir.join("qemu.log"),
+        log_max_bytes: crate::DEFAULT_LOG_MAX_BYTES,
         vcpu: 1,
         memory_mib: 128,
         kernel: dir.join("vmlinux"),
@@ -551,6 +553,7 @@ async fn sh_handle(dir: &Path, script: &str) -> VmmHandle {
         args: vec!["-c".into(), script.into()],
         env: Vec::new(),
         log_path: dir.join("log"),
+        log_max_bytes: None,
     })
     .unwrap();
     handle(VmmKind::QemuTcg, spawned.pid, spawned.start_time, dir)

@@ -93,6 +93,7 @@ impl Fixture {
             vm_id: self.vm_id.clone(),
             run_dir: self.path("run"),
             log_path: self.path("fc.log"),
+            log_max_bytes: banger_vmm::DEFAULT_LOG_MAX_BYTES,
             vcpu: 2,
             memory_mib: 512,
             kernel: self.path("vmlinux"),

@@ -101,6 +101,7 @@ impl Fixture {
             vm_id: self.vm_id.clone(),
             run_dir: self.path("run"),
             log_path: self.path("qemu.log"),
+            log_max_bytes: banger_vmm::DEFAULT_LOG_MAX_BYTES,
             vcpu: 1,
             memory_mib: 256,
             kernel: self.kernel.clone(),
@@ -252,6 +253,9 @@ async fn qemu_boots_linux_only_after_boot_and_a_guest_reboot_ends_it() {
     fx.qemu.boot(&handle).await.unwrap();
     assert!(fx.qemu.is_alive(&handle));
     fx.wait_log("Linux version", BOOT_LIMIT).await;
+    // The console reaches the log through a pump, in chunks: the command line may follow the
+    // version line a moment later.
+    fx.wait_log("Command line:", BOOT_LIMIT).await;
     println!(
         "{}: spawn until QMP ready {spawned_in:?}; boot until \"Linux version\" in the log \
          {:?}; spawn until then {:?}",
