@@ -75,6 +75,15 @@ struct State {
     nat_ready: bool,
     /// vm id -> (address, tap)
     nat: BTreeMap<String, (Ipv4Addr, TapName)>,
+    /// This installation's bridge, as [`crate::RealNetOps::for_bridge`]; `None`: every bridge.
+    own_bridge: Option<BridgeName>,
+}
+
+impl State {
+    /// Whether `tap` is this installation's, as the real ops decide it (by its bridge).
+    fn ours(&self, bridge: &BridgeName) -> bool {
+        self.own_bridge.as_ref().is_none_or(|b| b == bridge)
+    }
 }
 
 /// The recording fake. Starts with no bridge, no taps and no table.
@@ -86,6 +95,13 @@ pub struct RecordingNetOps {
 impl RecordingNetOps {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Serves only the installation of `bridge`: taps on other bridges are neither listed nor
+    /// deleted, as with the real ops.
+    pub fn for_bridge(self, bridge: &BridgeName) -> Self {
+        self.state().own_bridge = Some(bridge.clone());
+        self
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -195,6 +211,14 @@ impl NetOps for RecordingNetOps {
                 format!("Cannot find device \"{bridge}\""),
             ));
         }
+        if let Some((other, _)) = st.taps.get(tap)
+            && other != bridge
+        {
+            return Err(NetError::TapMismatch {
+                name: tap.to_string(),
+                reason: format!("it is a port of {other}, another installation's bridge"),
+            });
+        }
         if let Some((_, owner)) = st.taps.get(tap)
             && *owner != owner_uid
         {
@@ -216,18 +240,20 @@ impl NetOps for RecordingNetOps {
     }
 
     async fn delete_tap(&self, tap: &TapName) -> Result<(), NetError> {
-        self.enter(NetCall::DeleteTap(tap.clone()))?
-            .taps
-            .remove(tap);
+        let mut st = self.enter(NetCall::DeleteTap(tap.clone()))?;
+        if st.taps.get(tap).is_some_and(|(b, _)| st.ours(b)) {
+            st.taps.remove(tap);
+        }
         Ok(())
     }
 
     async fn list_taps(&self) -> Result<Vec<TapName>, NetError> {
-        Ok(self
-            .enter(NetCall::ListTaps)?
+        let st = self.enter(NetCall::ListTaps)?;
+        Ok(st
             .taps
-            .keys()
-            .cloned()
+            .iter()
+            .filter(|(_, (b, _))| st.ours(b))
+            .map(|(t, _)| t.clone())
             .collect())
     }
 
@@ -277,7 +303,9 @@ impl NetOps for RecordingNetOps {
         let mut st = self.enter(NetCall::RemoveAll(bridge.cloned()))?;
         st.nat.clear();
         st.nat_ready = false;
-        st.taps.clear();
+        let own = st.own_bridge.clone();
+        st.taps
+            .retain(|_, (b, _)| own.as_ref().is_some_and(|own| own != b));
         if let Some(b) = bridge {
             st.bridges.remove(b);
         }
@@ -329,6 +357,24 @@ mod tests {
         f.remove_all(Some(&br)).await.unwrap();
         assert!(f.taps().is_empty() && f.nat().is_empty() && f.bridges().is_empty());
         assert!(!f.nat_ready());
+    }
+
+    #[tokio::test]
+    async fn leaves_taps_of_other_bridges_alone() {
+        let (mine, other) = (
+            BridgeName::default(),
+            BridgeName::parse("br-banger-b").unwrap(),
+        );
+        let f = RecordingNetOps::new().for_bridge(&mine);
+        f.ensure_bridge(&mine, ip("172.30.0.1"), 24).await.unwrap();
+        f.ensure_bridge(&other, ip("172.31.0.1"), 24).await.unwrap();
+        let (a, b) = (TapName::pool(0), TapName::pool(1));
+        f.create_tap(&a, &mine, Some(1)).await.unwrap();
+        f.create_tap(&b, &other, Some(1)).await.unwrap();
+        assert_eq!(f.list_taps().await.unwrap(), std::slice::from_ref(&a));
+        f.delete_tap(&b).await.unwrap();
+        f.remove_all(None).await.unwrap();
+        assert_eq!(f.taps().keys().collect::<Vec<_>>(), [&b]);
     }
 
     #[tokio::test]

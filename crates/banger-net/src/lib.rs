@@ -91,10 +91,11 @@ pub trait NetOps: Send + Sync + std::fmt::Debug {
         owner_uid: Option<u32>,
     ) -> Result<(), NetError>;
 
-    /// Deletes a tap; a missing one is fine.
+    /// Deletes a tap of this installation; a missing one, or another installation's tap of
+    /// that name (a port of another bridge), is fine and left alone.
     async fn delete_tap(&self, tap: &TapName) -> Result<(), NetError>;
 
-    /// Every interface whose name matches banger's tap pattern, sorted (leak checks, warm pool).
+    /// This installation's taps (banger-named, on its bridge), sorted (leak checks, warm pool).
     async fn list_taps(&self) -> Result<Vec<TapName>, NetError>;
 
     /// Turns IPv4 forwarding on and creates banger's table with its chains and base rules for
@@ -126,7 +127,7 @@ pub trait NetOps: Send + Sync + std::fmt::Debug {
         Ok(None)
     }
 
-    /// Uninstall: deletes banger's table and every banger tap, and `bridge` too when given.
+    /// Uninstall: deletes this installation's table and taps, and `bridge` too when given.
     /// Every step runs even if an earlier one fails; the first error is returned.
     async fn remove_all(&self, bridge: Option<&BridgeName>) -> Result<(), NetError>;
 }

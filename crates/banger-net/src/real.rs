@@ -17,6 +17,11 @@ pub struct RealNetOps {
     netns: Option<String>,
     /// This installation's nftables table (see [`nft::table_for`]).
     table: String,
+    /// This installation's bridge: only taps enslaved to it are listed or deleted.
+    bridge: BridgeName,
+    /// The owner of this installation's taps; a banger-named tap on no bridge is this
+    /// installation's only when it has this owner (see [`RealNetOps::with_tap_owner`]).
+    tap_owner: Option<u32>,
 }
 
 /// One interface as `ip -d -j link show` describes it.
@@ -25,6 +30,8 @@ struct Link {
     name: String,
     /// `linkinfo.info_kind`: `bridge`, `tun`, `veth`...; absent for plain devices.
     kind: Option<String>,
+    /// The bridge (or bond) this link is a port of.
+    master: Option<String>,
     tun: Option<TunInfo>,
 }
 
@@ -44,13 +51,48 @@ impl RealNetOps {
             runner,
             netns: None,
             table: nft::TABLE.to_string(),
+            bridge: BridgeName::default(),
+            tap_owner: None,
         }
     }
 
-    /// Uses the nftables table of the installation whose bridge is `bridge`.
+    /// Serves the installation whose bridge is `bridge`: its nftables table, and only the
+    /// taps on that bridge.
     pub fn for_bridge(mut self, bridge: &BridgeName) -> Self {
         self.table = nft::table_for(bridge);
+        self.bridge = bridge.clone();
         self
+    }
+
+    /// This installation's taps are owned by `uid` (the daemon's user). A banger-named tap
+    /// on no bridge at all (its bridge deleted under it, or an attach that never happened)
+    /// counts as this installation's only when its owner is `uid`; without this, never.
+    pub fn with_tap_owner(mut self, uid: u32) -> Self {
+        self.tap_owner = Some(uid);
+        self
+    }
+
+    /// Why `link` is not one of this installation's taps, if it is not: a port of another
+    /// bridge belongs to another installation (or to something that is not banger), and so
+    /// does a tap on no bridge that another user owns.
+    fn not_ours(&self, link: &Link) -> Option<String> {
+        match &link.master {
+            Some(m) if m == self.bridge.as_str() => None,
+            Some(m) => Some(format!(
+                "it is a port of {m}, not of this installation's bridge {}",
+                self.bridge
+            )),
+            None => {
+                let owner = link.tun.as_ref().and_then(|t| t.owner);
+                match self.tap_owner {
+                    Some(me) if owner == Some(me) => None,
+                    _ => Some(format!(
+                        "it is on no bridge and its owner ({owner:?}) is not this installation's ({:?})",
+                        self.tap_owner
+                    )),
+                }
+            }
+        }
     }
 
     /// Runs every command inside network namespace `name` (`ip netns exec <name> ...`), so tests
@@ -215,6 +257,21 @@ impl RealNetOps {
         Ok(())
     }
 
+    /// Deletes `tap` unconditionally; a missing one is fine. Callers decide it is ours.
+    async fn delete_link(&self, tap: &TapName) -> Result<(), NetError> {
+        const OP: &str = "deleting tap";
+        let name = tap.as_str();
+        let del = self.cmd("ip", &["link", "del", "dev", name]);
+        match self.run(OP, name, del).await {
+            Ok(_) => Ok(()),
+            // Decide by looking, not by parsing the error text.
+            Err(e) => match self.link(OP, name).await? {
+                None => Ok(()),
+                Some(_) => Err(e),
+            },
+        }
+    }
+
     /// Why an existing tap cannot be reused, if it cannot.
     fn tap_mismatch(link: &Link, owner_uid: Option<u32>) -> Option<String> {
         let Some(t) = &link.tun else {
@@ -291,7 +348,13 @@ impl NetOps for RealNetOps {
         let name = tap.as_str();
         let created = match self.link(OP, name).await? {
             Some(existing) => {
-                if let Some(reason) = Self::tap_mismatch(&existing, owner_uid) {
+                let elsewhere = existing
+                    .master
+                    .as_deref()
+                    .filter(|m| *m != bridge.as_str())
+                    .map(|m| format!("it is a port of {m}, another installation's bridge"));
+                if let Some(reason) = elsewhere.or_else(|| Self::tap_mismatch(&existing, owner_uid))
+                {
                     return Err(NetError::TapMismatch {
                         name: name.to_string(),
                         reason,
@@ -316,7 +379,7 @@ impl NetOps for RealNetOps {
         if let Err(e) = self.run("attaching tap", name, attach).await {
             if created {
                 // Leave nothing behind; the attach error is the one worth reporting.
-                let _ = self.delete_tap(tap).await;
+                let _ = self.delete_link(tap).await;
             }
             return Err(e);
         }
@@ -326,15 +389,13 @@ impl NetOps for RealNetOps {
     async fn delete_tap(&self, tap: &TapName) -> Result<(), NetError> {
         const OP: &str = "deleting tap";
         let name = tap.as_str();
-        let del = self.cmd("ip", &["link", "del", "dev", name]);
-        match self.run(OP, name, del).await {
-            Ok(_) => Ok(()),
-            // Decide by looking, not by parsing the error text.
-            Err(e) => match self.link(OP, name).await? {
-                None => Ok(()),
-                Some(_) => Err(e),
-            },
+        match self.link(OP, name).await? {
+            None => return Ok(()),
+            // Another installation's tap of the same name: this installation's is gone.
+            Some(l) if self.not_ours(&l).is_some() => return Ok(()),
+            Some(_) => {}
         }
+        self.delete_link(tap).await
     }
 
     async fn list_taps(&self) -> Result<Vec<TapName>, NetError> {
@@ -342,6 +403,7 @@ impl NetOps for RealNetOps {
             .links("listing taps", "interfaces")
             .await?
             .into_iter()
+            .filter(|l| self.not_ours(l).is_none())
             .filter_map(|l| TapName::parse(&l.name).ok())
             .collect();
         taps.sort();
@@ -475,6 +537,7 @@ fn parse_links(json: &[u8]) -> Result<Vec<Link>, String> {
             Ok(Link {
                 name: name.to_string(),
                 kind,
+                master: l["master"].as_str().map(str::to_string),
                 tun,
             })
         })
@@ -768,31 +831,84 @@ mod tests {
         assert_eq!(r.lines()[3], "ip link del dev bgtpool1");
     }
 
-    #[tokio::test]
-    async fn delete_tap_missing_is_fine_but_other_failures_are_not() {
-        let r = Scripted::new(&[Err("Cannot find device"), Ok(NO_LINKS)]);
-        ops(&r).delete_tap(&TapName::pool(1)).await.unwrap();
-        assert_eq!(
-            r.lines(),
-            ["ip link del dev bgtpool1", "ip -d -j link show"]
-        );
-
-        let r = Scripted::new(&[
-            Err("Operation not permitted"),
-            Ok(&tap_link("bgtpool1", "0", true)),
-        ]);
-        let e = ops(&r).delete_tap(&TapName::pool(1)).await.unwrap_err();
-        assert!(e.to_string().contains("deleting tap bgtpool1"), "{e}");
+    /// `tap_link` as a port of `master`.
+    fn port(name: &str, user: &str, master: &str) -> String {
+        tap_link(name, user, true).replacen(
+            r#""linkinfo""#,
+            &format!(r#""master":"{master}","linkinfo""#),
+            1,
+        )
     }
 
     #[tokio::test]
-    async fn list_taps_keeps_only_banger_names() {
-        let links = r#"[{"ifname":"lo"},{"ifname":"eth0"},{"ifname":"bgtpool1"},{"ifname":"tap0"},
-            {"ifname":"bgt3fa9c01d2e4b","linkinfo":{"info_kind":"tun","info_data":{"type":"tap"}}},{"ifname":"br-banger"}]"#;
+    async fn delete_tap_missing_is_fine_but_other_failures_are_not() {
+        let r = Scripted::new(&[Ok(NO_LINKS)]);
+        ops(&r).delete_tap(&TapName::pool(1)).await.unwrap();
+        assert_eq!(r.lines(), ["ip -d -j link show"]);
+
+        let mine = port("bgtpool1", "0", "br-banger");
+        let r = Scripted::new(&[Ok(&mine), Err("Operation not permitted"), Ok(&mine)]);
+        let e = ops(&r).delete_tap(&TapName::pool(1)).await.unwrap_err();
+        assert!(e.to_string().contains("deleting tap bgtpool1"), "{e}");
+
+        // Gone between the look and the delete: fine.
+        let r = Scripted::new(&[Ok(&mine), Err("Cannot find device"), Ok(NO_LINKS)]);
+        ops(&r).delete_tap(&TapName::pool(1)).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn delete_tap_leaves_other_installations_taps_alone() {
+        let tap = TapName::pool(1);
+        // A port of another bridge, and an orphan of another owner: nothing is deleted.
+        for link in [
+            port("bgtpool1", "1000", "br-banger-b"),
+            tap_link("bgtpool1", "2000", true),
+        ] {
+            let r = Scripted::new(&[Ok(&link)]);
+            ops(&r).with_tap_owner(1000).delete_tap(&tap).await.unwrap();
+            assert_eq!(r.lines(), ["ip -d -j link show"], "{link}");
+        }
+        // An orphan is ours only with our owner, and only when we know our owner.
+        let orphan = tap_link("bgtpool1", "1000", true);
+        let r = Scripted::new(&[Ok(&orphan)]);
+        ops(&r).delete_tap(&tap).await.unwrap();
+        assert_eq!(r.lines().len(), 1);
+        let r = Scripted::new(&[Ok(&orphan), Ok("")]);
+        ops(&r).with_tap_owner(1000).delete_tap(&tap).await.unwrap();
+        assert_eq!(r.lines()[1], "ip link del dev bgtpool1");
+        // A named installation deletes its own ports.
+        let br = BridgeName::parse("br-banger-b").unwrap();
+        let r = Scripted::new(&[Ok(&port("bgtpool1", "1000", "br-banger-b")), Ok("")]);
+        ops(&r).for_bridge(&br).delete_tap(&tap).await.unwrap();
+        assert_eq!(r.lines()[1], "ip link del dev bgtpool1");
+    }
+
+    #[tokio::test]
+    async fn create_tap_refuses_a_port_of_another_bridge() {
+        let r = Scripted::new(&[Ok(&port("bgtpool0", "1000", "br-banger-b"))]);
+        let e = ops(&r)
+            .create_tap(&TapName::pool(0), &BridgeName::default(), Some(1000))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, NetError::TapMismatch { .. }), "{e}");
+        assert!(e.to_string().contains("br-banger-b"), "{e}");
+        assert_eq!(r.lines().len(), 1, "nothing may be changed");
+    }
+
+    #[tokio::test]
+    async fn list_taps_keeps_only_banger_names_on_our_bridge() {
+        let links = r#"[{"ifname":"lo"},{"ifname":"eth0","master":"br-banger"},{"ifname":"bgtpool1","master":"br-banger"},{"ifname":"tap0","master":"br-banger"},
+            {"ifname":"bgt3fa9c01d2e4b","master":"br-banger","linkinfo":{"info_kind":"tun","info_data":{"type":"tap"}}},{"ifname":"br-banger"},
+            {"ifname":"bgtpool2","master":"br-banger-b"},{"ifname":"bgtpool3"},
+            {"ifname":"bgtpool4","linkinfo":{"info_kind":"tun","info_data":{"type":"tap","user":1000}}}]"#;
         let r = Scripted::new(&[Ok(links)]);
         let taps = ops(&r).list_taps().await.unwrap();
         let names: Vec<_> = taps.iter().map(TapName::as_str).collect();
         assert_eq!(names, ["bgt3fa9c01d2e4b", "bgtpool1"]);
+        let r = Scripted::new(&[Ok(links)]);
+        let taps = ops(&r).with_tap_owner(1000).list_taps().await.unwrap();
+        let names: Vec<_> = taps.iter().map(TapName::as_str).collect();
+        assert_eq!(names, ["bgt3fa9c01d2e4b", "bgtpool1", "bgtpool4"]);
     }
 
     #[tokio::test]
@@ -910,12 +1026,15 @@ mod tests {
 
     #[tokio::test]
     async fn remove_all_runs_every_step_despite_failures() {
-        let links = r#"[{"ifname":"bgtpool0"},{"ifname":"bgtpool1"},{"ifname":"br-banger","linkinfo":{"info_kind":"bridge"}}]"#;
+        let links = r#"[{"ifname":"bgtpool0","master":"br-banger"},{"ifname":"bgtpool1","master":"br-banger"},
+            {"ifname":"bgtpool2","master":"br-banger-b"},{"ifname":"br-banger","linkinfo":{"info_kind":"bridge"}}]"#;
         let r = Scripted::new(&[
             Ok(TABLE),
             Err("nft exploded"),
             Ok(links),
+            Ok(links),
             Ok(""),
+            Ok(links),
             Ok(""),
             Ok(links),
             Ok(""),
@@ -931,7 +1050,9 @@ mod tests {
                 "nft -j list tables",
                 "nft delete table ip banger",
                 "ip -d -j link show",
+                "ip -d -j link show",
                 "ip link del dev bgtpool0",
+                "ip -d -j link show",
                 "ip link del dev bgtpool1",
                 "ip -d -j link show",
                 "ip link del dev br-banger",
