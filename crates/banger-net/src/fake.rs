@@ -135,7 +135,8 @@ impl RecordingNetOps {
         self.state().nat.clone()
     }
 
-    /// Whether banger's table exists.
+    /// Whether banger's table exists (made by `ensure_bridge`, as the bridge's firewall, and
+    /// by `ensure_nat`).
     pub fn nat_ready(&self) -> bool {
         self.state().nat_ready
     }
@@ -190,6 +191,8 @@ impl NetOps for RecordingNetOps {
             .entry(bridge.clone())
             .or_default()
             .insert((gateway, prefix));
+        // The real ops put banger's table (the bridge's firewall) in place first.
+        st.nat_ready = true;
         Ok(())
     }
 
@@ -327,7 +330,12 @@ mod tests {
         let br = BridgeName::default();
         let tap = TapName::pool(0);
         assert!(f.create_tap(&tap, &br, Some(1)).await.is_err());
+        assert!(matches!(
+            f.add_vm_nat("a", ip("172.30.0.2"), &tap).await,
+            Err(NetError::NatNotReady { .. })
+        ));
         f.ensure_bridge(&br, ip("172.30.0.1"), 24).await.unwrap();
+        assert!(f.nat_ready(), "the bridge comes with its firewall table");
         f.ensure_bridge(&br, ip("172.30.0.1"), 24).await.unwrap();
         assert_eq!(f.bridges()[&br].len(), 1);
         f.create_tap(&tap, &br, Some(1)).await.unwrap();
@@ -338,10 +346,6 @@ mod tests {
         ));
         assert_eq!(f.list_taps().await.unwrap(), std::slice::from_ref(&tap));
 
-        assert!(matches!(
-            f.add_vm_nat("a", ip("172.30.0.2"), &tap).await,
-            Err(NetError::NatNotReady { .. })
-        ));
         let cidr = Ipv4Cidr::parse("172.30.0.0/24").unwrap();
         f.ensure_nat(&br, &cidr).await.unwrap();
         f.add_vm_nat("a", ip("172.30.0.2"), &tap).await.unwrap();

@@ -3,9 +3,14 @@
 //! Layout of `table ip banger` (see docs/network.md):
 //! - `postrouting` (nat hook): traffic leaving through any interface but the bridge jumps to
 //!   `nat_vms`, which holds one `ip saddr <vm>/32 masquerade` rule per NAT VM.
-//! - `forward` (filter hook): bridge-to-outside traffic jumps to `fwd_out` (per-VM accepts),
-//!   outside-to-bridge traffic to `fwd_in` (per-VM established/related accepts); whatever is
-//!   left from or to the VM network is dropped, so a VM without `--nat` stays on the host.
+//! - `forward` (filter hook): traffic routed from the bridge back to the bridge (one VM to
+//!   another through the host) is dropped; bridge-to-outside traffic jumps to `fwd_out`
+//!   (per-VM accepts), outside-to-bridge traffic to `fwd_in` (per-VM established/related
+//!   accepts); whatever is left from or to the VM network is dropped, so a VM without `--nat`
+//!   goes nowhere.
+//! - `input` (filter hook): from the bridge, the host accepts only replies to connections it
+//!   opened itself (ssh into the guest); every other packet from a guest to any of the host's
+//!   own addresses is dropped, with or without `--nat`.
 //!
 //! The base chains are rebuilt (flushed and refilled in one transaction) by every
 //! [`ensure_script`]; per-VM rules live in the regular chains, which that never flushes. Every
@@ -38,6 +43,7 @@ pub fn table_for(bridge: &BridgeName) -> String {
 }
 pub const CHAIN_POSTROUTING: &str = "postrouting";
 pub const CHAIN_FORWARD: &str = "forward";
+pub const CHAIN_INPUT: &str = "input";
 pub const CHAIN_NAT_VMS: &str = "nat_vms";
 pub const CHAIN_FWD_OUT: &str = "fwd_out";
 pub const CHAIN_FWD_IN: &str = "fwd_in";
@@ -67,14 +73,33 @@ pub fn ensure_script(table: &str, bridge: &BridgeName, cidr: &Ipv4Cidr) -> Strin
         s,
         "add chain {t} {CHAIN_FORWARD} {{ type filter hook forward priority filter; policy accept; }}"
     );
+    let _ = writeln!(
+        s,
+        "add chain {t} {CHAIN_INPUT} {{ type filter hook input priority filter; policy accept; }}"
+    );
     for chain in [CHAIN_NAT_VMS, CHAIN_FWD_OUT, CHAIN_FWD_IN] {
         let _ = writeln!(s, "add chain {t} {chain}");
     }
     let _ = writeln!(s, "flush chain {t} {CHAIN_POSTROUTING}");
     let _ = writeln!(s, "flush chain {t} {CHAIN_FORWARD}");
+    let _ = writeln!(s, "flush chain {t} {CHAIN_INPUT}");
     let _ = writeln!(
         s,
         "add rule {t} {CHAIN_POSTROUTING} oifname != \"{br}\" jump {CHAIN_NAT_VMS} comment \"{c}\""
+    );
+    // A drop in any base chain is final, whatever other tables accept; an accept here is not,
+    // so the host's own firewall still gets its say.
+    let _ = writeln!(
+        s,
+        "add rule {t} {CHAIN_INPUT} iifname \"{br}\" ct state established,related accept comment \"{c}\""
+    );
+    let _ = writeln!(
+        s,
+        "add rule {t} {CHAIN_INPUT} iifname \"{br}\" drop comment \"{c}\""
+    );
+    let _ = writeln!(
+        s,
+        "add rule {t} {CHAIN_FORWARD} iifname \"{br}\" oifname \"{br}\" drop comment \"{c}\""
     );
     let _ = writeln!(
         s,
@@ -203,12 +228,17 @@ mod tests {
 add table ip banger
 add chain ip banger postrouting { type nat hook postrouting priority srcnat; policy accept; }
 add chain ip banger forward { type filter hook forward priority filter; policy accept; }
+add chain ip banger input { type filter hook input priority filter; policy accept; }
 add chain ip banger nat_vms
 add chain ip banger fwd_out
 add chain ip banger fwd_in
 flush chain ip banger postrouting
 flush chain ip banger forward
+flush chain ip banger input
 add rule ip banger postrouting oifname != \"br-banger\" jump nat_vms comment \"banger-base\"
+add rule ip banger input iifname \"br-banger\" ct state established,related accept comment \"banger-base\"
+add rule ip banger input iifname \"br-banger\" drop comment \"banger-base\"
+add rule ip banger forward iifname \"br-banger\" oifname \"br-banger\" drop comment \"banger-base\"
 add rule ip banger forward iifname \"br-banger\" oifname != \"br-banger\" jump fwd_out comment \"banger-base\"
 add rule ip banger forward iifname != \"br-banger\" oifname \"br-banger\" jump fwd_in comment \"banger-base\"
 add rule ip banger forward iifname \"br-banger\" oifname != \"br-banger\" ip saddr 172.30.0.0/24 drop comment \"banger-base\"

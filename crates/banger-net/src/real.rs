@@ -303,9 +303,26 @@ impl NetOps for RealNetOps {
         gateway: Ipv4Addr,
         prefix: u8,
     ) -> Result<(), NetError> {
-        check_gateway(bridge, gateway, prefix)?;
+        let cidr = check_gateway(bridge, gateway, prefix)?;
         let name = bridge.as_str();
+        // The firewall first: the bridge never carries a guest packet the host would accept.
+        self.nft_script(
+            "firewalling bridge",
+            name,
+            nft::ensure_script(&self.table, bridge, &cidr),
+        )
+        .await?;
         self.ensure_bridge_link(bridge).await?;
+        // banger's table is IPv4 only; with IPv6 off on the bridge the kernel drops every IPv6
+        // packet a guest sends (no link-local address to reach host services through). `-e`:
+        // a host without IPv6 has no such key, and nothing to protect.
+        let key = format!("net.ipv6.conf.{name}.disable_ipv6=1");
+        self.run(
+            "firewalling bridge",
+            name,
+            self.cmd("sysctl", &["-q", "-e", "-w", &key]),
+        )
+        .await?;
 
         const OP: &str = "addressing bridge";
         let out = self
@@ -372,11 +389,32 @@ impl NetOps for RealNetOps {
                 true
             }
         };
+        // Enslaved (a new tap is still down), then isolated and up in one step: an isolated
+        // port exchanges frames with the host only, never with another VM's port (a port flag
+        // needs the port to exist, so it cannot go in the first command).
         let attach = self.cmd(
             "ip",
-            &["link", "set", "dev", name, "master", bridge.as_str(), "up"],
+            &["link", "set", "dev", name, "master", bridge.as_str()],
         );
-        if let Err(e) = self.run("attaching tap", name, attach).await {
+        let isolate = self.cmd(
+            "ip",
+            &[
+                "link",
+                "set",
+                "dev",
+                name,
+                "up",
+                "type",
+                "bridge_slave",
+                "isolated",
+                "on",
+            ],
+        );
+        let attached = match self.run("attaching tap", name, attach).await {
+            Ok(_) => self.run("isolating tap", name, isolate).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = attached {
             if created {
                 // Leave nothing behind; the attach error is the one worth reporting.
                 let _ = self.delete_link(tap).await;
@@ -682,7 +720,9 @@ mod tests {
     #[tokio::test]
     async fn ensure_bridge_creates_addresses_and_raises() {
         let r = Scripted::new(&[
+            Ok(""),
             Ok(NO_LINKS),
+            Ok(""),
             Ok(""),
             Ok(r#"[{"addr_info":[]}]"#),
             Ok(""),
@@ -693,11 +733,17 @@ mod tests {
             .await
             .unwrap();
         let mac = MacAddr::for_bridge(&BridgeName::default());
+        let cidr = Ipv4Cidr::parse("172.30.0.0/24").unwrap();
         assert_eq!(
             r.lines(),
             [
+                format!(
+                    "nft -f - <<< {}",
+                    nft::ensure_script(nft::TABLE, &BridgeName::default(), &cidr)
+                ),
                 "ip -d -j link show".to_string(),
                 format!("ip link add name br-banger address {mac} type bridge"),
+                "sysctl -q -e -w net.ipv6.conf.br-banger.disable_ipv6=1".into(),
                 "ip -j addr show dev br-banger".into(),
                 "ip addr add 172.30.0.1/24 dev br-banger".into(),
                 "ip link set dev br-banger up".into(),
@@ -708,15 +754,16 @@ mod tests {
     #[tokio::test]
     async fn ensure_bridge_keeps_an_existing_address() {
         let addrs = r#"[{"addr_info":[{"family":"inet6","local":"fe80::1","prefixlen":64},{"family":"inet","local":"172.30.0.1","prefixlen":24}]}]"#;
-        let r = Scripted::new(&[Ok(BRIDGE), Ok(addrs), Ok("")]);
+        let r = Scripted::new(&[Ok(""), Ok(BRIDGE), Ok(""), Ok(addrs), Ok("")]);
         ops(&r)
             .ensure_bridge(&BridgeName::default(), ip("172.30.0.1"), 24)
             .await
             .unwrap();
         assert_eq!(
-            r.lines(),
+            r.lines()[1..],
             [
                 "ip -d -j link show",
+                "sysctl -q -e -w net.ipv6.conf.br-banger.disable_ipv6=1",
                 "ip -j addr show dev br-banger",
                 "ip link set dev br-banger up"
             ]
@@ -726,7 +773,7 @@ mod tests {
     #[tokio::test]
     async fn ensure_bridge_refuses_a_non_bridge_and_bad_gateways() {
         let veth = r#"[{"ifname":"br-banger","linkinfo":{"info_kind":"veth"}}]"#;
-        let r = Scripted::new(&[Ok(veth)]);
+        let r = Scripted::new(&[Ok(""), Ok(veth)]);
         let e = ops(&r)
             .ensure_bridge(&BridgeName::default(), ip("172.30.0.1"), 24)
             .await
@@ -748,9 +795,11 @@ mod tests {
     #[tokio::test]
     async fn ensure_bridge_tolerates_a_concurrent_create() {
         let r = Scripted::new(&[
+            Ok(""),
             Ok(NO_LINKS),
             Err("RTNETLINK answers: File exists"),
             Ok(BRIDGE),
+            Ok(""),
             Ok(r#"[{"addr_info":[{"family":"inet","local":"172.30.0.1","prefixlen":24}]}]"#),
             Ok(""),
         ]);
@@ -762,7 +811,7 @@ mod tests {
 
     #[tokio::test]
     async fn create_tap_commands() {
-        let r = Scripted::new(&[Ok(NO_LINKS), Ok(""), Ok("")]);
+        let r = Scripted::new(&[Ok(NO_LINKS), Ok(""), Ok(""), Ok("")]);
         let tap = TapName::pool(3);
         ops(&r)
             .create_tap(&tap, &BridgeName::default(), Some(1000))
@@ -773,11 +822,12 @@ mod tests {
             [
                 "ip -d -j link show",
                 "ip tuntap add dev bgtpool3 mode tap vnet_hdr user 1000",
-                "ip link set dev bgtpool3 master br-banger up",
+                "ip link set dev bgtpool3 master br-banger",
+                "ip link set dev bgtpool3 up type bridge_slave isolated on",
             ]
         );
 
-        let r = Scripted::new(&[Ok(NO_LINKS), Ok(""), Ok("")]);
+        let r = Scripted::new(&[Ok(NO_LINKS), Ok(""), Ok(""), Ok("")]);
         ops(&r)
             .create_tap(&tap, &BridgeName::default(), None)
             .await
@@ -789,13 +839,14 @@ mod tests {
     async fn create_tap_reuses_a_matching_tap_and_refuses_others() {
         let tap = TapName::pool(0);
         let br = BridgeName::default();
-        let r = Scripted::new(&[Ok(&tap_link("bgtpool0", "1000", true)), Ok("")]);
+        let r = Scripted::new(&[Ok(&tap_link("bgtpool0", "1000", true)), Ok(""), Ok("")]);
         ops(&r).create_tap(&tap, &br, Some(1000)).await.unwrap();
         assert_eq!(
             r.lines(),
             [
                 "ip -d -j link show",
-                "ip link set dev bgtpool0 master br-banger up"
+                "ip link set dev bgtpool0 master br-banger",
+                "ip link set dev bgtpool0 up type bridge_slave isolated on",
             ]
         );
 
@@ -829,6 +880,15 @@ mod tests {
             .unwrap_err();
         assert!(e.to_string().contains("attaching tap bgtpool1"), "{e}");
         assert_eq!(r.lines()[3], "ip link del dev bgtpool1");
+
+        // Isolation failing undoes the tap too: no VM gets a port that can reach other VMs.
+        let r = Scripted::new(&[Ok(NO_LINKS), Ok(""), Ok(""), Err("bad attribute"), Ok("")]);
+        let e = ops(&r)
+            .create_tap(&TapName::pool(1), &BridgeName::default(), None)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("isolating tap bgtpool1"), "{e}");
+        assert_eq!(r.lines()[4], "ip link del dev bgtpool1");
     }
 
     /// `tap_link` as a port of `master`.

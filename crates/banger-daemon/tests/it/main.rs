@@ -6,6 +6,7 @@ mod dns;
 mod engine_faults;
 mod full_disk;
 mod fuzz;
+mod guest_net;
 mod images;
 mod jailer;
 mod kernel_build;
