@@ -14,6 +14,7 @@ mod kernels;
 mod leaks;
 mod lifecycle;
 mod oci;
+mod own_dirs;
 mod protocol;
 mod real_guest;
 mod recovery;
