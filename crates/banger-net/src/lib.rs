@@ -72,8 +72,8 @@ pub enum NetError {
 #[async_trait::async_trait]
 pub trait NetOps: Send + Sync + std::fmt::Debug {
     /// Puts the bridge's firewall in place (banger's table and its base rules: guests reach
-    /// nothing on the host but replies to the host's own connections, and are not routed to
-    /// each other), creates `bridge` if missing, turns IPv6 off on it, gives it `gateway/prefix`
+    /// nothing on the host but replies to the host's own connections, are not routed to each
+    /// other, and only root and the owner may connect into them), creates `bridge` if missing, turns IPv6 off on it, gives it `gateway/prefix`
     /// if it lacks that address, and brings it up. An existing bridge with the address is left
     /// as it is; other addresses on it are kept. Fails if an interface of that name exists and
     /// is not a bridge.

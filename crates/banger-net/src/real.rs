@@ -64,7 +64,8 @@ impl RealNetOps {
         self
     }
 
-    /// This installation's taps are owned by `uid` (the daemon's user). A banger-named tap
+    /// This installation's owner is `uid` (the daemon's user): its taps are owned by `uid`,
+    /// and `uid` (besides root) may open connections into the VM network. A banger-named tap
     /// on no bridge at all (its bridge deleted under it, or an attach that never happened)
     /// counts as this installation's only when its owner is `uid`; without this, never.
     pub fn with_tap_owner(mut self, uid: u32) -> Self {
@@ -309,7 +310,7 @@ impl NetOps for RealNetOps {
         self.nft_script(
             "firewalling bridge",
             name,
-            nft::ensure_script(&self.table, bridge, &cidr),
+            nft::ensure_script(&self.table, bridge, &cidr, self.tap_owner),
         )
         .await?;
         self.ensure_bridge_link(bridge).await?;
@@ -459,8 +460,12 @@ impl NetOps for RealNetOps {
             self.cmd("sysctl", &["-q", "-w", "net.ipv4.ip_forward=1"]),
         )
         .await?;
-        self.nft_script(OP, &target, nft::ensure_script(&self.table, bridge, cidr))
-            .await
+        self.nft_script(
+            OP,
+            &target,
+            nft::ensure_script(&self.table, bridge, cidr, self.tap_owner),
+        )
+        .await
     }
 
     async fn add_vm_nat(&self, vm_id: &str, ip: Ipv4Addr, tap: &TapName) -> Result<(), NetError> {
@@ -739,7 +744,7 @@ mod tests {
             [
                 format!(
                     "nft -f - <<< {}",
-                    nft::ensure_script(nft::TABLE, &BridgeName::default(), &cidr)
+                    nft::ensure_script(nft::TABLE, &BridgeName::default(), &cidr, None)
                 ),
                 "ip -d -j link show".to_string(),
                 format!("ip link add name br-banger address {mac} type bridge"),
@@ -984,7 +989,7 @@ mod tests {
         assert_eq!(calls[1].display(), "nft -f -");
         assert_eq!(
             calls[1].stdin.as_deref(),
-            Some(nft::ensure_script(nft::TABLE, &BridgeName::default(), &cidr).as_bytes())
+            Some(nft::ensure_script(nft::TABLE, &BridgeName::default(), &cidr, None).as_bytes())
         );
     }
 

@@ -1,6 +1,7 @@
 //! Issue 10 item 2 with real guests: a guest reaches nothing on the host — not a listener on
 //! 0.0.0.0, not one on the bridge address, not the host's other addresses — with or without
-//! `--nat`, and not another guest either; the host still reaches the guests over ssh.
+//! `--nat`, and not another guest either; the host still reaches the guests over ssh, and other
+//! local users do not.
 //! (That a `--nat` guest still reaches the outside is shown without leaving the machine by
 //! banger-net's `traffic::guests_reach_nothing_on_the_host`; here it is checked in the rule set.)
 
@@ -134,6 +135,29 @@ fn guests_reach_nothing_on_the_host() {
         rules.contains(&format!("banger:{}", id.as_str().unwrap())),
         "natted's NAT rules missing:\n{rules}"
     );
+
+    // Another local user cannot open a connection into a guest; root (the owner here) can.
+    let host_connects_as = |uid: u32| {
+        Command::new("setpriv")
+            .args([
+                &format!("--reuid={uid}"),
+                &format!("--regid={uid}"),
+                "--clear-groups",
+                "timeout",
+                "6",
+                "bash",
+                "-c",
+                &format!("exec 3<>/dev/tcp/{natted_ip}/22"),
+            ])
+            .status()
+            .expect("setpriv")
+            .success()
+    };
+    assert!(
+        !host_connects_as(65534),
+        "another local user reached natted's sshd"
+    );
+    assert!(host_connects_as(0), "root cannot reach natted's sshd");
 
     // The host still reaches both guests over ssh (banger's own path in).
     for vm in ["plain", "natted"] {

@@ -175,9 +175,32 @@ async fn guests_reach_nothing_on_the_host() {
         "a NAT VM still reaches the outside"
     );
 
-    // The host still connects into the VM (banger's ssh) and hears the answer.
+    // Another local user cannot open a connection into the VM network (the ops here have no
+    // owner, so only root may); the guest's port is open, as root sees below.
     let guest = in_ns(&vm.name, || TcpListener::bind("0.0.0.0:0").unwrap());
     let guest_port = guest.local_addr().unwrap().port();
+    let probe_as = |uid: &str| {
+        host.run(&[
+            "setpriv",
+            &format!("--reuid={uid}"),
+            &format!("--regid={uid}"),
+            "--clear-groups",
+            "timeout",
+            "3",
+            "bash",
+            "-c",
+            &format!("exec 3<>/dev/tcp/172.30.0.5/{guest_port}"),
+        ])
+        .0
+    };
+    assert!(
+        !probe_as("65534"),
+        "another local user reached the guest's port"
+    );
+    assert!(probe_as("0"), "root reaches the guest's port");
+    drop(guest.accept().unwrap());
+
+    // The host still connects into the VM (banger's ssh) and hears the answer.
     let reply = std::thread::spawn(move || {
         let (mut s, _) = guest.accept().unwrap();
         s.write_all(b"SSH-2.0-guest\r\n").unwrap();
