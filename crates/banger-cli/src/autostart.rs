@@ -65,17 +65,14 @@ impl StartSpec {
 /// Starts bangerd and waits until it answers a ping. Returns the child's pid.
 pub fn start(spec: &StartSpec) -> Result<u32, CliError> {
     // The runtime dir may not exist yet; the daemon would create it, but the start log has to
-    // be opened first. Owner-only, as the daemon makes it.
-    std::fs::create_dir_all(&spec.runtime_dir)
-        .and_then(|()| {
-            std::fs::set_permissions(&spec.runtime_dir, std::fs::Permissions::from_mode(0o700))
-        })
-        .map_err(|e| {
-            CliError::local(format!(
-                "cannot create {} to start bangerd: {e}",
-                spec.runtime_dir.display()
-            ))
-        })?;
+    // be opened first. Owner-only, as the daemon makes it, and never a directory that is not
+    // banger's (the same rule as the daemon's).
+    banger_config::dirs::prepare_private_dir(
+        "runtime_dir",
+        &spec.runtime_dir,
+        banger_config::dirs::RUNTIME_ENTRIES,
+    )
+    .map_err(|e| CliError::local(format!("cannot start bangerd: {e}")))?;
     // Another user may have made the directory between the connect's check and here.
     banger_config::trust::check_dir_chain(&spec.runtime_dir, banger_config::trust::current_uid())
         .map_err(|e| CliError::local(e.to_string()))?;

@@ -292,7 +292,12 @@ fn host_checks(config: Option<&Config>) -> Vec<Check> {
             if bridge { Level::Fail } else { Level::Warn },
             "bridge and taps",
         ),
-        ("nft", "nftables", Level::Warn, "opt-in NAT (--nat)"),
+        (
+            "nft",
+            "nftables",
+            if bridge { Level::Fail } else { Level::Warn },
+            "the bridge's firewall (guests off the host) and --nat",
+        ),
         (
             "ssh",
             "openssh-client",

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize, Serializer};
 use toml::Value;
 
 mod cidr;
+pub mod dirs;
 mod host;
 pub mod trust;
 
@@ -633,15 +634,32 @@ impl Checker<'_> {
         Ok(p)
     }
 
+    /// A directory banger makes its own (and owner-only): never `/`, a system directory or
+    /// the home directory itself (see [`dirs`]).
+    fn own_dir(&self, key: &str, v: &Value) -> Result<PathBuf, ConfigError> {
+        let p = self.abs_path(key, v)?;
+        match dirs::forbidden_reason(&p, &self.host.home) {
+            Some(reason) => Err(self.invalid(
+                key,
+                v,
+                format!(
+                    "{reason}; banger needs a directory of its own, e.g. {}",
+                    p.join("banger").display()
+                ),
+            )),
+            None => Ok(p),
+        }
+    }
+
     fn apply(&self, raw: RawConfig, mut c: Config) -> Result<Config, ConfigError> {
         if let Some(v) = &raw.state_dir {
-            c.state_dir = self.abs_path("state_dir", v)?;
+            c.state_dir = self.own_dir("state_dir", v)?;
         }
         if let Some(v) = &raw.runtime_dir {
-            c.runtime_dir = self.abs_path("runtime_dir", v)?;
+            c.runtime_dir = self.own_dir("runtime_dir", v)?;
         }
         if let Some(v) = &raw.cache_dir {
-            c.cache_dir = self.abs_path("cache_dir", v)?;
+            c.cache_dir = self.own_dir("cache_dir", v)?;
         }
         if let Some(v) = &raw.log_level {
             c.log_level = self.word("log_level", v)?;

@@ -674,3 +674,21 @@ fn vmm_log_max_size_has_a_default_and_a_floor() {
         assert!(e.to_string().contains("vmm_log_max_size"), "{e}");
     }
 }
+
+#[test]
+fn own_dirs_refuse_root_system_dirs_and_home() {
+    for (key, value) in [
+        ("state_dir", "/"),
+        ("runtime_dir", "/tmp"),
+        ("cache_dir", "/var/cache"),
+        ("state_dir", "/etc/"),
+        ("state_dir", "~"),
+        ("runtime_dir", "/usr/local/.."),
+    ] {
+        let text = format!("{key} = \"{value}\"\n");
+        let e = rejected(&text, &[key, value, "banger needs a directory of its own"]);
+        assert!(e.to_string().contains(ORIGIN), "{e}");
+    }
+    let c = parse("state_dir = \"/etc/banger\"\n").unwrap();
+    assert_eq!(c.state_dir, Path::new("/etc/banger"));
+}

@@ -85,7 +85,8 @@ fn net_ops(
     match &config.helper_socket {
         Some(sock) => Arc::new(banger_helper::HelperClient::new(sock.clone())),
         None => {
-            let net = RealNetOps::new(runner);
+            // SAFETY: getuid has no preconditions. Taps are made for the daemon's user.
+            let net = RealNetOps::new(runner).with_tap_owner(unsafe { libc::getuid() });
             // The config loader checked the name; an unparsable one keeps the default table.
             Arc::new(match banger_net::BridgeName::parse(&config.bridge_name) {
                 Ok(b) => net.for_bridge(&b),

@@ -56,6 +56,15 @@ fn real_main(args: Args) -> anyhow::Result<ExitCode> {
     // Everything the daemon creates (sockets, disks, logs) is owner-only from the start.
     // SAFETY: umask only changes this process's file mode mask.
     unsafe { libc::umask(0o077) };
+    // Make or take over banger's own directories, never re-moding one that is not banger's.
+    use banger_config::dirs;
+    for (key, dir, ours) in [
+        ("state_dir", &config.state_dir, dirs::STATE_ENTRIES),
+        ("runtime_dir", &config.runtime_dir, dirs::RUNTIME_ENTRIES),
+        ("cache_dir", &config.cache_dir, dirs::CACHE_ENTRIES),
+    ] {
+        dirs::prepare_private_dir(key, dir, ours)?;
+    }
     layout.ensure().with_context(|| {
         format!(
             "creating {} and {}",

@@ -79,7 +79,9 @@ impl Helper {
     /// sticky, so nobody else can move the helper's private directory there).
     pub fn real(cfg: HelperConfig) -> Self {
         let runner: Arc<dyn CommandRunner> = Arc::new(RealRunner);
-        let net = RealNetOps::new(runner.clone()).for_bridge(&cfg.bridge_name);
+        let net = RealNetOps::new(runner.clone())
+            .for_bridge(&cfg.bridge_name)
+            .with_tap_owner(cfg.owner_uid);
         Helper::new(cfg, Arc::new(net), runner, Arc::new(RealHost::default()))
             .with_scratch_dir("/var/tmp")
     }

@@ -31,6 +31,9 @@ pub trait HostOps: Send + Sync + std::fmt::Debug {
     fn block_sectors(&self, dev: LoopDevice) -> Result<u64, HelperError>;
     /// Whether device-mapper is available (`/dev/mapper/control`).
     fn has_device_mapper(&self) -> bool;
+    /// The block devices device-mapper mapping `name` is built on (`loop3`, …), or `None` when
+    /// there is no mapping of that name.
+    fn dm_devices(&self, name: &str) -> Result<Option<Vec<String>>, HelperError>;
 }
 
 /// The real kernel.
@@ -232,6 +235,33 @@ impl HostOps for RealHost {
     fn has_device_mapper(&self) -> bool {
         self.dev.join("mapper/control").exists()
     }
+
+    fn dm_devices(&self, name: &str) -> Result<Option<Vec<String>>, HelperError> {
+        let block = self.sys.join("block");
+        let entries = match std::fs::read_dir(&block) {
+            Ok(e) => e,
+            Err(e) => return Err(io_failed(format!("listing {}", block.display()), e)),
+        };
+        for entry in entries.flatten() {
+            let dm = entry.path();
+            // `/sys/block/dm-N/dm/name` holds the mapping's name.
+            let Ok(n) = std::fs::read_to_string(dm.join("dm/name")) else {
+                continue;
+            };
+            if n.trim_end_matches('\n') != name {
+                continue;
+            }
+            let slaves = dm.join("slaves");
+            let mut devs: Vec<String> = std::fs::read_dir(&slaves)
+                .map_err(|e| io_failed(format!("listing {}", slaves.display()), e))?
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+            devs.sort();
+            return Ok(Some(devs));
+        }
+        Ok(None)
+    }
 }
 
 /// One action a [`FakeHost`] was asked to take (probes are not recorded).
@@ -246,6 +276,8 @@ pub enum HostCall {
 pub struct FakeHost {
     calls: Mutex<Vec<HostCall>>,
     loops: Mutex<BTreeMap<u32, PathBuf>>,
+    /// device-mapper mappings: name -> the devices under it.
+    dms: Mutex<BTreeMap<String, Vec<String>>>,
     /// Whether device-mapper "exists".
     pub device_mapper: bool,
     /// What `block_sectors` answers.
@@ -257,6 +289,7 @@ impl Default for FakeHost {
         FakeHost {
             calls: Mutex::new(Vec::new()),
             loops: Mutex::new(BTreeMap::new()),
+            dms: Mutex::new(BTreeMap::new()),
             device_mapper: true,
             sectors: 131072,
         }
@@ -271,6 +304,14 @@ impl FakeHost {
     /// Every action so far.
     pub fn calls(&self) -> Vec<HostCall> {
         self.calls.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Makes device-mapper mapping `name` exist on `devices` (`loop3`, …).
+    pub fn set_dm(&self, name: &str, devices: &[&str]) {
+        self.dms.lock().unwrap_or_else(|p| p.into_inner()).insert(
+            name.to_string(),
+            devices.iter().map(|d| d.to_string()).collect(),
+        );
     }
 
     /// Makes `/dev/loop<n>` look attached to `file` (which need not be under the state dir).
@@ -320,6 +361,15 @@ impl HostOps for FakeHost {
     fn has_device_mapper(&self) -> bool {
         self.device_mapper
     }
+
+    fn dm_devices(&self, name: &str) -> Result<Option<Vec<String>>, HelperError> {
+        Ok(self
+            .dms
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned())
+    }
 }
 
 #[cfg(test)]
@@ -337,6 +387,26 @@ mod tests {
         assert!(!h.has_device_mapper());
         let e = h.block_sectors(LoopDevice(123_456)).unwrap_err();
         assert!(e.to_string().contains("loop123456"), "{e}");
+    }
+
+    #[test]
+    fn real_host_reads_dm_devices_from_sysfs() {
+        let d = tempfile::tempdir().unwrap();
+        let dm = d.path().join("block/dm-2");
+        std::fs::create_dir_all(dm.join("dm")).unwrap();
+        std::fs::create_dir_all(dm.join("slaves/loop8")).unwrap();
+        std::fs::create_dir_all(dm.join("slaves/loop7")).unwrap();
+        std::fs::write(dm.join("dm/name"), "banger-0123456789ab\n").unwrap();
+        std::fs::create_dir_all(d.path().join("block/sda")).unwrap();
+        let h = RealHost {
+            sys: d.path().to_path_buf(),
+            ..RealHost::default()
+        };
+        assert_eq!(
+            h.dm_devices("banger-0123456789ab").unwrap(),
+            Some(vec!["loop7".to_string(), "loop8".to_string()])
+        );
+        assert_eq!(h.dm_devices("banger-ffffffffffff").unwrap(), None);
     }
 
     #[test]

@@ -38,7 +38,7 @@ enum Command {
         config: PathBuf,
     },
     /// Uninstall the host network state once, as root, without a socket: banger's nftables
-    /// table, every banger tap and the configured bridge (`banger system uninstall` runs it).
+    /// table, the taps on the configured bridge and the bridge (`banger system uninstall` runs it).
     RemoveAll {
         /// banger's config (bridge_name is used).
         #[arg(long, default_value = DEFAULT_CONFIG)]

@@ -67,7 +67,7 @@ pub enum HelperRequest {
         bridge: String,
         ip: String,
     },
-    /// Uninstall: banger's nft table, every banger tap and (when given) the bridge.
+    /// Uninstall: banger's nft table, the taps on its bridge and (when given) the bridge.
     RemoveAll {
         bridge: Option<String>,
     },

@@ -499,6 +499,44 @@ fn banger_loop(
     }
 }
 
+/// Mapping `banger-<vm_id>`, if it exists, is this installation's: every device under it is a
+/// loop device backed by a file of this state dir. The name alone is not enough: every
+/// installation on the host names its mappings `banger-<vm id>`.
+fn own_mapping(cfg: &HelperConfig, host: &dyn HostOps, vm_id: &VmId) -> Result<(), HelperError> {
+    let name = dm_name(vm_id);
+    let Some(devices) = host.dm_devices(&name)? else {
+        return Ok(());
+    };
+    for d in &devices {
+        let dev = d
+            .strip_prefix("loop")
+            .and_then(|n| loop_device("vm_id", &format!("/dev/loop{n}")).ok())
+            .ok_or_else(|| {
+                forbidden(
+                    "vm_id",
+                    vm_id.as_str(),
+                    format!("mapping {name} is built on {d}, not on one of banger's loop devices"),
+                )
+            })?;
+        match host.loop_backing(dev)? {
+            Some(b) => backing_in_state(cfg, "vm_id", dev, &b.path).map_err(|e| {
+                HelperError::forbidden(format!(
+                    "mapping {name} is not this installation's: {}",
+                    e.message()
+                ))
+            })?,
+            None => {
+                return Err(forbidden(
+                    "vm_id",
+                    vm_id.as_str(),
+                    format!("mapping {name} is built on {dev}, which is attached to no file"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A request whose every input was checked: fields are parsed values, paths are open
 /// descriptors.
 #[derive(Debug)]
@@ -658,9 +696,11 @@ pub fn check_request(
             }
             Checked::DmSnapshotCreate { vm_id, origin, cow }
         }
-        HelperRequest::DmRemove { vm_id } => Checked::DmRemove {
-            vm_id: dm_vm_id(vm_id)?,
-        },
+        HelperRequest::DmRemove { vm_id } => {
+            let vm_id = dm_vm_id(vm_id)?;
+            own_mapping(cfg, host, &vm_id)?;
+            Checked::DmRemove { vm_id }
+        }
         HelperRequest::Debootstrap {
             suite: s,
             mirror: m,

@@ -77,6 +77,15 @@ struct State {
     nat: BTreeMap<String, (Ipv4Addr, TapName)>,
     /// The host's routes besides those of the fake's own bridges.
     host_routes: Vec<crate::routes::HostRoute>,
+    /// This installation's bridge, as [`crate::RealNetOps::for_bridge`]; `None`: every bridge.
+    own_bridge: Option<BridgeName>,
+}
+
+impl State {
+    /// Whether `tap` is this installation's, as the real ops decide it (by its bridge).
+    fn ours(&self, bridge: &BridgeName) -> bool {
+        self.own_bridge.as_ref().is_none_or(|b| b == bridge)
+    }
 }
 
 /// The recording fake. Starts with no bridge, no taps and no table.
@@ -88,6 +97,13 @@ pub struct RecordingNetOps {
 impl RecordingNetOps {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Serves only the installation of `bridge`: taps on other bridges are neither listed nor
+    /// deleted, as with the real ops.
+    pub fn for_bridge(self, bridge: &BridgeName) -> Self {
+        self.state().own_bridge = Some(bridge.clone());
+        self
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -127,7 +143,8 @@ impl RecordingNetOps {
         self.state().nat.clone()
     }
 
-    /// Whether banger's table exists.
+    /// Whether banger's table exists (made by `ensure_bridge`, as the bridge's firewall, and
+    /// by `ensure_nat`).
     pub fn nat_ready(&self) -> bool {
         self.state().nat_ready
     }
@@ -199,6 +216,8 @@ impl NetOps for RecordingNetOps {
             .entry(bridge.clone())
             .or_default()
             .insert((gateway, prefix));
+        // The real ops put banger's table (the bridge's firewall) in place first.
+        st.nat_ready = true;
         Ok(())
     }
 
@@ -219,6 +238,14 @@ impl NetOps for RecordingNetOps {
                 tap.as_str(),
                 format!("Cannot find device \"{bridge}\""),
             ));
+        }
+        if let Some((other, _)) = st.taps.get(tap)
+            && other != bridge
+        {
+            return Err(NetError::TapMismatch {
+                name: tap.to_string(),
+                reason: format!("it is a port of {other}, another installation's bridge"),
+            });
         }
         if let Some((_, owner)) = st.taps.get(tap)
             && *owner != owner_uid
@@ -241,18 +268,20 @@ impl NetOps for RecordingNetOps {
     }
 
     async fn delete_tap(&self, tap: &TapName) -> Result<(), NetError> {
-        self.enter(NetCall::DeleteTap(tap.clone()))?
-            .taps
-            .remove(tap);
+        let mut st = self.enter(NetCall::DeleteTap(tap.clone()))?;
+        if st.taps.get(tap).is_some_and(|(b, _)| st.ours(b)) {
+            st.taps.remove(tap);
+        }
         Ok(())
     }
 
     async fn list_taps(&self) -> Result<Vec<TapName>, NetError> {
-        Ok(self
-            .enter(NetCall::ListTaps)?
+        let st = self.enter(NetCall::ListTaps)?;
+        Ok(st
             .taps
-            .keys()
-            .cloned()
+            .iter()
+            .filter(|(_, (b, _))| st.ours(b))
+            .map(|(t, _)| t.clone())
             .collect())
     }
 
@@ -302,7 +331,9 @@ impl NetOps for RecordingNetOps {
         let mut st = self.enter(NetCall::RemoveAll(bridge.cloned()))?;
         st.nat.clear();
         st.nat_ready = false;
-        st.taps.clear();
+        let own = st.own_bridge.clone();
+        st.taps
+            .retain(|_, (b, _)| own.as_ref().is_some_and(|own| own != b));
         if let Some(b) = bridge {
             st.bridges.remove(b);
         }
@@ -324,7 +355,12 @@ mod tests {
         let br = BridgeName::default();
         let tap = TapName::pool(0);
         assert!(f.create_tap(&tap, &br, Some(1)).await.is_err());
+        assert!(matches!(
+            f.add_vm_nat("a", ip("172.30.0.2"), &tap).await,
+            Err(NetError::NatNotReady { .. })
+        ));
         f.ensure_bridge(&br, ip("172.30.0.1"), 24).await.unwrap();
+        assert!(f.nat_ready(), "the bridge comes with its firewall table");
         f.ensure_bridge(&br, ip("172.30.0.1"), 24).await.unwrap();
         assert_eq!(f.bridges()[&br].len(), 1);
         f.create_tap(&tap, &br, Some(1)).await.unwrap();
@@ -335,10 +371,6 @@ mod tests {
         ));
         assert_eq!(f.list_taps().await.unwrap(), std::slice::from_ref(&tap));
 
-        assert!(matches!(
-            f.add_vm_nat("a", ip("172.30.0.2"), &tap).await,
-            Err(NetError::NatNotReady { .. })
-        ));
         let cidr = Ipv4Cidr::parse("172.30.0.0/24").unwrap();
         f.ensure_nat(&br, &cidr).await.unwrap();
         f.add_vm_nat("a", ip("172.30.0.2"), &tap).await.unwrap();
@@ -354,6 +386,24 @@ mod tests {
         f.remove_all(Some(&br)).await.unwrap();
         assert!(f.taps().is_empty() && f.nat().is_empty() && f.bridges().is_empty());
         assert!(!f.nat_ready());
+    }
+
+    #[tokio::test]
+    async fn leaves_taps_of_other_bridges_alone() {
+        let (mine, other) = (
+            BridgeName::default(),
+            BridgeName::parse("br-banger-b").unwrap(),
+        );
+        let f = RecordingNetOps::new().for_bridge(&mine);
+        f.ensure_bridge(&mine, ip("172.30.0.1"), 24).await.unwrap();
+        f.ensure_bridge(&other, ip("172.31.0.1"), 24).await.unwrap();
+        let (a, b) = (TapName::pool(0), TapName::pool(1));
+        f.create_tap(&a, &mine, Some(1)).await.unwrap();
+        f.create_tap(&b, &other, Some(1)).await.unwrap();
+        assert_eq!(f.list_taps().await.unwrap(), std::slice::from_ref(&a));
+        f.delete_tap(&b).await.unwrap();
+        f.remove_all(None).await.unwrap();
+        assert_eq!(f.taps().keys().collect::<Vec<_>>(), [&b]);
     }
 
     #[tokio::test]

@@ -1,5 +1,6 @@
-//! Host networking of banger VMs: one bridge, a tap per VM (or from a warm pool), and opt-in
-//! outbound NAT as rules in banger's own nftables table (`table ip banger`).
+//! Host networking of banger VMs: one bridge, a tap per VM (or from a warm pool), a firewall
+//! keeping guests off the host and off each other, and opt-in outbound NAT, as rules in
+//! banger's own nftables table (`table ip banger`).
 //!
 //! Everything goes through [`NetOps`]. [`RealNetOps`] runs `ip` (iproute2), `nft` and `sysctl`
 //! as argv through banger-sys's [`CommandRunner`](banger_sys::CommandRunner); nft scripts are fed
@@ -50,7 +51,7 @@ pub enum NetError {
     #[error("{name} exists but is not a usable banger tap: {reason}")]
     TapMismatch { name: String, reason: String },
     #[error(
-        "banger's nftables table is missing: ensure_nat must run before add_vm_nat (VM {vm_id})"
+        "banger's nftables table is missing: ensure_bridge/ensure_nat must run before add_vm_nat (VM {vm_id})"
     )]
     NatNotReady { vm_id: String },
     #[error("{op} {target}: {source}")]
@@ -77,9 +78,12 @@ pub enum NetError {
 /// after a crash or a partial failure converges instead of failing.
 #[async_trait::async_trait]
 pub trait NetOps: Send + Sync + std::fmt::Debug {
-    /// Creates `bridge` if missing, gives it `gateway/prefix` if it lacks that address, and
-    /// brings it up. An existing bridge with the address is left as it is; other addresses on it
-    /// are kept. Fails if an interface of that name exists and is not a bridge.
+    /// Puts the bridge's firewall in place (banger's table and its base rules: guests reach
+    /// nothing on the host but replies to the host's own connections, are not routed to each
+    /// other, and only root and the owner may connect into them), creates `bridge` if missing, turns IPv6 off on it, gives it `gateway/prefix`
+    /// if it lacks that address, and brings it up. An existing bridge with the address is left
+    /// as it is; other addresses on it are kept. Fails if an interface of that name exists and
+    /// is not a bridge.
     async fn ensure_bridge(
         &self,
         bridge: &BridgeName,
@@ -90,7 +94,8 @@ pub trait NetOps: Send + Sync + std::fmt::Debug {
     /// Creates a persistent tap (`IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`, single queue, as
     /// Firecracker and QEMU open it) owned by `owner_uid` so an unprivileged VMM can attach, puts
     /// it on `bridge` and brings it up. An existing tap with the same type, flags and owner is
-    /// reused; one that differs is an error. On failure a tap created here is deleted again.
+    /// reused; one that differs is an error. The port is isolated (it exchanges frames with the
+    /// host, never with another VM's port). On failure a tap created here is deleted again.
     async fn create_tap(
         &self,
         tap: &TapName,
@@ -98,10 +103,11 @@ pub trait NetOps: Send + Sync + std::fmt::Debug {
         owner_uid: Option<u32>,
     ) -> Result<(), NetError>;
 
-    /// Deletes a tap; a missing one is fine.
+    /// Deletes a tap of this installation; a missing one, or another installation's tap of
+    /// that name (a port of another bridge), is fine and left alone.
     async fn delete_tap(&self, tap: &TapName) -> Result<(), NetError>;
 
-    /// Every interface whose name matches banger's tap pattern, sorted (leak checks, warm pool).
+    /// This installation's taps (banger-named, on its bridge), sorted (leak checks, warm pool).
     async fn list_taps(&self) -> Result<Vec<TapName>, NetError>;
 
     /// Turns IPv4 forwarding on and creates banger's table with its chains and base rules for
@@ -111,7 +117,7 @@ pub trait NetOps: Send + Sync + std::fmt::Debug {
     /// Gives VM `vm_id` (address `ip`, on `tap`) outbound NAT: a masquerade rule for `ip/32`
     /// leaving through any interface but the bridge and forward accepts both ways (only
     /// established/related back), each commented `banger:<vm_id>`. Adding twice leaves one set.
-    /// Needs [`NetOps::ensure_nat`] first.
+    /// Needs [`NetOps::ensure_nat`] (or [`NetOps::ensure_bridge`]) first.
     async fn add_vm_nat(&self, vm_id: &str, ip: Ipv4Addr, tap: &TapName) -> Result<(), NetError>;
 
     /// Deletes every rule commented `banger:<vm_id>`; needs nothing but the id, so it works after
@@ -142,7 +148,7 @@ pub trait NetOps: Send + Sync + std::fmt::Debug {
             .await
     }
 
-    /// Uninstall: deletes banger's table and every banger tap, and `bridge` too when given.
+    /// Uninstall: deletes this installation's table and taps, and `bridge` too when given.
     /// Every step runs even if an earlier one fails; the first error is returned.
     async fn remove_all(&self, bridge: Option<&BridgeName>) -> Result<(), NetError>;
 }

@@ -3,9 +3,17 @@
 //! Layout of `table ip banger` (see docs/network.md):
 //! - `postrouting` (nat hook): traffic leaving through any interface but the bridge jumps to
 //!   `nat_vms`, which holds one `ip saddr <vm>/32 masquerade` rule per NAT VM.
-//! - `forward` (filter hook): bridge-to-outside traffic jumps to `fwd_out` (per-VM accepts),
-//!   outside-to-bridge traffic to `fwd_in` (per-VM established/related accepts); whatever is
-//!   left from or to the VM network is dropped, so a VM without `--nat` stays on the host.
+//! - `forward` (filter hook): traffic routed from the bridge back to the bridge (one VM to
+//!   another through the host) is dropped; bridge-to-outside traffic jumps to `fwd_out`
+//!   (per-VM accepts), outside-to-bridge traffic to `fwd_in` (per-VM established/related
+//!   accepts); whatever is left from or to the VM network is dropped, so a VM without `--nat`
+//!   goes nowhere.
+//! - `input` (filter hook): from the bridge, the host accepts only replies to connections it
+//!   opened itself (ssh into the guest); every other packet from a guest to any of the host's
+//!   own addresses is dropped, with or without `--nat`.
+//! - `output` (filter hook): new TCP/UDP connections from the host into the bridge are opened
+//!   only by root and the installation's owner, so other local users cannot reach services in
+//!   someone else's guests.
 //!
 //! The base chains are rebuilt (flushed and refilled in one transaction) by every
 //! [`ensure_script`]; per-VM rules live in the regular chains, which that never flushes. Every
@@ -38,6 +46,8 @@ pub fn table_for(bridge: &BridgeName) -> String {
 }
 pub const CHAIN_POSTROUTING: &str = "postrouting";
 pub const CHAIN_FORWARD: &str = "forward";
+pub const CHAIN_INPUT: &str = "input";
+pub const CHAIN_OUTPUT: &str = "output";
 pub const CHAIN_NAT_VMS: &str = "nat_vms";
 pub const CHAIN_FWD_OUT: &str = "fwd_out";
 pub const CHAIN_FWD_IN: &str = "fwd_in";
@@ -51,8 +61,14 @@ pub fn vm_comment(vm_id: &str) -> String {
 }
 
 /// Creates banger's table and chains if missing and (re)writes the base rules for `bridge`
-/// and `cidr`; per-VM rules are untouched. Safe to apply any number of times.
-pub fn ensure_script(table: &str, bridge: &BridgeName, cidr: &Ipv4Cidr) -> String {
+/// and `cidr`; per-VM rules are untouched. Safe to apply any number of times. `owner` is the
+/// uid that may open connections into the VM network besides root.
+pub fn ensure_script(
+    table: &str,
+    bridge: &BridgeName,
+    cidr: &Ipv4Cidr,
+    owner: Option<u32>,
+) -> String {
     let t = format!("{FAMILY} {table}");
     let br = bridge.as_str();
     let c = BASE_COMMENT;
@@ -67,14 +83,52 @@ pub fn ensure_script(table: &str, bridge: &BridgeName, cidr: &Ipv4Cidr) -> Strin
         s,
         "add chain {t} {CHAIN_FORWARD} {{ type filter hook forward priority filter; policy accept; }}"
     );
+    let _ = writeln!(
+        s,
+        "add chain {t} {CHAIN_INPUT} {{ type filter hook input priority filter; policy accept; }}"
+    );
+    let _ = writeln!(
+        s,
+        "add chain {t} {CHAIN_OUTPUT} {{ type filter hook output priority filter; policy accept; }}"
+    );
     for chain in [CHAIN_NAT_VMS, CHAIN_FWD_OUT, CHAIN_FWD_IN] {
         let _ = writeln!(s, "add chain {t} {chain}");
     }
     let _ = writeln!(s, "flush chain {t} {CHAIN_POSTROUTING}");
     let _ = writeln!(s, "flush chain {t} {CHAIN_FORWARD}");
+    let _ = writeln!(s, "flush chain {t} {CHAIN_INPUT}");
+    let _ = writeln!(s, "flush chain {t} {CHAIN_OUTPUT}");
     let _ = writeln!(
         s,
         "add rule {t} {CHAIN_POSTROUTING} oifname != \"{br}\" jump {CHAIN_NAT_VMS} comment \"{c}\""
+    );
+    // A drop in any base chain is final, whatever other tables accept; an accept here is not,
+    // so the host's own firewall still gets its say.
+    let _ = writeln!(
+        s,
+        "add rule {t} {CHAIN_INPUT} iifname \"{br}\" ct state established,related accept comment \"{c}\""
+    );
+    let _ = writeln!(
+        s,
+        "add rule {t} {CHAIN_INPUT} iifname \"{br}\" drop comment \"{c}\""
+    );
+    // New connections into the VM network: root's and the owner's only. Packets without a
+    // socket (no uid to match) are not TCP/UDP connection openings.
+    let mut uids = vec![0];
+    uids.extend(owner.filter(|&u| u != 0));
+    for uid in uids {
+        let _ = writeln!(
+            s,
+            "add rule {t} {CHAIN_OUTPUT} oifname \"{br}\" ct state new meta skuid {uid} accept comment \"{c}\""
+        );
+    }
+    let _ = writeln!(
+        s,
+        "add rule {t} {CHAIN_OUTPUT} oifname \"{br}\" ct state new meta l4proto {{ tcp, udp }} drop comment \"{c}\""
+    );
+    let _ = writeln!(
+        s,
+        "add rule {t} {CHAIN_FORWARD} iifname \"{br}\" oifname \"{br}\" drop comment \"{c}\""
     );
     let _ = writeln!(
         s,
@@ -198,17 +252,27 @@ mod tests {
 
     #[test]
     fn ensure_script_exact() {
-        let s = ensure_script(TABLE, &BridgeName::default(), &cidr());
+        let s = ensure_script(TABLE, &BridgeName::default(), &cidr(), Some(1000));
         let expected = "\
 add table ip banger
 add chain ip banger postrouting { type nat hook postrouting priority srcnat; policy accept; }
 add chain ip banger forward { type filter hook forward priority filter; policy accept; }
+add chain ip banger input { type filter hook input priority filter; policy accept; }
+add chain ip banger output { type filter hook output priority filter; policy accept; }
 add chain ip banger nat_vms
 add chain ip banger fwd_out
 add chain ip banger fwd_in
 flush chain ip banger postrouting
 flush chain ip banger forward
+flush chain ip banger input
+flush chain ip banger output
 add rule ip banger postrouting oifname != \"br-banger\" jump nat_vms comment \"banger-base\"
+add rule ip banger input iifname \"br-banger\" ct state established,related accept comment \"banger-base\"
+add rule ip banger input iifname \"br-banger\" drop comment \"banger-base\"
+add rule ip banger output oifname \"br-banger\" ct state new meta skuid 0 accept comment \"banger-base\"
+add rule ip banger output oifname \"br-banger\" ct state new meta skuid 1000 accept comment \"banger-base\"
+add rule ip banger output oifname \"br-banger\" ct state new meta l4proto { tcp, udp } drop comment \"banger-base\"
+add rule ip banger forward iifname \"br-banger\" oifname \"br-banger\" drop comment \"banger-base\"
 add rule ip banger forward iifname \"br-banger\" oifname != \"br-banger\" jump fwd_out comment \"banger-base\"
 add rule ip banger forward iifname != \"br-banger\" oifname \"br-banger\" jump fwd_in comment \"banger-base\"
 add rule ip banger forward iifname \"br-banger\" oifname != \"br-banger\" ip saddr 172.30.0.0/24 drop comment \"banger-base\"

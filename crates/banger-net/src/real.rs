@@ -17,6 +17,11 @@ pub struct RealNetOps {
     netns: Option<String>,
     /// This installation's nftables table (see [`nft::table_for`]).
     table: String,
+    /// This installation's bridge: only taps enslaved to it are listed or deleted.
+    bridge: BridgeName,
+    /// The owner of this installation's taps; a banger-named tap on no bridge is this
+    /// installation's only when it has this owner (see [`RealNetOps::with_tap_owner`]).
+    tap_owner: Option<u32>,
 }
 
 /// One interface as `ip -d -j link show` describes it.
@@ -25,6 +30,8 @@ struct Link {
     name: String,
     /// `linkinfo.info_kind`: `bridge`, `tun`, `veth`...; absent for plain devices.
     kind: Option<String>,
+    /// The bridge (or bond) this link is a port of.
+    master: Option<String>,
     tun: Option<TunInfo>,
 }
 
@@ -44,13 +51,49 @@ impl RealNetOps {
             runner,
             netns: None,
             table: nft::TABLE.to_string(),
+            bridge: BridgeName::default(),
+            tap_owner: None,
         }
     }
 
-    /// Uses the nftables table of the installation whose bridge is `bridge`.
+    /// Serves the installation whose bridge is `bridge`: its nftables table, and only the
+    /// taps on that bridge.
     pub fn for_bridge(mut self, bridge: &BridgeName) -> Self {
         self.table = nft::table_for(bridge);
+        self.bridge = bridge.clone();
         self
+    }
+
+    /// This installation's owner is `uid` (the daemon's user): its taps are owned by `uid`,
+    /// and `uid` (besides root) may open connections into the VM network. A banger-named tap
+    /// on no bridge at all (its bridge deleted under it, or an attach that never happened)
+    /// counts as this installation's only when its owner is `uid`; without this, never.
+    pub fn with_tap_owner(mut self, uid: u32) -> Self {
+        self.tap_owner = Some(uid);
+        self
+    }
+
+    /// Why `link` is not one of this installation's taps, if it is not: a port of another
+    /// bridge belongs to another installation (or to something that is not banger), and so
+    /// does a tap on no bridge that another user owns.
+    fn not_ours(&self, link: &Link) -> Option<String> {
+        match &link.master {
+            Some(m) if m == self.bridge.as_str() => None,
+            Some(m) => Some(format!(
+                "it is a port of {m}, not of this installation's bridge {}",
+                self.bridge
+            )),
+            None => {
+                let owner = link.tun.as_ref().and_then(|t| t.owner);
+                match self.tap_owner {
+                    Some(me) if owner == Some(me) => None,
+                    _ => Some(format!(
+                        "it is on no bridge and its owner ({owner:?}) is not this installation's ({:?})",
+                        self.tap_owner
+                    )),
+                }
+            }
+        }
     }
 
     /// Runs every command inside network namespace `name` (`ip netns exec <name> ...`), so tests
@@ -215,6 +258,21 @@ impl RealNetOps {
         Ok(())
     }
 
+    /// Deletes `tap` unconditionally; a missing one is fine. Callers decide it is ours.
+    async fn delete_link(&self, tap: &TapName) -> Result<(), NetError> {
+        const OP: &str = "deleting tap";
+        let name = tap.as_str();
+        let del = self.cmd("ip", &["link", "del", "dev", name]);
+        match self.run(OP, name, del).await {
+            Ok(_) => Ok(()),
+            // Decide by looking, not by parsing the error text.
+            Err(e) => match self.link(OP, name).await? {
+                None => Ok(()),
+                Some(_) => Err(e),
+            },
+        }
+    }
+
     /// Why an existing tap cannot be reused, if it cannot.
     fn tap_mismatch(link: &Link, owner_uid: Option<u32>) -> Option<String> {
         let Some(t) = &link.tun else {
@@ -246,9 +304,26 @@ impl NetOps for RealNetOps {
         gateway: Ipv4Addr,
         prefix: u8,
     ) -> Result<(), NetError> {
-        check_gateway(bridge, gateway, prefix)?;
+        let cidr = check_gateway(bridge, gateway, prefix)?;
         let name = bridge.as_str();
+        // The firewall first: the bridge never carries a guest packet the host would accept.
+        self.nft_script(
+            "firewalling bridge",
+            name,
+            nft::ensure_script(&self.table, bridge, &cidr, self.tap_owner),
+        )
+        .await?;
         self.ensure_bridge_link(bridge).await?;
+        // banger's table is IPv4 only; with IPv6 off on the bridge the kernel drops every IPv6
+        // packet a guest sends (no link-local address to reach host services through). `-e`:
+        // a host without IPv6 has no such key, and nothing to protect.
+        let key = format!("net.ipv6.conf.{name}.disable_ipv6=1");
+        self.run(
+            "firewalling bridge",
+            name,
+            self.cmd("sysctl", &["-q", "-e", "-w", &key]),
+        )
+        .await?;
 
         const OP: &str = "addressing bridge";
         let out = self
@@ -291,7 +366,13 @@ impl NetOps for RealNetOps {
         let name = tap.as_str();
         let created = match self.link(OP, name).await? {
             Some(existing) => {
-                if let Some(reason) = Self::tap_mismatch(&existing, owner_uid) {
+                let elsewhere = existing
+                    .master
+                    .as_deref()
+                    .filter(|m| *m != bridge.as_str())
+                    .map(|m| format!("it is a port of {m}, another installation's bridge"));
+                if let Some(reason) = elsewhere.or_else(|| Self::tap_mismatch(&existing, owner_uid))
+                {
                     return Err(NetError::TapMismatch {
                         name: name.to_string(),
                         reason,
@@ -309,14 +390,35 @@ impl NetOps for RealNetOps {
                 true
             }
         };
+        // Enslaved (a new tap is still down), then isolated and up in one step: an isolated
+        // port exchanges frames with the host only, never with another VM's port (a port flag
+        // needs the port to exist, so it cannot go in the first command).
         let attach = self.cmd(
             "ip",
-            &["link", "set", "dev", name, "master", bridge.as_str(), "up"],
+            &["link", "set", "dev", name, "master", bridge.as_str()],
         );
-        if let Err(e) = self.run("attaching tap", name, attach).await {
+        let isolate = self.cmd(
+            "ip",
+            &[
+                "link",
+                "set",
+                "dev",
+                name,
+                "up",
+                "type",
+                "bridge_slave",
+                "isolated",
+                "on",
+            ],
+        );
+        let attached = match self.run("attaching tap", name, attach).await {
+            Ok(_) => self.run("isolating tap", name, isolate).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = attached {
             if created {
                 // Leave nothing behind; the attach error is the one worth reporting.
-                let _ = self.delete_tap(tap).await;
+                let _ = self.delete_link(tap).await;
             }
             return Err(e);
         }
@@ -326,15 +428,13 @@ impl NetOps for RealNetOps {
     async fn delete_tap(&self, tap: &TapName) -> Result<(), NetError> {
         const OP: &str = "deleting tap";
         let name = tap.as_str();
-        let del = self.cmd("ip", &["link", "del", "dev", name]);
-        match self.run(OP, name, del).await {
-            Ok(_) => Ok(()),
-            // Decide by looking, not by parsing the error text.
-            Err(e) => match self.link(OP, name).await? {
-                None => Ok(()),
-                Some(_) => Err(e),
-            },
+        match self.link(OP, name).await? {
+            None => return Ok(()),
+            // Another installation's tap of the same name: this installation's is gone.
+            Some(l) if self.not_ours(&l).is_some() => return Ok(()),
+            Some(_) => {}
         }
+        self.delete_link(tap).await
     }
 
     async fn host_routes(&self) -> Result<Vec<crate::routes::HostRoute>, NetError> {
@@ -358,6 +458,7 @@ impl NetOps for RealNetOps {
             .links("listing taps", "interfaces")
             .await?
             .into_iter()
+            .filter(|l| self.not_ours(l).is_none())
             .filter_map(|l| TapName::parse(&l.name).ok())
             .collect();
         taps.sort();
@@ -375,8 +476,12 @@ impl NetOps for RealNetOps {
             self.cmd("sysctl", &["-q", "-w", "net.ipv4.ip_forward=1"]),
         )
         .await?;
-        self.nft_script(OP, &target, nft::ensure_script(&self.table, bridge, cidr))
-            .await
+        self.nft_script(
+            OP,
+            &target,
+            nft::ensure_script(&self.table, bridge, cidr, self.tap_owner),
+        )
+        .await
     }
 
     async fn add_vm_nat(&self, vm_id: &str, ip: Ipv4Addr, tap: &TapName) -> Result<(), NetError> {
@@ -491,6 +596,7 @@ fn parse_links(json: &[u8]) -> Result<Vec<Link>, String> {
             Ok(Link {
                 name: name.to_string(),
                 kind,
+                master: l["master"].as_str().map(str::to_string),
                 tun,
             })
         })
@@ -635,7 +741,9 @@ mod tests {
     #[tokio::test]
     async fn ensure_bridge_creates_addresses_and_raises() {
         let r = Scripted::new(&[
+            Ok(""),
             Ok(NO_LINKS),
+            Ok(""),
             Ok(""),
             Ok(r#"[{"addr_info":[]}]"#),
             Ok(""),
@@ -646,11 +754,17 @@ mod tests {
             .await
             .unwrap();
         let mac = MacAddr::for_bridge(&BridgeName::default());
+        let cidr = Ipv4Cidr::parse("172.30.0.0/24").unwrap();
         assert_eq!(
             r.lines(),
             [
+                format!(
+                    "nft -f - <<< {}",
+                    nft::ensure_script(nft::TABLE, &BridgeName::default(), &cidr, None)
+                ),
                 "ip -d -j link show".to_string(),
                 format!("ip link add name br-banger address {mac} type bridge"),
+                "sysctl -q -e -w net.ipv6.conf.br-banger.disable_ipv6=1".into(),
                 "ip -j addr show dev br-banger".into(),
                 "ip addr add 172.30.0.1/24 dev br-banger".into(),
                 "ip link set dev br-banger up".into(),
@@ -661,15 +775,16 @@ mod tests {
     #[tokio::test]
     async fn ensure_bridge_keeps_an_existing_address() {
         let addrs = r#"[{"addr_info":[{"family":"inet6","local":"fe80::1","prefixlen":64},{"family":"inet","local":"172.30.0.1","prefixlen":24}]}]"#;
-        let r = Scripted::new(&[Ok(BRIDGE), Ok(addrs), Ok("")]);
+        let r = Scripted::new(&[Ok(""), Ok(BRIDGE), Ok(""), Ok(addrs), Ok("")]);
         ops(&r)
             .ensure_bridge(&BridgeName::default(), ip("172.30.0.1"), 24)
             .await
             .unwrap();
         assert_eq!(
-            r.lines(),
+            r.lines()[1..],
             [
                 "ip -d -j link show",
+                "sysctl -q -e -w net.ipv6.conf.br-banger.disable_ipv6=1",
                 "ip -j addr show dev br-banger",
                 "ip link set dev br-banger up"
             ]
@@ -679,7 +794,7 @@ mod tests {
     #[tokio::test]
     async fn ensure_bridge_refuses_a_non_bridge_and_bad_gateways() {
         let veth = r#"[{"ifname":"br-banger","linkinfo":{"info_kind":"veth"}}]"#;
-        let r = Scripted::new(&[Ok(veth)]);
+        let r = Scripted::new(&[Ok(""), Ok(veth)]);
         let e = ops(&r)
             .ensure_bridge(&BridgeName::default(), ip("172.30.0.1"), 24)
             .await
@@ -701,9 +816,11 @@ mod tests {
     #[tokio::test]
     async fn ensure_bridge_tolerates_a_concurrent_create() {
         let r = Scripted::new(&[
+            Ok(""),
             Ok(NO_LINKS),
             Err("RTNETLINK answers: File exists"),
             Ok(BRIDGE),
+            Ok(""),
             Ok(r#"[{"addr_info":[{"family":"inet","local":"172.30.0.1","prefixlen":24}]}]"#),
             Ok(""),
         ]);
@@ -715,7 +832,7 @@ mod tests {
 
     #[tokio::test]
     async fn create_tap_commands() {
-        let r = Scripted::new(&[Ok(NO_LINKS), Ok(""), Ok("")]);
+        let r = Scripted::new(&[Ok(NO_LINKS), Ok(""), Ok(""), Ok("")]);
         let tap = TapName::pool(3);
         ops(&r)
             .create_tap(&tap, &BridgeName::default(), Some(1000))
@@ -726,11 +843,12 @@ mod tests {
             [
                 "ip -d -j link show",
                 "ip tuntap add dev bgtpool3 mode tap vnet_hdr user 1000",
-                "ip link set dev bgtpool3 master br-banger up",
+                "ip link set dev bgtpool3 master br-banger",
+                "ip link set dev bgtpool3 up type bridge_slave isolated on",
             ]
         );
 
-        let r = Scripted::new(&[Ok(NO_LINKS), Ok(""), Ok("")]);
+        let r = Scripted::new(&[Ok(NO_LINKS), Ok(""), Ok(""), Ok("")]);
         ops(&r)
             .create_tap(&tap, &BridgeName::default(), None)
             .await
@@ -742,13 +860,14 @@ mod tests {
     async fn create_tap_reuses_a_matching_tap_and_refuses_others() {
         let tap = TapName::pool(0);
         let br = BridgeName::default();
-        let r = Scripted::new(&[Ok(&tap_link("bgtpool0", "1000", true)), Ok("")]);
+        let r = Scripted::new(&[Ok(&tap_link("bgtpool0", "1000", true)), Ok(""), Ok("")]);
         ops(&r).create_tap(&tap, &br, Some(1000)).await.unwrap();
         assert_eq!(
             r.lines(),
             [
                 "ip -d -j link show",
-                "ip link set dev bgtpool0 master br-banger up"
+                "ip link set dev bgtpool0 master br-banger",
+                "ip link set dev bgtpool0 up type bridge_slave isolated on",
             ]
         );
 
@@ -782,23 +901,40 @@ mod tests {
             .unwrap_err();
         assert!(e.to_string().contains("attaching tap bgtpool1"), "{e}");
         assert_eq!(r.lines()[3], "ip link del dev bgtpool1");
+
+        // Isolation failing undoes the tap too: no VM gets a port that can reach other VMs.
+        let r = Scripted::new(&[Ok(NO_LINKS), Ok(""), Ok(""), Err("bad attribute"), Ok("")]);
+        let e = ops(&r)
+            .create_tap(&TapName::pool(1), &BridgeName::default(), None)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("isolating tap bgtpool1"), "{e}");
+        assert_eq!(r.lines()[4], "ip link del dev bgtpool1");
+    }
+
+    /// `tap_link` as a port of `master`.
+    fn port(name: &str, user: &str, master: &str) -> String {
+        tap_link(name, user, true).replacen(
+            r#""linkinfo""#,
+            &format!(r#""master":"{master}","linkinfo""#),
+            1,
+        )
     }
 
     #[tokio::test]
     async fn delete_tap_missing_is_fine_but_other_failures_are_not() {
-        let r = Scripted::new(&[Err("Cannot find device"), Ok(NO_LINKS)]);
+        let r = Scripted::new(&[Ok(NO_LINKS)]);
         ops(&r).delete_tap(&TapName::pool(1)).await.unwrap();
-        assert_eq!(
-            r.lines(),
-            ["ip link del dev bgtpool1", "ip -d -j link show"]
-        );
+        assert_eq!(r.lines(), ["ip -d -j link show"]);
 
-        let r = Scripted::new(&[
-            Err("Operation not permitted"),
-            Ok(&tap_link("bgtpool1", "0", true)),
-        ]);
+        let mine = port("bgtpool1", "0", "br-banger");
+        let r = Scripted::new(&[Ok(&mine), Err("Operation not permitted"), Ok(&mine)]);
         let e = ops(&r).delete_tap(&TapName::pool(1)).await.unwrap_err();
         assert!(e.to_string().contains("deleting tap bgtpool1"), "{e}");
+
+        // Gone between the look and the delete: fine.
+        let r = Scripted::new(&[Ok(&mine), Err("Cannot find device"), Ok(NO_LINKS)]);
+        ops(&r).delete_tap(&TapName::pool(1)).await.unwrap();
     }
 
     #[tokio::test]
@@ -815,13 +951,58 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn list_taps_keeps_only_banger_names() {
-        let links = r#"[{"ifname":"lo"},{"ifname":"eth0"},{"ifname":"bgtpool1"},{"ifname":"tap0"},
-            {"ifname":"bgt3fa9c01d2e4b","linkinfo":{"info_kind":"tun","info_data":{"type":"tap"}}},{"ifname":"br-banger"}]"#;
+    async fn delete_tap_leaves_other_installations_taps_alone() {
+        let tap = TapName::pool(1);
+        // A port of another bridge, and an orphan of another owner: nothing is deleted.
+        for link in [
+            port("bgtpool1", "1000", "br-banger-b"),
+            tap_link("bgtpool1", "2000", true),
+        ] {
+            let r = Scripted::new(&[Ok(&link)]);
+            ops(&r).with_tap_owner(1000).delete_tap(&tap).await.unwrap();
+            assert_eq!(r.lines(), ["ip -d -j link show"], "{link}");
+        }
+        // An orphan is ours only with our owner, and only when we know our owner.
+        let orphan = tap_link("bgtpool1", "1000", true);
+        let r = Scripted::new(&[Ok(&orphan)]);
+        ops(&r).delete_tap(&tap).await.unwrap();
+        assert_eq!(r.lines().len(), 1);
+        let r = Scripted::new(&[Ok(&orphan), Ok("")]);
+        ops(&r).with_tap_owner(1000).delete_tap(&tap).await.unwrap();
+        assert_eq!(r.lines()[1], "ip link del dev bgtpool1");
+        // A named installation deletes its own ports.
+        let br = BridgeName::parse("br-banger-b").unwrap();
+        let r = Scripted::new(&[Ok(&port("bgtpool1", "1000", "br-banger-b")), Ok("")]);
+        ops(&r).for_bridge(&br).delete_tap(&tap).await.unwrap();
+        assert_eq!(r.lines()[1], "ip link del dev bgtpool1");
+    }
+
+    #[tokio::test]
+    async fn create_tap_refuses_a_port_of_another_bridge() {
+        let r = Scripted::new(&[Ok(&port("bgtpool0", "1000", "br-banger-b"))]);
+        let e = ops(&r)
+            .create_tap(&TapName::pool(0), &BridgeName::default(), Some(1000))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, NetError::TapMismatch { .. }), "{e}");
+        assert!(e.to_string().contains("br-banger-b"), "{e}");
+        assert_eq!(r.lines().len(), 1, "nothing may be changed");
+    }
+
+    #[tokio::test]
+    async fn list_taps_keeps_only_banger_names_on_our_bridge() {
+        let links = r#"[{"ifname":"lo"},{"ifname":"eth0","master":"br-banger"},{"ifname":"bgtpool1","master":"br-banger"},{"ifname":"tap0","master":"br-banger"},
+            {"ifname":"bgt3fa9c01d2e4b","master":"br-banger","linkinfo":{"info_kind":"tun","info_data":{"type":"tap"}}},{"ifname":"br-banger"},
+            {"ifname":"bgtpool2","master":"br-banger-b"},{"ifname":"bgtpool3"},
+            {"ifname":"bgtpool4","linkinfo":{"info_kind":"tun","info_data":{"type":"tap","user":1000}}}]"#;
         let r = Scripted::new(&[Ok(links)]);
         let taps = ops(&r).list_taps().await.unwrap();
         let names: Vec<_> = taps.iter().map(TapName::as_str).collect();
         assert_eq!(names, ["bgt3fa9c01d2e4b", "bgtpool1"]);
+        let r = Scripted::new(&[Ok(links)]);
+        let taps = ops(&r).with_tap_owner(1000).list_taps().await.unwrap();
+        let names: Vec<_> = taps.iter().map(TapName::as_str).collect();
+        assert_eq!(names, ["bgt3fa9c01d2e4b", "bgtpool1", "bgtpool4"]);
     }
 
     #[tokio::test]
@@ -837,7 +1018,7 @@ mod tests {
         assert_eq!(calls[1].display(), "nft -f -");
         assert_eq!(
             calls[1].stdin.as_deref(),
-            Some(nft::ensure_script(nft::TABLE, &BridgeName::default(), &cidr).as_bytes())
+            Some(nft::ensure_script(nft::TABLE, &BridgeName::default(), &cidr, None).as_bytes())
         );
     }
 
@@ -939,12 +1120,15 @@ mod tests {
 
     #[tokio::test]
     async fn remove_all_runs_every_step_despite_failures() {
-        let links = r#"[{"ifname":"bgtpool0"},{"ifname":"bgtpool1"},{"ifname":"br-banger","linkinfo":{"info_kind":"bridge"}}]"#;
+        let links = r#"[{"ifname":"bgtpool0","master":"br-banger"},{"ifname":"bgtpool1","master":"br-banger"},
+            {"ifname":"bgtpool2","master":"br-banger-b"},{"ifname":"br-banger","linkinfo":{"info_kind":"bridge"}}]"#;
         let r = Scripted::new(&[
             Ok(TABLE),
             Err("nft exploded"),
             Ok(links),
+            Ok(links),
             Ok(""),
+            Ok(links),
             Ok(""),
             Ok(links),
             Ok(""),
@@ -960,7 +1144,9 @@ mod tests {
                 "nft -j list tables",
                 "nft delete table ip banger",
                 "ip -d -j link show",
+                "ip -d -j link show",
                 "ip link del dev bgtpool0",
+                "ip -d -j link show",
                 "ip link del dev bgtpool1",
                 "ip -d -j link show",
                 "ip link del dev br-banger",

@@ -105,6 +105,11 @@ async fn hostile_requests_are_all_refused_and_nothing_runs() {
     // Loop devices the fake host reports: loop5 backs a system file, loop6 an image.
     env.host.set_loop(5, "/etc/passwd");
     env.host.set_loop(6, base.join("rootfs.ext4"));
+    // Mappings named like banger's: one on another installation's loop (loop5 backs a file
+    // outside this state dir), one on a disk, one on a free loop.
+    env.host.set_dm("banger-aaaaaaaaaaaa", &["loop5", "loop6"]);
+    env.host.set_dm("banger-bbbbbbbbbbbb", &["sda"]);
+    env.host.set_dm("banger-cccccccccccc", &["loop9"]);
 
     let run_file = s(&env.run.join("bangerd.sock"));
     let sixty_five: Vec<String> = (0..65).map(|i| format!("pkg{i}")).collect();
@@ -469,6 +474,24 @@ async fn hostile_requests_are_all_refused_and_nothing_runs() {
             json!({"op": "DmRemove", "vm_id": "banger-XYZ"}),
             "forbidden",
             "\"banger-XYZ\"",
+        ),
+        refused(
+            "dm remove of another installation's mapping",
+            json!({"op": "DmRemove", "vm_id": "aaaaaaaaaaaa"}),
+            "forbidden",
+            "mapping banger-aaaaaaaaaaaa is not this installation's",
+        ),
+        refused(
+            "dm remove of a mapping on a disk",
+            json!({"op": "DmRemove", "vm_id": "bbbbbbbbbbbb"}),
+            "forbidden",
+            "built on sda",
+        ),
+        refused(
+            "dm remove of a mapping on a free loop",
+            json!({"op": "DmRemove", "vm_id": "cccccccccccc"}),
+            "forbidden",
+            "attached to no file",
         ),
         refused(
             "dm snapshot named ../../x",

@@ -111,6 +111,9 @@ async fn every_op_reaches_the_fakes_with_its_exact_arguments() {
             .unwrap(),
         format!("/dev/mapper/banger-{VM_ID}")
     );
+    // The mapping exists on this installation's loops: it may be removed.
+    env.host
+        .set_dm(&format!("banger-{VM_ID}"), &["loop7", "loop8"]);
     c.dm_remove(&vm).await.unwrap();
     c.loop_detach("/dev/loop7").await.unwrap();
     // Not attached: nothing to do, nothing run.

@@ -47,9 +47,16 @@ fn probe(vm_ns: &str, listener: &TcpListener, server: SocketAddr) -> Option<Ipv4
     }
 }
 
-#[tokio::test]
-async fn masquerade_works_only_for_nat_vms() {
-    skip_unless_capable!(true);
+/// The three namespaces wired up: the host's bridge (with banger's firewall) and NAT table,
+/// the "VM" at 172.30.0.5 on a bridge port, and the "outside" at 10.99.0.2 behind the host's
+/// uplink 10.99.0.1, routing the VM network back to the host.
+struct Topology {
+    host: NetNs,
+    vm: NetNs,
+    world: NetNs,
+}
+
+async fn topology() -> Topology {
     let host = NetNs::new("host");
     let vm = NetNs::new("vm");
     let world = NetNs::new("world");
@@ -70,7 +77,6 @@ async fn masquerade_works_only_for_nat_vms() {
     vm.ok(&["ip", "link", "set", "lo", "up"]);
     vm.ok(&["ip", "route", "add", "default", "via", "172.30.0.1"]);
 
-    // The "outside": 10.99.0.2 behind the host's uplink, routing the VM network back to it.
     host.ok(&[
         "ip",
         "link",
@@ -89,6 +95,14 @@ async fn masquerade_works_only_for_nat_vms() {
     world.ok(&["ip", "addr", "add", "10.99.0.2/24", "dev", "eth0"]);
     world.ok(&["ip", "link", "set", "eth0", "up"]);
     world.ok(&["ip", "route", "add", "172.30.0.0/24", "via", "10.99.0.1"]);
+    Topology { host, vm, world }
+}
+
+#[tokio::test]
+async fn masquerade_works_only_for_nat_vms() {
+    skip_unless_capable!(true);
+    let Topology { host, vm, world } = topology().await;
+    let ops = host.ops();
 
     let listener = in_ns(&world.name, || TcpListener::bind("10.99.0.2:0").unwrap());
     let server = listener.local_addr().unwrap();
@@ -108,4 +122,99 @@ async fn masquerade_works_only_for_nat_vms() {
 
     ops.remove_vm_nat(id).await.unwrap();
     assert_eq!(probe(&vm.name, &listener, server), None);
+}
+
+/// Issue 10 item 2 at the packet level: host services on 0.0.0.0, on the gateway address and
+/// on the host's other address are closed to the VM with and without NAT, while the host can
+/// still connect to the VM (ssh) and a NAT VM still reaches the outside. IPv6 is off on the
+/// bridge, so no link-local address offers another way in.
+#[tokio::test]
+async fn guests_reach_nothing_on_the_host() {
+    skip_unless_capable!(true);
+    let Topology { host, vm, world } = topology().await;
+    let ops = host.ops();
+    assert_eq!(
+        host.ok(&["cat", "/proc/sys/net/ipv6/conf/br-banger/disable_ipv6"])
+            .trim(),
+        "1"
+    );
+
+    let any = in_ns(&host.name, || TcpListener::bind("0.0.0.0:0").unwrap());
+    let port = any.local_addr().unwrap().port();
+    let gw = in_ns(&host.name, || TcpListener::bind("172.30.0.1:0").unwrap());
+    let gw_addr = gw.local_addr().unwrap();
+    let outside = in_ns(&world.name, || TcpListener::bind("10.99.0.2:0").unwrap());
+    let outside_addr = outside.local_addr().unwrap();
+    let closed = |nat: &str| {
+        for target in [
+            SocketAddr::from((ip("172.30.0.1"), port)),
+            SocketAddr::from((ip("10.99.0.1"), port)),
+        ] {
+            assert_eq!(
+                probe(&vm.name, &any, target),
+                None,
+                "{nat}: the VM reached the host's 0.0.0.0 listener at {target}"
+            );
+        }
+        assert_eq!(
+            probe(&vm.name, &gw, gw_addr),
+            None,
+            "{nat}: the VM reached the host's listener on the gateway address"
+        );
+    };
+    closed("without NAT");
+
+    let id = "0123456789ab";
+    ops.add_vm_nat(id, ip("172.30.0.5"), &TapName::pool(0))
+        .await
+        .unwrap();
+    closed("with NAT");
+    assert_eq!(
+        probe(&vm.name, &outside, outside_addr),
+        Some(ip("10.99.0.1")),
+        "a NAT VM still reaches the outside"
+    );
+
+    // Another local user cannot open a connection into the VM network (the ops here have no
+    // owner, so only root may); the guest's port is open, as root sees below.
+    let guest = in_ns(&vm.name, || TcpListener::bind("0.0.0.0:0").unwrap());
+    let guest_port = guest.local_addr().unwrap().port();
+    let probe_as = |uid: &str| {
+        host.run(&[
+            "setpriv",
+            &format!("--reuid={uid}"),
+            &format!("--regid={uid}"),
+            "--clear-groups",
+            "timeout",
+            "3",
+            "bash",
+            "-c",
+            &format!("exec 3<>/dev/tcp/172.30.0.5/{guest_port}"),
+        ])
+        .0
+    };
+    assert!(
+        !probe_as("65534"),
+        "another local user reached the guest's port"
+    );
+    assert!(probe_as("0"), "root reaches the guest's port");
+    drop(guest.accept().unwrap());
+
+    // The host still connects into the VM (banger's ssh) and hears the answer.
+    let reply = std::thread::spawn(move || {
+        let (mut s, _) = guest.accept().unwrap();
+        s.write_all(b"SSH-2.0-guest\r\n").unwrap();
+    });
+    let greeting = in_ns(&host.name, move || {
+        let mut s = TcpStream::connect_timeout(
+            &SocketAddr::from((ip("172.30.0.5"), guest_port)),
+            Duration::from_secs(2),
+        )
+        .expect("host to guest");
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut b = [0u8; 7];
+        s.read_exact(&mut b).map(|_| b)
+    });
+    reply.join().unwrap();
+    assert_eq!(&greeting.expect("the guest's answer"), b"SSH-2.0");
 }
