@@ -11,12 +11,14 @@ pub mod engine;
 pub mod error;
 pub mod failpoint;
 pub mod handles;
+pub mod input;
 pub mod layout;
 pub mod leaks;
 pub mod logging;
 pub mod progress;
 pub mod server;
 pub mod ssh;
+pub mod static_elf;
 pub mod vmms;
 
 use std::os::fd::AsRawFd;

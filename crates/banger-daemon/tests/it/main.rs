@@ -3,6 +3,7 @@
 mod concurrency;
 mod crash;
 mod dns;
+mod edge_inputs;
 mod engine_faults;
 mod full_disk;
 mod fuzz;
