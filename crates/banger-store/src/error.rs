@@ -26,6 +26,11 @@ pub enum StoreError {
     #[error("cannot configure state database {}: {what}", path.display())]
     Pragma { path: PathBuf, what: String },
     #[error(
+        "state database {} is damaged ({reason}); banger left it untouched: keep a copy, then restore a backup or move it aside to start with an empty store (banger then forgets its VMs and images)",
+        path.display()
+    )]
+    Damaged { path: PathBuf, reason: String },
+    #[error(
         "state database schema version {found} is newer than the newest this banger knows ({supported}); upgrade banger"
     )]
     TooNew { found: u32, supported: u32 },

@@ -9,6 +9,7 @@ mod artifacts;
 mod create;
 mod guest;
 mod import;
+mod lost_handles;
 mod ops;
 mod provision;
 mod pull;

@@ -219,10 +219,12 @@ fn dynamically_linked_agent_is_refused_naming_it() {
     let bare = env.root().join("bare-kernel");
     std::fs::create_dir_all(&bare).unwrap();
     std::fs::copy(env.root().join("kernel-src/vmlinux"), bare.join("vmlinux")).unwrap();
-    env.request(&Request::KernelImport(banger_protocol::KernelImportParams {
-        name: "bare-kernel".into(),
-        dir: bare,
-    }))
+    env.request(&Request::KernelImport(
+        banger_protocol::KernelImportParams {
+            name: "bare-kernel".into(),
+            dir: bare,
+        },
+    ))
     .ok();
     let create = |name: &str| {
         Request::VmCreate(VmCreateParams {

@@ -2,6 +2,7 @@
 
 mod concurrency;
 mod crash;
+mod damaged_state;
 mod dns;
 mod edge_inputs;
 mod engine_faults;
