@@ -16,6 +16,7 @@ pub mod layout;
 pub mod leaks;
 pub mod logging;
 pub mod progress;
+pub mod reserve;
 pub mod server;
 pub mod ssh;
 pub mod static_elf;
@@ -102,6 +103,10 @@ pub async fn run(config: Config, log_file: PathBuf) -> anyhow::Result<()> {
     let layout = layout_for(&config);
     let _lock = InstanceLock::acquire(&layout)?;
     let store = Store::open(layout.db()).context("opening the state store")?;
+    if let Err(e) = reserve::ensure(&layout.space_reserve()) {
+        tracing::warn!(path = %layout.space_reserve().display(), error = %e,
+            "could not set space aside for recording stops on a full disk");
+    }
     let config = Arc::new(config);
     let runner: Arc<dyn banger_sys::CommandRunner> = Arc::new(RealRunner);
     let engine = Engine::new(

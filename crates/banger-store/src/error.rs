@@ -73,6 +73,18 @@ impl StoreError {
         }
     }
 
+    /// Whether the write failed because the disk under the database is full.
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            StoreError::Sqlite { source, .. }
+            | StoreError::Open { source, .. }
+            | StoreError::Migration { source, .. } => {
+                source.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull)
+            }
+            _ => false,
+        }
+    }
+
     pub(crate) fn sqlite(op: impl Into<String>) -> impl FnOnce(rusqlite::Error) -> StoreError {
         let op = op.into();
         move |source| StoreError::Sqlite { op, source }
