@@ -162,6 +162,11 @@ impl Drop for DiskEnv {
         while !processes_mentioning(self.env.root()).is_empty() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
+        // Taps of a real environment's VMs are named in handles files on the state fs: delete
+        // them while it is still mounted (TestEnv's own drop runs after the unmount).
+        for tap in self.env.recorded_taps() {
+            let _ = Command::new("ip").args(["link", "del", &tap]).output();
+        }
         self.mounts.clear();
     }
 }
