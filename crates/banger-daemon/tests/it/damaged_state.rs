@@ -199,3 +199,76 @@ fn empty_or_garbled_store_is_refused_and_kept() {
         .ok();
     assert_eq!(v["state"], "running", "{v}");
 }
+
+/// The same with a real guest (QEMU/TCG) on a bridge: its VMM is found and stopped and its tap
+/// is deleted although the handles file naming the tap is truncated.
+#[test]
+fn truncated_handles_of_a_real_guest_release_its_vmm_and_tap() {
+    let Some(kdir) = std::env::var_os("BANGER_TEST_KERNEL_DIR").map(PathBuf::from) else {
+        println!("SKIP: BANGER_TEST_KERNEL_DIR not set (a dir with vmlinux and modules/)");
+        return;
+    };
+    let busybox = std::env::var_os("BANGER_TEST_BUSYBOX")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/bin/busybox"));
+    if !busybox.is_file() {
+        println!("SKIP: no static busybox (BANGER_TEST_BUSYBOX)");
+        return;
+    }
+    let Some(mut env) = TestEnv::real("") else {
+        return;
+    };
+    env.start_daemon();
+    env.request(&Request::KernelImport(
+        banger_protocol::KernelImportParams {
+            name: "k".into(),
+            dir: kdir,
+        },
+    ))
+    .ok();
+    let tree = env.root().join("tree");
+    std::fs::create_dir_all(tree.join("bin")).unwrap();
+    std::fs::create_dir_all(tree.join("etc")).unwrap();
+    std::fs::copy(&busybox, tree.join("bin/busybox")).unwrap();
+    std::os::unix::fs::symlink("busybox", tree.join("bin/sh")).unwrap();
+    env.request(&Request::ImageImport(banger_protocol::ImageImportParams {
+        name: Some("bb".into()),
+        source: tree,
+        kernel: Some("k".into()),
+    }))
+    .ok();
+    let v = env
+        .request(&Request::VmCreate(VmCreateParams {
+            name: Some("real".into()),
+            image: Some("bb".into()),
+            kernel: Some("k".into()),
+            ..Default::default()
+        }))
+        .ok();
+    let id = v["id"].as_str().unwrap().to_string();
+    let handles = env.state_dir().join("vms").join(&id).join("handles.json");
+    let h: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&handles).unwrap()).unwrap();
+    let pid = h["vmm"]["pid"].as_i64().unwrap() as i32;
+    let tap = h["tap"]
+        .as_str()
+        .expect("a bridged VM has a tap")
+        .to_string();
+    let (bridge, _) = env.network().unwrap();
+    assert!(banger_testkit::bridge_ports(&bridge).contains(&tap));
+    env.stop_daemon();
+    let text = std::fs::read(&handles).unwrap();
+    std::fs::write(&handles, &text[..text.len() / 3]).unwrap();
+    env.start_daemon();
+    assert!(wait_gone(pid, 20), "the VMM {pid} was abandoned");
+    assert!(
+        !Path::new("/sys/class/net").join(&tap).exists(),
+        "tap {tap} leaked; log:\n{}",
+        env.daemon_log()
+    );
+    let v = env
+        .request(&Request::VmShow(VmRef { vm: "real".into() }))
+        .ok();
+    assert_eq!(v["state"], "stopped", "{v}");
+    assert!(handles.with_extension("json.damaged").exists());
+}
