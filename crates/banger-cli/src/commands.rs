@@ -469,9 +469,13 @@ fn daemon(cmd: DaemonCmd, ctx: &mut Ctx<'_>) -> Result<(), CliError> {
             if !is_running(ctx)? {
                 return ctx.print("bangerd is not running\n");
             }
-            let status: DaemonStatus = ctx
-                .request(&Request::DaemonStatus)?
-                .decode("daemon.status")?;
+            // Only for the pid in the messages: a daemon whose status fails (its store went
+            // bad under it) must still be stoppable.
+            let pid = ctx
+                .request(&Request::DaemonStatus)
+                .and_then(|r| r.decode::<DaemonStatus>("daemon.status"))
+                .map(|s| s.pid.to_string())
+                .unwrap_or_else(|_| "unknown".into());
             // The daemon may exit before its answer is written: a connection closed early is
             // as good as a result here, since the socket check below is the real confirmation.
             match client::call(
@@ -492,17 +496,14 @@ fn daemon(cmd: DaemonCmd, ctx: &mut Ctx<'_>) -> Result<(), CliError> {
                 if Instant::now() >= deadline {
                     return Err(CliError::local(format!(
                         "bangerd (pid {}) accepted the shutdown but still answers after {}s; see {}",
-                        status.pid,
+                        pid,
                         STOP_TIMEOUT.as_secs(),
                         ctx.daemon.log_file.display()
                     )));
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
-            ctx.print(&format!(
-                "bangerd stopped (pid {}); VMs keep running\n",
-                status.pid
-            ))
+            ctx.print(&format!("bangerd stopped (pid {pid}); VMs keep running\n"))
         }
     }
 }

@@ -168,7 +168,13 @@ pub fn vm_details(d: &VmDetails, now: i64) -> String {
     let mut pairs = vec![
         ("name", vm.name.to_string()),
         ("id", vm.id.to_string()),
-        ("state", vm.state.to_string()),
+        (
+            "state",
+            match &d.paused {
+                Some(why) => format!("{} (paused: {why})", vm.state),
+                None => vm.state.to_string(),
+            },
+        ),
     ];
     if let Some(e) = &vm.last_error {
         pairs.push(("last_error", e.clone()));
@@ -413,6 +419,7 @@ a-much-longer-name  stopped  debian-bookworm  -           2     1024M  8G    -  
             dir: PathBuf::from("/state/vms/0123456789ab"),
             log_file: PathBuf::from("/state/vms/0123456789ab/vmm.log"),
             access: Some("banger's agent serves ssh (no sshd in the image)".into()),
+            paused: None,
         };
         let text = vm_details(&d, NOW);
         assert!(

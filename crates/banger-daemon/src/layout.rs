@@ -26,6 +26,11 @@ impl Layout {
         self.state_dir.join("banger.db")
     }
 
+    /// Space set aside so a stop or kill can be recorded on a full disk ([`crate::reserve`]).
+    pub fn space_reserve(&self) -> PathBuf {
+        self.state_dir.join("space-reserve")
+    }
+
     pub fn log_file(&self) -> PathBuf {
         self.state_dir.join("bangerd.log")
     }

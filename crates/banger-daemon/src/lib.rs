@@ -12,12 +12,15 @@ pub mod engine;
 pub mod error;
 pub mod failpoint;
 pub mod handles;
+pub mod input;
 pub mod layout;
 pub mod leaks;
 pub mod logging;
 pub mod progress;
+pub mod reserve;
 pub mod server;
 pub mod ssh;
+pub mod static_elf;
 pub mod vmms;
 
 use std::os::fd::AsRawFd;
@@ -102,6 +105,10 @@ pub async fn run(mut config: Config, log_file: PathBuf) -> anyhow::Result<()> {
     let layout = layout_for(&config);
     let _lock = InstanceLock::acquire(&layout)?;
     let store = Store::open(layout.db()).context("opening the state store")?;
+    if let Err(e) = reserve::ensure(&layout.space_reserve()) {
+        tracing::warn!(path = %layout.space_reserve().display(), error = %e,
+            "could not set space aside for recording stops on a full disk");
+    }
     let runner: Arc<dyn banger_sys::CommandRunner> = Arc::new(RealRunner);
     let net = net_ops(&config, runner.clone());
     bridge_cidr::resolve(&mut config, net.as_ref(), &layout, &store)

@@ -78,6 +78,10 @@ fn real_main(args: Args) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    rt.block_on(banger_daemon::run(config, log_file))?;
+    let result = rt.block_on(banger_daemon::run(config, log_file));
+    // Dropping the runtime would wait for every blocking task and worker; one stuck in a
+    // system call that never returns would keep a stopped daemon alive (and its socket gone).
+    rt.shutdown_timeout(std::time::Duration::from_secs(2));
+    result?;
     Ok(ExitCode::SUCCESS)
 }

@@ -267,7 +267,7 @@ async fn dispatch(
         Request::VmList => json(VmList {
             vms: e.store().list_vms()?,
         }),
-        Request::VmShow(p) => json(e.show(&p.vm)?),
+        Request::VmShow(p) => json(e.show(&p.vm).await?),
         Request::VmSet(p) => json(e.set(&p.vm, p.vcpu, p.memory_mib).await?),
         Request::VmLogs(p) => json(e.logs(&p.vm, p.lines)?),
         Request::VmSshInfo(p) => json(e.ssh_info(&p.vm)?),

@@ -655,6 +655,10 @@ pub struct VmDetails {
     /// agent), in words.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access: Option<String>,
+    /// Set while the VMM holds a running VM's guest paused on its own, with the reason (QEMU
+    /// stops a guest whose disk write failed because the host disk is full).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused: Option<String>,
 }
 
 /// `vm.ssh_info` result: what a client needs to run `ssh` into the VM itself (it needs the

@@ -123,6 +123,7 @@
 //!
 //! Everything here is blocking; call it from a blocking thread.
 
+mod dirfacts;
 mod error;
 mod ext4;
 mod flatten;
@@ -138,6 +139,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+pub use dirfacts::{DirFacts, inspect_dir};
 pub use error::{Reject, RootfsError};
 pub use ext4::{check_image, find_tool};
 pub use table::{Meta, Node, NodeKind, Xattr};

@@ -6,6 +6,23 @@ use std::path::{Path, PathBuf};
 use crate::fsutil;
 use crate::table::{Node, NodeKind, Table};
 
+/// Where an sshd, an init and a package manager are looked for (also by [`crate::inspect_dir`]).
+pub(crate) const SSHD_PATHS: [&str; 3] = ["/usr/sbin/sshd", "/sbin/sshd", "/usr/bin/sshd"];
+pub(crate) const INIT_PATHS: [&str; 3] = [
+    "/sbin/init",
+    "/lib/systemd/systemd",
+    "/usr/lib/systemd/systemd",
+];
+pub(crate) const PACKAGE_MANAGERS: [(&str, &[&str]); 6] = [
+    ("apt", &["apt-get", "apt"]),
+    ("apk", &["apk"]),
+    ("dnf", &["dnf", "dnf5", "dnf-3"]),
+    ("yum", &["yum"]),
+    ("zypper", &["zypper"]),
+    ("pacman", &["pacman"]),
+];
+pub(crate) const BIN_DIRS: [&str; 4] = ["/usr/bin", "/bin", "/usr/sbin", "/sbin"];
+
 /// Result of [`crate::flatten`]: content in a scratch directory owned by the current user,
 /// the metadata the layers asked for in memory.
 #[derive(Debug)]
@@ -153,37 +170,23 @@ impl Tree {
     }
 
     pub(crate) fn has_sshd(&self) -> bool {
-        ["/usr/sbin/sshd", "/sbin/sshd", "/usr/bin/sshd"]
-            .iter()
-            .any(|p| self.resolves_to_file(p))
+        SSHD_PATHS.iter().any(|p| self.resolves_to_file(p))
     }
 
     pub(crate) fn init(&self) -> Option<String> {
-        [
-            "/sbin/init",
-            "/lib/systemd/systemd",
-            "/usr/lib/systemd/systemd",
-        ]
-        .iter()
-        .find(|p| self.resolves_to_file(p))
-        .map(|p| p.to_string())
+        INIT_PATHS
+            .iter()
+            .find(|p| self.resolves_to_file(p))
+            .map(|p| p.to_string())
     }
 
     pub(crate) fn package_manager(&self) -> Option<String> {
-        const MANAGERS: [(&str, &[&str]); 6] = [
-            ("apt", &["apt-get", "apt"]),
-            ("apk", &["apk"]),
-            ("dnf", &["dnf", "dnf5", "dnf-3"]),
-            ("yum", &["yum"]),
-            ("zypper", &["zypper"]),
-            ("pacman", &["pacman"]),
-        ];
-        const DIRS: [&str; 4] = ["/usr/bin", "/bin", "/usr/sbin", "/sbin"];
-        MANAGERS
+        PACKAGE_MANAGERS
             .iter()
             .find(|(_, bins)| {
                 bins.iter().any(|b| {
-                    DIRS.iter()
+                    BIN_DIRS
+                        .iter()
                         .any(|d| self.resolves_to_file(&format!("{d}/{b}")))
                 })
             })

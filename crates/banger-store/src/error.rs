@@ -26,6 +26,11 @@ pub enum StoreError {
     #[error("cannot configure state database {}: {what}", path.display())]
     Pragma { path: PathBuf, what: String },
     #[error(
+        "state database {} is damaged ({reason}); banger left it untouched: keep a copy, then restore a backup or move it aside to start with an empty store (banger then forgets its VMs and images)",
+        path.display()
+    )]
+    Damaged { path: PathBuf, reason: String },
+    #[error(
         "state database schema version {found} is newer than the newest this banger knows ({supported}); upgrade banger"
     )]
     TooNew { found: u32, supported: u32 },
@@ -65,6 +70,18 @@ impl StoreError {
             StoreError::TooNew { .. } => ErrorCode::BadVersion,
             StoreError::Sqlite { source, .. } if is_busy(source) => ErrorCode::Busy,
             _ => ErrorCode::OperationFailed,
+        }
+    }
+
+    /// Whether the write failed because the disk under the database is full.
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            StoreError::Sqlite { source, .. }
+            | StoreError::Open { source, .. }
+            | StoreError::Migration { source, .. } => {
+                source.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull)
+            }
+            _ => false,
         }
     }
 

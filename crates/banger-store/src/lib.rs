@@ -1,7 +1,9 @@
 //! banger's persistent state: VMs, images and kernels in one SQLite database.
 //!
-//! [`Store::open`] creates the file (mode 0600) and its directory, configures the connection
-//! (WAL, 5 s busy timeout, foreign keys, `synchronous=NORMAL`) and applies pending
+//! [`Store::open`] creates the file (mode 0600, built aside and linked into place, so a database
+//! file that exists always has a schema) and its directory, refuses an empty or damaged file
+//! ([`StoreError::Damaged`], the file left untouched), configures the connection (WAL, 5 s busy
+//! timeout, foreign keys, `synchronous=NORMAL`) and applies pending
 //! [migrations](migrations::MIGRATIONS). [`check_migrations`] tells what opening would do without
 //! writing anything, for `bangerd --check-migrations` and `banger doctor`.
 //!
@@ -49,11 +51,27 @@ impl Store {
                     source,
                 })?;
         }
+        match std::fs::symlink_metadata(path) {
+            Ok(meta) => check_not_empty(path, &meta)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => create_fresh(path)?,
+            Err(source) => {
+                return Err(StoreError::File {
+                    path: path.to_path_buf(),
+                    source,
+                });
+            }
+        }
         ensure_private_file(path)?;
         let mut conn = Connection::open(path).map_err(|source| StoreError::Open {
             path: path.to_path_buf(),
             source,
         })?;
+        conn.busy_timeout(BUSY_TIMEOUT)
+            .map_err(|e| StoreError::Pragma {
+                path: path.to_path_buf(),
+                what: format!("busy_timeout: {e}"),
+            })?;
+        check_integrity(&conn, path)?;
         configure(&conn, path)?;
         migrations::migrate(&mut conn, path)?;
         Ok(Store {
@@ -79,6 +97,102 @@ impl Store {
         self.conn
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Makes a new database beside `path` (schema applied, rollback journal so everything is in
+/// the one file) and links it into place. A database file banger finds therefore always has a
+/// schema: an empty or unreadable one is damage (a truncation, a disk that filled, a stray
+/// `>`), never "a fresh install" whose reconcile would tear down the running VMs it forgot.
+fn create_fresh(path: &Path) -> Result<(), StoreError> {
+    let file_err = |p: &Path| {
+        let p = p.to_path_buf();
+        move |source| StoreError::File { path: p, source }
+    };
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = sidecar(path, &format!(".new-{}-{seq}", std::process::id()));
+    for f in [tmp.clone(), sidecar(&tmp, "-journal")] {
+        match std::fs::remove_file(&f) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(file_err(&f)(e)),
+            _ => {}
+        }
+    }
+    let result = (|| {
+        ensure_private_file(&tmp)?;
+        let mut conn = Connection::open(&tmp).map_err(|source| StoreError::Open {
+            path: tmp.clone(),
+            source,
+        })?;
+        conn.busy_timeout(BUSY_TIMEOUT)
+            .and_then(|()| conn.execute_batch("PRAGMA foreign_keys = ON;"))
+            .map_err(|e| StoreError::Pragma {
+                path: tmp.clone(),
+                what: e.to_string(),
+            })?;
+        migrations::migrate(&mut conn, &tmp)?;
+        conn.close().map_err(|(_, source)| StoreError::Open {
+            path: tmp.clone(),
+            source,
+        })?;
+        std::fs::File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(file_err(&tmp))?;
+        // A link, not a rename: it never replaces a database another opener made meanwhile.
+        match std::fs::hard_link(&tmp, path) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                return Err(file_err(path)(e));
+            }
+            _ => {}
+        }
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(file_err(dir))?;
+        }
+        Ok(())
+    })();
+    let _ = std::fs::remove_file(&tmp);
+    result
+}
+
+/// An existing database file of 0 bytes is a damaged one (see [`create_fresh`]).
+fn check_not_empty(path: &Path, meta: &std::fs::Metadata) -> Result<(), StoreError> {
+    if meta.is_file() && meta.len() == 0 {
+        return Err(StoreError::Damaged {
+            path: path.to_path_buf(),
+            reason: "it is empty (0 bytes)".into(),
+        });
+    }
+    Ok(())
+}
+
+/// SQLite's `quick_check` (every page and record well-formed; no index cross-check, so it is
+/// fast): a database with garbage in it is refused before anything trusts its rows.
+fn check_integrity(conn: &Connection, path: &Path) -> Result<(), StoreError> {
+    let damaged = |reason: String| StoreError::Damaged {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let mut stmt = conn
+        .prepare("PRAGMA quick_check(3)")
+        .map_err(|e| damaged(e.to_string()))?;
+    let problems: Vec<String> = stmt
+        .query_map([], |r| r.get::<_, String>(0))
+        .and_then(|rows| rows.collect())
+        .map_err(|e| damaged(e.to_string()))?;
+    match problems.as_slice() {
+        [ok] if ok == "ok" => Ok(()),
+        _ => {
+            // One line: SQLite's report spans several.
+            let text = problems.join("; ");
+            let text: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with("***"))
+                .collect();
+            Err(damaged(format!("integrity check: {}", text.join("; "))))
+        }
     }
 }
 
@@ -138,7 +252,7 @@ fn configure(conn: &Connection, path: &Path) -> Result<(), StoreError> {
 pub fn check_migrations(path: impl AsRef<Path>) -> Result<MigrationStatus, StoreError> {
     let path = path.as_ref();
     match std::fs::symlink_metadata(path) {
-        Ok(_) => {}
+        Ok(meta) => check_not_empty(path, &meta)?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Ok(MigrationStatus::from_version(0));
         }
@@ -170,6 +284,7 @@ pub fn check_migrations(path: impl AsRef<Path>) -> Result<MigrationStatus, Store
             path: path.to_path_buf(),
             what: format!("busy_timeout: {e}"),
         })?;
+    check_integrity(&conn, path)?;
     let version = migrations::current_version(&conn).map_err(|source| StoreError::Open {
         path: path.to_path_buf(),
         source,
@@ -246,10 +361,61 @@ mod tests {
     fn open_tightens_existing_world_readable_file() {
         let dir = tmp();
         let path = dir.path().join("state.db");
-        std::fs::write(&path, b"").unwrap();
+        drop(Store::open(&path).unwrap());
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         Store::open(&path).unwrap();
         assert_eq!(std::fs::metadata(&path).unwrap().mode() & 0o777, 0o600);
+    }
+
+    #[test]
+    fn empty_or_garbled_database_is_refused_and_left_untouched() {
+        let dir = tmp();
+        let path = dir.path().join("state.db");
+        // Empty: never taken for a fresh install.
+        std::fs::write(&path, b"").unwrap();
+        let e = Store::open(&path).unwrap_err();
+        assert!(matches!(e, StoreError::Damaged { .. }), "{e}");
+        assert!(e.to_string().contains("empty (0 bytes)"), "{e}");
+        assert!(e.to_string().contains("state.db"), "{e}");
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
+        assert!(matches!(
+            check_migrations(&path),
+            Err(StoreError::Damaged { .. })
+        ));
+        std::fs::remove_file(&path).unwrap();
+
+        // Garbage over the pages after the header (a real database with rows first).
+        let store = Store::open(&path).unwrap();
+        drop(store);
+        let mut bytes = std::fs::read(&path).unwrap();
+        assert!(bytes.len() > 4096, "{}", bytes.len());
+        for b in &mut bytes[4096..] {
+            *b = 0xa5;
+        }
+        std::fs::write(&path, &bytes).unwrap();
+        let e = Store::open(&path).unwrap_err();
+        assert!(matches!(e, StoreError::Damaged { .. }), "{e}");
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            bytes,
+            "the evidence was changed"
+        );
+        assert!(matches!(
+            check_migrations(&path),
+            Err(StoreError::Damaged { .. })
+        ));
+        // Not a database at all.
+        std::fs::write(&path, vec![0x5a; 8192]).unwrap();
+        let e = Store::open(&path).unwrap_err();
+        assert!(matches!(e, StoreError::Damaged { .. }), "{e}");
+        assert_eq!(std::fs::read(&path).unwrap(), vec![0x5a; 8192]);
+        // Nothing made beside it.
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("state.db")]);
     }
 
     #[test]
@@ -400,11 +566,14 @@ mod tests {
     }
 
     #[test]
-    fn check_migrations_on_empty_file_would_migrate() {
+    fn check_migrations_on_empty_file_is_damage() {
+        // banger never leaves an empty database (it builds one aside), so an empty file is a
+        // truncated one, not "version 0".
         let dir = tmp();
         let path = dir.path().join("state.db");
         std::fs::write(&path, b"").unwrap();
-        assert_eq!(check_migrations(&path).unwrap().exit_code(), 1);
+        let e = check_migrations(&path).unwrap_err();
+        assert!(e.to_string().contains("empty (0 bytes)"), "{e}");
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
     }
 

@@ -69,6 +69,37 @@ fn claim_test_network() -> (std::fs::File, u8) {
     panic!("no free test network (all 250 locks in /var/tmp are held)");
 }
 
+/// A minimal static x86-64 ELF executable: one PT_LOAD segment whose code is `exit(1)`.
+pub fn tiny_static_elf() -> Vec<u8> {
+    const BASE: u64 = 0x40_0000;
+    let code: [u8; 12] = [
+        0xb8, 0x3c, 0, 0, 0, // mov eax, 60 (exit)
+        0xbf, 1, 0, 0, 0, // mov edi, 1
+        0x0f, 0x05, // syscall
+    ];
+    let size = 64 + 56 + code.len() as u64;
+    let mut e = Vec::new();
+    e.extend_from_slice(b"\x7fELF\x02\x01\x01\x00");
+    e.extend_from_slice(&[0; 8]);
+    e.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    e.extend_from_slice(&62u16.to_le_bytes()); // x86-64
+    e.extend_from_slice(&1u32.to_le_bytes());
+    e.extend_from_slice(&(BASE + 120).to_le_bytes()); // entry
+    e.extend_from_slice(&64u64.to_le_bytes()); // phoff
+    e.extend_from_slice(&0u64.to_le_bytes()); // shoff
+    e.extend_from_slice(&0u32.to_le_bytes());
+    for v in [64u16, 56, 1, 0, 0, 0] {
+        e.extend_from_slice(&v.to_le_bytes());
+    }
+    e.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    e.extend_from_slice(&5u32.to_le_bytes()); // R+X
+    for v in [0u64, BASE, BASE, size, size, 0x1000] {
+        e.extend_from_slice(&v.to_le_bytes());
+    }
+    e.extend_from_slice(&code);
+    e
+}
+
 /// The static guest agent built for the real-guest tests (see `TestEnv::real`).
 pub fn agent_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("BANGER_AGENT_BIN") {
@@ -237,9 +268,10 @@ impl TestEnv {
             fc = bin("fake-firecracker").display(),
             agent = root.join("fake-agent").display(),
         );
-        // The fake VMM boots nothing, so any file serves as the agent banger puts in its
-        // initramfs; the initramfs is still really built.
-        std::fs::write(root.join("fake-agent"), b"#!/bin/false\n").expect("write fake agent");
+        // The fake VMM boots nothing, so the agent banger puts in its initramfs is the
+        // smallest static x86-64 ELF (it exits 1), enough for banger's static-agent check; the
+        // initramfs is still really built.
+        std::fs::write(root.join("fake-agent"), tiny_static_elf()).expect("write fake agent");
         {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(

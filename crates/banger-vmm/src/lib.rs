@@ -223,6 +223,13 @@ pub trait Vmm: Send + Sync + std::fmt::Debug {
     /// Resolves when the process behind `handle` has exited (or immediately if it is gone).
     async fn wait_exit(&self, handle: &VmmHandle);
 
+    /// Why the VMM holds the guest paused on its own, in words (e.g. the host disk under a
+    /// guest disk is full), or `None` when it does not (or cannot tell). Only QEMU pauses a
+    /// guest by itself (`werror=enospc`, its default); Firecracker passes errors to the guest.
+    async fn paused_reason(&self, _handle: &VmmHandle) -> Option<String> {
+        None
+    }
+
     /// The last lines of the VMM's log, for error reports.
     fn log_tail(&self, handle: &VmmHandle, lines: usize) -> String {
         // After an exit, the log pump may still be writing the last lines (short wait; none

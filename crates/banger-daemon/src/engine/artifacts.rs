@@ -259,16 +259,12 @@ fn io_fail(path: &Path, e: std::io::Error) -> OpError {
 
 fn check_magic(path: &Path, offset: u64, magic: &[u8], what: &str) -> OpResult<()> {
     use std::os::unix::fs::FileExt;
-    let meta = std::fs::metadata(path)
-        .map_err(|e| OpError::bad_request(format!("{}: {e}", path.display())))?;
-    if !meta.is_file() {
-        return Err(OpError::bad_request(format!(
-            "{} is not a regular file",
-            path.display()
-        )));
-    }
-    let f = std::fs::File::open(path)
-        .map_err(|e| OpError::bad_request(format!("{}: {e}", path.display())))?;
+    // Checked on the opened fd, opened without blocking (a FIFO would wait for a writer).
+    let crate::input::Input::File(f, _) =
+        crate::input::open_input(path, false).map_err(|e| OpError::bad_request(e.to_string()))?
+    else {
+        unreachable!("directories are refused when dir_ok is false")
+    };
     let mut buf = vec![0u8; magic.len()];
     if f.read_exact_at(&mut buf, offset).is_err() || buf != magic {
         return Err(OpError::bad_request(format!(

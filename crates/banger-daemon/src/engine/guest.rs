@@ -35,6 +35,20 @@ pub fn agent_candidates() -> Vec<PathBuf> {
 
 impl Engine {
     fn agent_path(&self) -> Result<PathBuf, String> {
+        let path = self.find_agent()?;
+        // Checked before every use: the file may be rebuilt between starts.
+        match crate::static_elf::static_elf_problem(&path) {
+            None => Ok(path),
+            Some(problem) => Err(format!(
+                "the guest agent {} cannot run as the guest's /init: {problem}; build it static \
+                 (RUSTFLAGS=\"-C target-feature=+crt-static\" cargo build --release -p banger-agent \
+                 --target x86_64-unknown-linux-gnu) and install it, or set agent_bin to a static build",
+                path.display()
+            )),
+        }
+    }
+
+    fn find_agent(&self) -> Result<PathBuf, String> {
         if let Some(p) = &self.config().agent_bin {
             return if p.is_file() {
                 Ok(p.clone())
@@ -194,9 +208,12 @@ impl Engine {
                 Ok(rest) => Path::new("/root").join(rest),
                 Err(_) => entry.guest.clone(),
             };
-            let data = match std::fs::read(&entry.host) {
+            // Only a regular file, read up to what is left of the cap: a FIFO, /dev/zero or a
+            // growing log must neither hang nor fill the daemon's memory.
+            let left = (MAX_TOTAL - total) as u64;
+            let data = match crate::input::read_regular_capped(&entry.host, left) {
                 Ok(d) => d,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(e) if e.is_not_found() => {
                     ctx.progress.warn(format!(
                         "file_sync: {} does not exist; not copied to {}",
                         entry.host.display(),
@@ -204,16 +221,16 @@ impl Engine {
                     ));
                     continue;
                 }
-                Err(e) => return Err(format!("file_sync: reading {}: {e}", entry.host.display())),
+                Err(crate::input::InputError::TooLarge { .. }) => {
+                    return Err(format!(
+                        "file_sync: {} brings the synced files over {} MiB; sync smaller files",
+                        entry.host.display(),
+                        MAX_TOTAL >> 20
+                    ));
+                }
+                Err(e) => return Err(format!("file_sync: {e}")),
             };
             total += data.len();
-            if total > MAX_TOTAL {
-                return Err(format!(
-                    "file_sync: {} brings the synced files over {} MiB; sync smaller files",
-                    entry.host.display(),
-                    MAX_TOTAL >> 20
-                ));
-            }
             files.push(GuestFile::new(
                 guest.display().to_string(),
                 entry.mode,

@@ -32,9 +32,22 @@ impl Engine {
         {
             return Err(OpError::not_found("kernel", k));
         }
-        let meta = std::fs::metadata(source)
-            .map_err(|e| OpError::bad_request(format!("{}: {e}", source.display())))?;
-        if meta.is_file() && is_bundle(source) {
+        // Never a FIFO (opening one waits for a writer forever), a device (/dev/zero is an
+        // endless "tarball") or an empty file: only a regular file with content, or a directory.
+        let file_len = match crate::input::open_input(source, true)
+            .map_err(|e| OpError::bad_request(e.to_string()))?
+        {
+            crate::input::Input::File(_, meta) => Some(meta.len()),
+            crate::input::Input::Dir => None,
+        };
+        if file_len == Some(0) {
+            return Err(OpError::bad_request(format!(
+                "{} is empty: not an image bundle, an ext4 image or a root filesystem tarball",
+                source.display()
+            )));
+        }
+        let is_file = file_len.is_some();
+        if is_file && is_bundle(source) {
             return self.import_bundle(source, name, kernel, None, ctx).await;
         }
         let Some(name) = name else {
@@ -43,7 +56,13 @@ impl Engine {
                 source.display()
             )));
         };
-        if meta.is_file() && is_ext4(source) {
+        if is_file && is_ext4(source) {
+            if let Some(problem) = ext4_problem(source, file_len.unwrap_or(0)) {
+                return Err(OpError::bad_request(format!(
+                    "{}: {problem}",
+                    source.display()
+                )));
+            }
             return self.image_register(name, source, kernel).await;
         }
         if self.store().get_image(name)?.is_some() {
@@ -54,7 +73,7 @@ impl Engine {
         }
         let kernel = kernel.or_else(|| Some(self.config().default_kernel.clone()));
         let source_label = format!("import:{}", source.display());
-        if meta.is_dir() {
+        if !is_file {
             if !source.join("etc").is_dir()
                 && !source.join("bin").exists()
                 && !source.join("usr").is_dir()
@@ -82,6 +101,7 @@ impl Engine {
             .map_err(|e| OpError::failed(format!("creating {}: {e}", scratch.display())))?;
         let result = async {
             let layer = tarball_layer(source, &scratch, ctx).await?;
+            check_rootfs_tar(&layer, source).await?;
             let mut meta = banger_core::ImageMeta::default();
             self.image_from_layers(name, vec![layer], &mut meta, kernel, &source_label, ctx)
                 .await
@@ -155,6 +175,98 @@ fn is_bundle(path: &Path) -> bool {
         return false;
     };
     matches!(entries.next(), Some(Ok(e)) if e.path().is_ok_and(|p| p.as_os_str() == "manifest.json"))
+}
+
+/// What makes an ext4 image (its magic is there) unusable as a root disk: a superblock whose
+/// block size is impossible or whose blocks do not fit in the file (a truncated copy).
+fn ext4_problem(path: &Path, file_len: u64) -> Option<String> {
+    use std::os::unix::fs::FileExt;
+    let mut sb = [0u8; 1024];
+    if let Err(e) = std::fs::File::open(path).and_then(|f| f.read_exact_at(&mut sb, 1024)) {
+        return Some(format!("reading the ext4 superblock: {e}"));
+    }
+    let le32 = |o: usize| u32::from_le_bytes(sb[o..o + 4].try_into().expect("4 bytes")) as u64;
+    let log_block = le32(24);
+    // 1 KiB to 64 KiB blocks, as mke2fs makes them.
+    if log_block > 6 {
+        return Some(format!(
+            "not a usable ext4 image (superblock block size 2^{} KiB)",
+            log_block
+        ));
+    }
+    let incompat_64bit = le32(0x60) & 0x80 != 0;
+    let blocks = le32(4) | if incompat_64bit { le32(0x150) << 32 } else { 0 };
+    let needed = blocks.saturating_mul(1024 << log_block);
+    (needed > file_len).then(|| {
+        format!("ext4 image truncated: its superblock says {needed} bytes, the file has {file_len}")
+    })
+}
+
+/// Refuses a tarball that is not a root filesystem before anything is built from it: garbage,
+/// an empty archive, or a `docker save` archive (images and a manifest, not a filesystem).
+/// Reads entry headers until one of a root filesystem's top-level dirs shows up, which in a
+/// real root filesystem tarball is within its first few entries.
+async fn check_rootfs_tar(layer: &banger_rootfs::Layer, source: &Path) -> OpResult<()> {
+    let (path, compression) = (layer.path.clone(), layer.compression);
+    let verdict = tokio::task::spawn_blocking(move || -> Result<(), String> {
+        let file = std::fs::File::open(&path).map_err(|e| e.to_string())?;
+        let label = path.display().to_string();
+        let reader: Box<dyn std::io::Read> = match compression {
+            banger_rootfs::LayerCompression::Gzip => {
+                decoder(Compression::Gzip, file, &label).map_err(|e| e.to_string())?
+            }
+            banger_rootfs::LayerCompression::Zstd => {
+                decoder(Compression::Zstd, file, &label).map_err(|e| e.to_string())?
+            }
+            _ => Box::new(file),
+        };
+        let mut archive = tar::Archive::new(reader);
+        // tar's own error text quotes the bad header bytes; the user needs the verdict.
+        let not_tar = |_: std::io::Error| {
+            "not an image bundle, an ext4 image or a root filesystem tarball".to_string()
+        };
+        let mut entries = 0u64;
+        let mut docker_marks = 0;
+        for entry in archive.entries().map_err(not_tar)? {
+            let entry = entry.map_err(not_tar)?;
+            entries += 1;
+            let name = entry
+                .path()
+                .map_err(not_tar)?
+                .to_string_lossy()
+                .into_owned();
+            let name = name.trim_start_matches("./").trim_start_matches('/');
+            let top = name.split('/').next().unwrap_or_default();
+            if ["etc", "bin", "usr", "sbin"].contains(&top) {
+                return Ok(());
+            }
+            if ["manifest.json", "repositories", "oci-layout", "index.json"].contains(&name)
+                || name.ends_with("/layer.tar")
+                || name.starts_with("blobs/sha256/")
+            {
+                docker_marks += 1;
+            }
+        }
+        Err(if docker_marks > 0 {
+            "is a docker-archive (`docker save` output), not a root filesystem: push it to a \
+             registry and use `banger image pull`, or import `docker export CONTAINER` output"
+                .to_string()
+        } else if entries == 0 {
+            "is an empty tar archive, not a root filesystem".to_string()
+        } else {
+            "does not look like a root filesystem (no /etc, /bin or /usr)".to_string()
+        })
+    })
+    .await
+    .map_err(|e| OpError::failed(format!("checking {}: {e}", source.display())))?;
+    verdict.map_err(|msg| {
+        let sep = if msg.starts_with("is ") || msg.starts_with("does ") {
+            " "
+        } else {
+            ": "
+        };
+        OpError::bad_request(format!("{}{sep}{msg}", source.display()))
+    })
 }
 
 fn is_ext4(path: &Path) -> bool {

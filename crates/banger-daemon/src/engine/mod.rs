@@ -9,6 +9,7 @@ mod artifacts;
 mod create;
 mod guest;
 mod import;
+mod lost_handles;
 mod ops;
 mod provision;
 mod pull;
@@ -203,7 +204,17 @@ impl Engine {
 
     fn save(&self, vm: &mut VmRecord) -> OpResult<()> {
         vm.updated_at = now();
-        self.inner.store.update_vm(vm)?;
+        match self.inner.store.update_vm(vm) {
+            // The disk is full (a guest filled it): free the reserve and try once more, so a
+            // stop or kill is still recorded.
+            Err(e)
+                if e.is_disk_full() && crate::reserve::release(&self.layout().space_reserve()) =>
+            {
+                tracing::warn!(vm = %vm.name, "state disk full; released the space reserve to record the VM");
+                self.inner.store.update_vm(vm)?;
+            }
+            r => r?,
+        }
         self.vms_changed();
         Ok(())
     }

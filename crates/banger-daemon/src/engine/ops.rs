@@ -85,14 +85,30 @@ impl Engine {
         let timeout = Duration::from_secs(timeout.unwrap_or(self.config().stop_timeout_secs));
         hit("stop", "mark_stopping", false);
         vm.state = VmState::Stopping;
-        self.save(vm)?;
+        // A state that cannot be written (the disk is full even after the reserve) must not
+        // keep the VMM running: the stop goes on, and the final save reports the failure.
+        if let Err(e) = self.save(vm) {
+            ctx.progress.warn(format!(
+                "VM {}: recording `stopping` failed ({e}); stopping anyway",
+                vm.name
+            ));
+        }
         hit("stop", "mark_stopping", true);
         let live = self.live_or_handles(&vm.id);
         let handle = live.as_ref().and_then(|l| l.handles.vmm.clone());
         let vmm = handle
             .as_ref()
             .and_then(|h| self.inner.vmms.for_kind(h.kind));
-        if let (Some(h), Some(v)) = (&handle, &vmm) {
+        let paused = match (&handle, &vmm) {
+            (Some(h), Some(v)) => v.paused_reason(h).await,
+            _ => None,
+        };
+        if let Some(why) = &paused {
+            // A guest the VMM holds paused cannot power off; waiting would only delay.
+            ctx.progress
+                .warn(format!("VM {} is paused ({why}); killing it", vm.name));
+        }
+        if let (Some(h), Some(v), None) = (&handle, &vmm, &paused) {
             ctx.progress.stage(
                 "shutdown",
                 Some(format!(
@@ -350,7 +366,7 @@ impl Engine {
         Ok(vm)
     }
 
-    pub fn show(&self, name: &str) -> OpResult<VmDetails> {
+    pub async fn show(&self, name: &str) -> OpResult<VmDetails> {
         let vm = self.find_vm(name)?;
         let access = self.store().get_image(&vm.image)?.map(|img| {
             if img.meta.agent_ssh() && self.layout().sshd_installed(&vm.id).exists() {
@@ -361,8 +377,19 @@ impl Engine {
                 img.meta.access_summary()
             }
         });
+        let paused = match self.live_or_handles(&vm.id) {
+            Some(live) if vm.state == VmState::Running => match live.handles.vmm.as_ref() {
+                Some(h) => match self.inner.vmms.for_kind(h.kind) {
+                    Some(v) => v.paused_reason(h).await,
+                    None => None,
+                },
+                None => None,
+            },
+            _ => None,
+        };
         Ok(VmDetails {
             access,
+            paused,
             pid: self.vmm_pid(&vm.id),
             dir: self.layout().vm_dir(&vm.id),
             log_file: self.layout().vmm_log(&vm.id),

@@ -561,7 +561,16 @@ impl Engine {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(&image_file, std::fs::Permissions::from_mode(0o400))
                 .map_err(|e| OpError::failed(format!("{}: {e}", image_file.display())))?;
-            self.publish_image(&staging, name, kernel, source, ImageMeta::default())
+            // What the tree really holds decides how its VMs boot (the agent serves ssh and
+            // stays PID 1 when the image has no sshd or init), as for pulled images.
+            let facts = banger_rootfs::inspect_dir(tree);
+            let meta = ImageMeta {
+                has_sshd: Some(facts.has_sshd),
+                has_init: Some(facts.init.is_some()),
+                package_manager: facts.package_manager,
+                ..ImageMeta::default()
+            };
+            self.publish_image(&staging, name, kernel, source, meta)
         }
         .await;
         let _ = std::fs::remove_dir_all(&staging);

@@ -60,13 +60,20 @@ impl Engine {
             let lock = self.vm_lock(&vm.id);
             let _guard = lock.lock().await;
             let handles_path = self.layout().handles_file(&vm.id);
+            let mut recovered = false;
             let handles = match Handles::read(&handles_path) {
-                Ok(h) => h,
-                Err(e) => {
-                    report
-                        .actions
-                        .push(format!("VM {}: {e}; treating its VMM as gone", vm.name));
-                    None
+                Ok(Some(h)) => Some(h),
+                read => {
+                    // Unreadable or gone (a truncated file, a deleted VM dir): keep the
+                    // evidence and find the VMM by its runtime dir instead of abandoning it.
+                    if let Err(e) = read {
+                        let kept = super::lost_handles::keep_damaged(&handles_path)
+                            .map_or_else(|e| e, |p| format!("kept as {}", p.display()));
+                        report.actions.push(format!("VM {}: {e}; {kept}", vm.name));
+                    }
+                    let found = self.handles_from_marks(&vm);
+                    recovered = found.is_some();
+                    found
                 }
             };
             let vmm = handles
@@ -81,7 +88,9 @@ impl Engine {
                 handles: h,
                 generation: self.next_generation(),
             });
-            if alive && vm.state == VmState::Running {
+            // A VMM found by its marks is stopped, not re-adopted: what else its run held
+            // (block devices) is not known without its handles.
+            if alive && vm.state == VmState::Running && !recovered {
                 let live = live.expect("alive implies handles");
                 let handle = live
                     .handles
@@ -105,6 +114,12 @@ impl Engine {
             let errors = self.teardown(&vm.id, live.as_ref(), "reconcile").await;
             vm.state = VmState::Stopped;
             let mut note = match (was, alive) {
+                (_, true) if recovered => format!(
+                    "its handles file was unreadable or missing; its VMM (pid {}, found by its runtime dir) was stopped",
+                    live.as_ref()
+                        .and_then(|l| l.handles.vmm.as_ref())
+                        .map_or(0, |h| h.pid)
+                ),
                 (VmState::Running, _) => "its VMM died while the daemon was away".to_string(),
                 (s, true) => format!("the daemon died while the VM was {s}; its VMM was killed"),
                 (s, false) => format!("the daemon died while the VM was {s}"),

@@ -69,8 +69,8 @@ fn parallel_creates_deletes_and_racing_pulls_leave_nothing() {
     // in production and the first starts overlap while it is built.
     {
         let agent = env.root().join("fake-agent");
-        let mut bytes = b"#!/bin/false\n".to_vec();
-        bytes.resize(48 << 20, b'#');
+        let mut bytes = banger_testkit::tiny_static_elf();
+        bytes.resize(48 << 20, 0);
         std::fs::write(&agent, bytes).unwrap();
     }
     env.start_daemon();

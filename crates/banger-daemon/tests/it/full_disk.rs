@@ -162,6 +162,11 @@ impl Drop for DiskEnv {
         while !processes_mentioning(self.env.root()).is_empty() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
+        // Taps of a real environment's VMs are named in handles files on the state fs: delete
+        // them while it is still mounted (TestEnv's own drop runs after the unmount).
+        for tap in self.env.recorded_taps() {
+            let _ = Command::new("ip").args(["link", "del", &tap]).output();
+        }
         self.mounts.clear();
     }
 }
@@ -387,11 +392,15 @@ fn a_full_state_dir_fails_cleanly_and_recovers() {
         assert_disk_full("import bundle", code, &msg, &["images/"]);
         assert_no_half_image(&env, "bundled");
 
-        // An ext4 file (only its superblock magic is checked) is copied in.
+        // An ext4 file (only its superblock's magic, block size and block count are checked:
+        // 4 KiB blocks, as many as fit, no 64-bit feature) is copied in.
         let ext4 = env.root().join("big.ext4");
         let mut bytes = noise(80 << 20, 9);
         bytes[1024 + 56] = 0x53;
         bytes[1024 + 57] = 0xef;
+        bytes[1024 + 4..1024 + 8].copy_from_slice(&((80u32 << 20) / 4096).to_le_bytes());
+        bytes[1024 + 24..1024 + 28].copy_from_slice(&2u32.to_le_bytes());
+        bytes[1024 + 0x60] &= !0x80;
         std::fs::write(&ext4, bytes).unwrap();
         let (code, msg) = env
             .request(&Request::ImageImport(ImageImportParams {
@@ -602,4 +611,136 @@ fn bundle_bytes(rootfs: &[u8]) -> Vec<u8> {
         tar.append_data(&mut h, name, data).unwrap();
     }
     zstd::encode_all(tar.into_inner().unwrap().as_slice(), 1).unwrap()
+}
+
+/// A real guest (QEMU/TCG) filling its disk while the state dir's filesystem is nearly full:
+/// QEMU pauses it (`werror=enospc`); `vm show` says so with the reason, and `vm stop` and
+/// `vm kill` work although the store's filesystem is full.
+#[test]
+fn a_guest_filling_the_host_disk_is_shown_paused_and_stop_and_kill_work() {
+    let Some(kdir) = std::env::var_os("BANGER_TEST_KERNEL_DIR").map(PathBuf::from) else {
+        println!("SKIP: BANGER_TEST_KERNEL_DIR not set (a dir with vmlinux and modules/)");
+        return;
+    };
+    let busybox = std::env::var_os("BANGER_TEST_BUSYBOX")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/bin/busybox"));
+    if !busybox.is_file() {
+        println!("SKIP: no static busybox (BANGER_TEST_BUSYBOX)");
+        return;
+    }
+    if DiskEnv::new("").is_none() {
+        return;
+    }
+    let Some(real) = TestEnv::real("") else {
+        return;
+    };
+    let mut env = DiskEnv {
+        env: real,
+        mounts: Vec::new(),
+    };
+    let state = env.state_dir();
+    env.small_fs(&state, 320);
+    env.start_daemon();
+    env.request(&Request::KernelImport(
+        banger_protocol::KernelImportParams {
+            name: "k".into(),
+            dir: kdir,
+        },
+    ))
+    .ok();
+    // A busybox root filesystem: no sshd, no init (the agent serves ssh and is PID 1).
+    let tree = env.root().join("tree");
+    std::fs::create_dir_all(tree.join("bin")).unwrap();
+    std::fs::create_dir_all(tree.join("etc")).unwrap();
+    std::fs::copy(&busybox, tree.join("bin/busybox")).unwrap();
+    for applet in ["sh", "dd", "sync", "cat", "df", "rm"] {
+        std::os::unix::fs::symlink("busybox", tree.join("bin").join(applet)).unwrap();
+    }
+    let v = env
+        .request(&Request::ImageImport(ImageImportParams {
+            name: Some("bb".into()),
+            source: tree.clone(),
+            kernel: Some("k".into()),
+        }))
+        .ok();
+    assert_eq!(v["meta"]["has_sshd"], false, "{v}");
+    for name in ["full1", "full2"] {
+        let o = env.cli(&[
+            "vm", "create", "--name", name, "--image", "bb", "--kernel", "k",
+        ]);
+        assert!(
+            o.status.success(),
+            "create {name}: {}\n{}",
+            String::from_utf8_lossy(&o.stderr),
+            env.daemon_log()
+        );
+    }
+    println!("free on the state fs: {} MiB", free_bytes(&state) >> 20);
+    // full1 writes more than the host filesystem has left.
+    let mut dd = Command::new(banger_testkit::bin("banger"));
+    dd.env("BANGER_CONFIG", env.root().join("config.toml"))
+        .env("HOME", env.home())
+        .args([
+            "vm",
+            "exec",
+            "full1",
+            "--",
+            "dd",
+            "if=/dev/zero",
+            "of=/root/fill",
+            "bs=1M",
+            "count=1000",
+            "conv=fsync",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut dd = dd.spawn().unwrap();
+    let show = |name: &str| {
+        env.request(&Request::VmShow(banger_protocol::VmRef { vm: name.into() }))
+            .ok()
+    };
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let paused = loop {
+        let v = show("full1");
+        if let Some(p) = v["paused"].as_str() {
+            break p.to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "full1 never shown paused (free {} KiB): {v}",
+            free_bytes(&state) >> 10
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    assert!(paused.contains("host disk full"), "{paused}");
+    assert_eq!(show("full1")["state"], "running");
+    let text = env.cli(&["vm", "show", "full1"]);
+    let text = String::from_utf8_lossy(&text.stdout).into_owned();
+    assert!(text.contains("running (paused: host disk full"), "{text}");
+    println!(
+        "{}",
+        text.lines()
+            .find(|l| l.starts_with("state"))
+            .unwrap_or_default()
+    );
+    // The store's filesystem is full now: stop and kill still work.
+    fill(&state, 0);
+    println!("free on the state fs: {} KiB", free_bytes(&state) >> 10);
+    let o = env.cli(&["vm", "stop", "full1"]);
+    assert!(
+        o.status.success(),
+        "vm stop on a full disk: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(show("full1")["state"], "stopped");
+    let o = env.cli(&["vm", "kill", "full2"]);
+    assert!(
+        o.status.success(),
+        "vm kill on a full disk: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(show("full2")["state"], "stopped");
+    let _ = dd.kill();
+    let _ = dd.wait();
 }

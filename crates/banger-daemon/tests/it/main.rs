@@ -3,7 +3,9 @@
 mod bridge_cidr;
 mod concurrency;
 mod crash;
+mod damaged_state;
 mod dns;
+mod edge_inputs;
 mod engine_faults;
 mod full_disk;
 mod fuzz;

@@ -108,6 +108,29 @@ pub fn escape_opt_value(value: &OsStr) -> OsString {
     OsString::from_vec(out)
 }
 
+/// The words for a guest QEMU stopped on an I/O error, from `query-block`'s reply: which
+/// banger drive (`drive-root` is the root disk) and whether the host disk is full.
+fn io_error_reason(blocks: Option<&serde_json::Value>) -> String {
+    let mut parts = Vec::new();
+    for dev in blocks.and_then(|b| b.as_array()).into_iter().flatten() {
+        let status = dev["io-status"].as_str().unwrap_or("ok");
+        if status == "ok" {
+            continue;
+        }
+        let name = dev["device"].as_str().unwrap_or("?");
+        let drive = name.strip_prefix("drive-").unwrap_or(name);
+        parts.push(match status {
+            "nospace" => format!("host disk full under the {drive} disk"),
+            _ => format!("I/O error on the {drive} disk"),
+        });
+    }
+    if parts.is_empty() {
+        "I/O error on a disk".to_string()
+    } else {
+        parts.join(", ")
+    }
+}
+
 /// The QEMU id of a banger drive: QEMU ids must start with a letter, banger's drive ids need not.
 pub fn qemu_drive_id(id: &str) -> String {
     format!("drive-{id}")
@@ -707,6 +730,21 @@ impl Vmm for Qemu {
         }
         .await;
         common::await_shutdown(handle, timeout, request).await
+    }
+
+    /// QEMU stops the guest (run state `io-error`) when a write to a drive fails with ENOSPC
+    /// (`werror=enospc`, the default) and keeps it stopped until told to continue; which drive
+    /// and why is each device's `io-status` in `query-block`.
+    async fn paused_reason(&self, handle: &VmmHandle) -> Option<String> {
+        if check_kind(handle).is_err() || !self.is_alive(handle) {
+            return None;
+        }
+        let mut conn = self.qmp(handle).connect().await.ok()?;
+        if conn.query_status().await.ok()?.status != "io-error" {
+            return None;
+        }
+        let blocks = conn.execute("query-block", None).await.ok();
+        Some(io_error_reason(blocks.as_ref()))
     }
 
     async fn kill(&self, handle: &VmmHandle) -> Result<(), VmmError> {

@@ -626,3 +626,18 @@ fn an_inherited_tap_is_passed_by_descriptor() {
     assert_eq!(argv[pos + 1], "tap,id=net0,fd=3");
     assert!(!argv.iter().any(|a| a.to_string_lossy().contains("ifname")));
 }
+
+#[test]
+fn io_error_reason_names_the_drive_and_a_full_disk() {
+    let blocks = serde_json::json!([
+        {"device": "drive-root", "io-status": "nospace"},
+        {"device": "drive-work", "io-status": "ok"},
+        {"device": "drive-config"},
+        {"device": "drive-work2", "io-status": "failed"},
+    ]);
+    assert_eq!(
+        super::io_error_reason(Some(&blocks)),
+        "host disk full under the root disk, I/O error on the work2 disk"
+    );
+    assert_eq!(super::io_error_reason(None), "I/O error on a disk");
+}
