@@ -400,6 +400,7 @@ a-much-longer-name  stopped  debian-bookworm  -           2     1024M  8G    -  
             dir: PathBuf::from("/state/vms/0123456789ab"),
             log_file: PathBuf::from("/state/vms/0123456789ab/vmm.log"),
             access: None,
+            paused: None,
         };
         let text = vm_details(&d, NOW);
         assert!(
