@@ -20,7 +20,6 @@ pub mod progress;
 pub mod reserve;
 pub mod server;
 pub mod ssh;
-pub mod static_elf;
 pub mod vmms;
 
 use std::os::fd::AsRawFd;

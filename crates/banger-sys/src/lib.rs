@@ -7,6 +7,8 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
+pub mod elf;
+
 /// Looks a program up in PATH, then in the sbin directories a non-login PATH often lacks.
 pub fn find_in_path(program: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();

@@ -16,22 +16,12 @@ pub fn which(prog: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// Whether the ELF at `path` has no PT_INTERP, i.e. needs no dynamic loader.
+/// Whether the ELF at `path` needs no dynamic loader.
 pub fn is_static_elf(path: &Path) -> bool {
-    let Ok(b) = std::fs::read(path) else {
-        return false;
-    };
-    if b.len() < 64 || &b[..4] != b"\x7fELF" || b[4] != 2 {
-        return false;
-    }
-    let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]) as usize;
-    let phoff = u64::from_le_bytes(b[32..40].try_into().unwrap()) as usize;
-    let (phentsize, phnum) = (u16_at(54), u16_at(56));
-    (0..phnum).all(|i| {
-        let o = phoff + i * phentsize;
-        b.get(o..o + 4)
-            .is_some_and(|t| u32::from_le_bytes(t.try_into().unwrap()) != 3)
-    })
+    matches!(
+        banger_sys::elf::x86_64_linkage(path),
+        Ok(banger_sys::elf::Linkage::Static)
+    )
 }
 
 #[derive(Debug)]

@@ -37,15 +37,23 @@ impl Engine {
     fn agent_path(&self) -> Result<PathBuf, String> {
         let path = self.find_agent()?;
         // Checked before every use: the file may be rebuilt between starts.
-        match crate::static_elf::static_elf_problem(&path) {
-            None => Ok(path),
-            Some(problem) => Err(format!(
-                "the guest agent {} cannot run as the guest's /init: {problem}; build it static \
-                 (RUSTFLAGS=\"-C target-feature=+crt-static\" cargo build --release -p banger-agent \
-                 --target x86_64-unknown-linux-gnu) and install it, or set agent_bin to a static build",
-                path.display()
-            )),
-        }
+        use banger_sys::elf::{ElfError, Linkage, x86_64_linkage};
+        let problem = match x86_64_linkage(&path) {
+            Ok(Linkage::Static) => return Ok(path),
+            Ok(Linkage::Dynamic { interpreter }) => {
+                format!("it is dynamically linked (loader {interpreter})")
+            }
+            Err(ElfError::NotElf { why, .. }) => {
+                format!("it is not an x86-64 ELF executable ({why})")
+            }
+            Err(ElfError::Io { source, .. }) => format!("reading it: {source}"),
+        };
+        Err(format!(
+            "the guest agent {} cannot run as the guest's /init: {problem}; build it static \
+             (RUSTFLAGS=\"-C target-feature=+crt-static\" cargo build --release -p banger-agent \
+             --target x86_64-unknown-linux-gnu) and install it, or set agent_bin to a static build",
+            path.display()
+        ))
     }
 
     fn find_agent(&self) -> Result<PathBuf, String> {

@@ -417,8 +417,8 @@ fn static_busybox() -> Option<PathBuf> {
     let path = std::env::var_os("BANGER_TEST_BUSYBOX")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/bin/busybox"));
-    let linked = banger_vmm::firecracker::jailer::elf_interpreter(&path);
-    if !matches!(linked, Ok(None)) {
+    let linked = banger_sys::elf::x86_64_linkage(&path);
+    if !matches!(linked, Ok(banger_sys::elf::Linkage::Static)) {
         println!(
             "SKIP: {} is not a static busybox ({linked:?}): apt-get install busybox-static",
             path.display()
