@@ -117,7 +117,10 @@ impl Engine {
             // half-built disks that could never start.
             self.mark_vm_dir(&vm, super::reconcile::CREATING_MARK)?;
             if let Err(e) = self.store().insert_vm(&vm) {
-                let _ = std::fs::remove_dir_all(self.layout().vm_dir(&vm.id));
+                let _ = banger_sys::rmtree::remove_tree_last(
+                    &self.layout().vm_dir(&vm.id),
+                    &[std::ffi::OsStr::new(super::reconcile::CREATING_MARK)],
+                );
                 return Err(e.into());
             }
             break vm;
@@ -171,7 +174,10 @@ impl Engine {
                 .ssh()
                 .remove_known_host(&super::ops::known_host_names(&vm));
             let dir = self.layout().vm_dir(&vm.id);
-            let _ = std::fs::remove_dir_all(&dir);
+            let _ = banger_sys::rmtree::remove_tree_last(
+                &dir,
+                &[std::ffi::OsStr::new(super::reconcile::CREATING_MARK)],
+            );
             return Err(e);
         }
         let mut vm = vm;

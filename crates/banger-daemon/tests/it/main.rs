@@ -7,6 +7,7 @@ mod engine_faults;
 mod full_disk;
 mod fuzz;
 mod images;
+mod interrupt;
 mod jailer;
 mod kernel_build;
 mod kernels;

@@ -1,0 +1,249 @@
+//! Interruptions *inside* long operations, not only at step boundaries: the daemon SIGKILLed at
+//! points spread over an operation's measured duration, or a fixed time after a progress event
+//! (the VMM process appearing), then restarted. After each case: the leak checker finds
+//! nothing, no process of this environment runs that a running VM does not account for, every
+//! VM the user did not delete is still there, and the next command works.
+//!
+//! Each group prints how many cases it ran (`interruption cases: <group> <n>`).
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use banger_protocol::{
+    Envelope, LeakReport, PROTOCOL_VERSION, Request, VmCreateParams, VmDeleteParams, VmRef,
+};
+use banger_testkit::{TestEnv, pid_alive, processes_mentioning};
+
+fn leaks(env: &TestEnv) -> LeakReport {
+    serde_json::from_value(env.request(&Request::DaemonLeaks).ok()).expect("a leak report")
+}
+
+fn list(env: &TestEnv) -> Vec<serde_json::Value> {
+    env.request(&Request::VmList).ok()["vms"]
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+fn create_params(name: &str, no_start: bool) -> Request {
+    Request::VmCreate(VmCreateParams {
+        name: Some(name.into()),
+        no_start,
+        ..Default::default()
+    })
+}
+
+/// Sends `req` on its own thread (the daemon may die under it; whatever comes back is ignored).
+fn send_in_background(env: &TestEnv, req: &Request) -> std::thread::JoinHandle<()> {
+    let op = banger_core::OpId::generate();
+    let line = Envelope {
+        v: PROTOCOL_VERSION,
+        op_id: &op,
+        request: req,
+    }
+    .to_line();
+    let socket = env.socket();
+    std::thread::spawn(move || {
+        let _ = banger_testkit::raw_request(&socket, line.as_bytes());
+    })
+}
+
+/// The fake Firecracker processes of this environment.
+fn vmm_pids(env: &TestEnv) -> Vec<i32> {
+    processes_mentioning(env.root())
+        .into_iter()
+        .filter(|(_, cmd)| cmd.contains("fake-firecracker"))
+        .map(|(p, _)| p)
+        .collect()
+}
+
+/// What every case must show after the daemon is back: no leak, no stray process, the VMs in
+/// `kept` still there (the ones in `maybe` may or may not be), and a new VM made, run and
+/// deleted without a trace.
+fn check_after(env: &TestEnv, label: &str, kept: &[&str], maybe: &[&str]) {
+    let report = leaks(env);
+    assert!(
+        report.leaks.is_empty(),
+        "{label}: leaks {:#?}; log:\n{}",
+        report.leaks,
+        env.daemon_log()
+    );
+    let vms = list(env);
+    let running: Vec<i64> = vms
+        .iter()
+        .filter_map(|v| {
+            env.request(&Request::VmShow(VmRef {
+                vm: v["name"].as_str().unwrap().into(),
+            }))
+            .ok()["pid"]
+                .as_i64()
+        })
+        .collect();
+    for (pid, cmd) in env.stray_processes() {
+        assert!(
+            running.contains(&i64::from(pid)),
+            "{label}: process {pid} ({cmd}) runs for no running VM; VMs {vms:#?}; log:\n{}",
+            env.daemon_log()
+        );
+    }
+    let names: Vec<&str> = vms.iter().filter_map(|v| v["name"].as_str()).collect();
+    for k in kept {
+        assert!(names.contains(k), "{label}: VM {k} is gone: {vms:#?}");
+    }
+    for n in &names {
+        assert!(
+            kept.contains(n) || maybe.contains(n),
+            "{label}: unexpected VM {n}"
+        );
+    }
+    // The next command works.
+    env.request(&create_params("probe", false)).ok();
+    env.request(&Request::VmDelete(VmDeleteParams {
+        vm: "probe".into(),
+        force: true,
+    }))
+    .ok();
+}
+
+/// Deletes every VM, leaving an empty installation for the next case.
+fn reset(env: &TestEnv) {
+    for v in list(env) {
+        env.request(&Request::VmDelete(VmDeleteParams {
+            vm: v["name"].as_str().unwrap().into(),
+            force: true,
+        }))
+        .ok();
+    }
+    assert!(env.vm_leftovers().is_empty(), "{:?}", env.vm_leftovers());
+}
+
+fn kill_and_restart(env: &mut TestEnv, bg: std::thread::JoinHandle<()>) {
+    env.kill_daemon();
+    let _ = bg.join();
+    env.start_daemon();
+}
+
+/// SIGKILL of the daemon while the VMM is starting up (after fork/exec, before its API socket
+/// answers; the fake takes 2.5 s to bind it, as a slow real one can): the VMM must be recorded
+/// and killed by the next daemon, never orphaned. Points: a fixed delay after the VMM process
+/// appears.
+#[test]
+fn sigkill_while_the_vmm_starts_up() {
+    let mut env = TestEnv::new("");
+    env.start_daemon();
+    env.seed_artifacts();
+    let delays = [0u64, 200, 700, 1500, 2300];
+    for ms in delays {
+        let label = format!("vmm_spawn +{ms}ms");
+        env.request(&create_params("box", true)).ok();
+        env.set_control(serde_json::json!({ "socket_delay_ms": 2500 }));
+        let bg = send_in_background(&env, &Request::VmStart(VmRef { vm: "box".into() }));
+        let t = Instant::now();
+        let pid = loop {
+            if let Some(p) = vmm_pids(&env).first() {
+                break *p;
+            }
+            assert!(t.elapsed() < Duration::from_secs(10), "{label}: no VMM");
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        std::thread::sleep(Duration::from_millis(ms));
+        kill_and_restart(&mut env, bg);
+        assert!(!pid_alive(pid), "{label}: the VMM {pid} was orphaned");
+        env.set_control(serde_json::json!({}));
+        check_after(&env, &label, &["box"], &[]);
+        // The interrupted VM itself starts and goes.
+        env.request(&Request::VmStart(VmRef { vm: "box".into() }))
+            .ok();
+        reset(&env);
+    }
+    println!("interruption cases: vmm_spawn {}", delays.len());
+}
+
+/// Runs `op` once to measure it, then `points` times with the daemon SIGKILLed at fractions of
+/// that duration spread over it, calling `setup` before each run and `check` after each restart.
+fn over_duration(
+    env: &mut TestEnv,
+    group: &str,
+    points: usize,
+    setup: &dyn Fn(&TestEnv),
+    op: &dyn Fn() -> Request,
+    check: &dyn Fn(&TestEnv, &str),
+) -> usize {
+    setup(env);
+    let t = Instant::now();
+    env.request(&op());
+    let took = t.elapsed();
+    reset(env);
+    for i in 0..points {
+        let at = took.mul_f64(i as f64 / (points - 1).max(1) as f64);
+        let label = format!("{group} at {at:?} of {took:?}");
+        setup(env);
+        let bg = send_in_background(env, &op());
+        std::thread::sleep(at);
+        kill_and_restart(env, bg);
+        check(env, &label);
+        reset(env);
+    }
+    points
+}
+
+/// `vm create` (with its start) and `vm rm -f` of a running VM, the daemon SIGKILLed at points
+/// spread over each. A delete is either finished by the next daemon or not begun: never a VM
+/// dir without a VM (the delete mark goes last), never a VMM without a record.
+#[test]
+fn sigkill_inside_create_and_delete() {
+    let mut env = TestEnv::new("");
+    env.start_daemon();
+    env.seed_artifacts();
+    // A slower VMM start spreads the points over the boot too.
+    env.set_control(serde_json::json!({ "socket_delay_ms": 300 }));
+    let mut n = over_duration(
+        &mut env,
+        "create",
+        6,
+        &|_| {},
+        &|| create_params("box", false),
+        &|env, label| check_after(env, label, &[], &["box"]),
+    );
+    n += over_duration(
+        &mut env,
+        "delete",
+        6,
+        &|env| {
+            env.request(&create_params("box", false)).ok();
+            // Bulk in the VM dir, so the delete takes a while.
+            let id = list(env)[0]["id"].as_str().unwrap().to_string();
+            let dir = env.state_dir().join("vms").join(id).join("bulk");
+            std::fs::create_dir_all(&dir).unwrap();
+            for i in 0..3000 {
+                std::fs::write(dir.join(i.to_string()), b"x").unwrap();
+            }
+        },
+        &|| {
+            Request::VmDelete(VmDeleteParams {
+                vm: "box".into(),
+                force: true,
+            })
+        },
+        &|env, label| {
+            check_after(env, label, &[], &["box"]);
+            // Whatever remains of the VM is a whole VM (its disks are there).
+            for v in list(env) {
+                let id = v["id"].as_str().unwrap();
+                let root = env.state_dir().join("vms").join(id);
+                assert!(
+                    dir_has_disks(&root),
+                    "{label}: VM {id} survived without its disks"
+                );
+            }
+        },
+    );
+    println!("interruption cases: create+delete {n}");
+}
+
+fn dir_has_disks(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|rd| {
+        rd.flatten()
+            .any(|e| e.file_name().to_string_lossy().ends_with(".ext4"))
+    })
+}
