@@ -4,6 +4,7 @@
 //! protocol server ([`server`]) and the choice of VMM ([`vmms`]). It runs as the owner user; the
 //! privileged steps it will need go through the root helper, never through a shell.
 
+pub mod build_dir;
 pub mod disks;
 pub mod dm;
 pub mod dns;
