@@ -10,9 +10,11 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// Pids of processes whose working directory or root is `root` or under it (only those whose
-/// `/proc/PID/{cwd,root}` this user may read).
+/// Pids of processes working in the tree `root`: their working directory or root is `root` or
+/// under it, or an argument names a path in it (mmdebstrap itself runs from elsewhere but names
+/// its target). Only processes whose `/proc/PID` entries this user may read.
 pub fn processes_in(proc_root: &Path, root: &Path) -> Vec<i32> {
+    let named = root.as_os_str().as_encoded_bytes().to_vec();
     let Ok(entries) = std::fs::read_dir(proc_root) else {
         return Vec::new();
     };
@@ -22,10 +24,15 @@ pub fn processes_in(proc_root: &Path, root: &Path) -> Vec<i32> {
         .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
         .filter(|&pid| u32::try_from(pid).ok() != Some(me))
         .filter(|pid| {
-            ["cwd", "root"].iter().any(|l| {
-                std::fs::read_link(proc_root.join(pid.to_string()).join(l))
-                    .is_ok_and(|t| t.starts_with(root))
-            })
+            let dir = proc_root.join(pid.to_string());
+            ["cwd", "root"]
+                .iter()
+                .any(|l| std::fs::read_link(dir.join(l)).is_ok_and(|t| t.starts_with(root)))
+                || std::fs::read(dir.join("cmdline")).is_ok_and(|c| {
+                    c.split(|b| *b == 0).any(|arg| {
+                        arg.starts_with(&named) && matches!(arg.get(named.len()), None | Some(b'/'))
+                    })
+                })
         })
         .collect()
 }
@@ -77,6 +84,19 @@ mod tests {
     fn finds_a_process_working_in_the_tree() {
         let t = tempfile::tempdir().unwrap();
         let real = std::fs::canonicalize(t.path()).unwrap();
+        let mut named = std::process::Command::new("sleep")
+            .arg("30")
+            .arg(real.join("target"))
+            .spawn()
+            .unwrap();
+        // Until it has exec'd, its command line is still this test's.
+        let found = (0..100).any(|_| {
+            std::thread::sleep(Duration::from_millis(20));
+            processes_in(Path::new("/proc"), &real).contains(&(named.id() as i32))
+        });
+        assert!(found);
+        let _ = named.kill();
+        let _ = named.wait();
         let mut child = std::process::Command::new("sleep")
             .arg("30")
             .current_dir(&real)

@@ -247,3 +247,143 @@ fn dir_has_disks(dir: &Path) -> bool {
             .any(|e| e.file_name().to_string_lossy().ends_with(".ext4"))
     })
 }
+
+/// Mount points strictly under `dir` (canonical) in this mount namespace.
+fn mounts_under(dir: &Path) -> Vec<String> {
+    let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    let prefix = format!("{}/", dir.display());
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|p| p.starts_with(&prefix))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Processes working (cwd or root) inside `dir`.
+fn processes_in(dir: &Path) -> Vec<i32> {
+    let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    banger_daemon::build_dir::processes_in(Path::new("/proc"), &dir)
+}
+
+/// `image build` (a real mmdebstrap, as root) interrupted while mmdebstrap runs: the client
+/// going away (what Ctrl-C of the CLI does) during the download and while the host's `/proc`,
+/// `/sys`, `/dev/pts`, `/dev/shm` are mounted in its tree, and the daemon SIGKILLed there. After
+/// each: no process of the build left, nothing mounted under the state dir, `build/` empty,
+/// no image registered, a file in the host's `/dev/shm` still there, no leak.
+#[test]
+fn image_build_interrupted() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        println!("SKIP: image build needs root");
+        return;
+    }
+    if !banger_testkit::have_program("mmdebstrap") {
+        println!("SKIP: mmdebstrap is not installed");
+        return;
+    }
+    let mut env = TestEnv::new("");
+    env.start_daemon();
+    let canary = Path::new("/dev/shm").join(format!("banger-canary-{}", std::process::id()));
+    std::fs::write(&canary, b"host file").unwrap();
+    let build = env.state_dir().join("build");
+    let state = env.state_dir();
+    // (label, wait for mounts?, delay after the trigger, SIGKILL the daemon instead of leaving)
+    let cases = [
+        ("client gone while downloading", false, 3000u64, false),
+        (
+            "client gone with /proc,/sys,/dev mounted",
+            true,
+            1000,
+            false,
+        ),
+        (
+            "daemon SIGKILLed with /proc,/sys,/dev mounted",
+            true,
+            3000,
+            true,
+        ),
+    ];
+    for (label, wait_mounts, delay, sigkill) in cases {
+        let op = banger_core::OpId::generate();
+        let req = Request::ImageBuild(banger_protocol::ImageBuildParams {
+            name: Some("deb".into()),
+            suite: None,
+        });
+        let line = Envelope {
+            v: PROTOCOL_VERSION,
+            op_id: &op,
+            request: &req,
+        }
+        .to_line();
+        let mut conn = std::os::unix::net::UnixStream::connect(env.socket()).unwrap();
+        std::io::Write::write_all(&mut conn, line.as_bytes()).unwrap();
+        let t = Instant::now();
+        loop {
+            let ready = if wait_mounts {
+                !mounts_under(&build).is_empty()
+            } else {
+                !banger_testkit::processes_mentioning(&build).is_empty()
+            };
+            if ready {
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(300),
+                "{label}: mmdebstrap never got there; log:\n{}",
+                env.daemon_log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        std::thread::sleep(Duration::from_millis(delay));
+        if sigkill {
+            env.kill_daemon();
+            drop(conn);
+            env.start_daemon();
+        } else {
+            drop(conn);
+            // The daemon cleans up as the request unwinds.
+            let t = Instant::now();
+            while std::fs::read_dir(&build).is_ok_and(|mut rd| rd.next().is_some()) {
+                assert!(
+                    t.elapsed() < Duration::from_secs(60),
+                    "{label}: build dir not cleaned: {:?}; mounts {:?}; log:\n{}",
+                    banger_testkit::files_under(&build),
+                    mounts_under(&state),
+                    env.daemon_log()
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        assert!(
+            mounts_under(&state).is_empty(),
+            "{label}: mounts left {:?}",
+            mounts_under(&state)
+        );
+        assert!(
+            processes_in(&state).is_empty(),
+            "{label}: processes left {:?}",
+            processes_in(&state)
+        );
+        assert!(
+            std::fs::read_dir(&build).map_or(true, |mut rd| rd.next().is_none()),
+            "{label}: build dir not empty"
+        );
+        assert!(
+            canary.exists(),
+            "{label}: a file in the host's /dev/shm was deleted"
+        );
+        assert!(
+            env.request(&Request::ImageList).ok()["images"]
+                .as_array()
+                .is_none_or(|a| a.is_empty()),
+            "{label}: an image was registered"
+        );
+        let report = leaks(&env);
+        assert!(report.leaks.is_empty(), "{label}: {:#?}", report.leaks);
+        println!("{label}: ok after {:.1}s", t.elapsed().as_secs_f64());
+    }
+    let _ = std::fs::remove_file(&canary);
+    println!("interruption cases: image build {}", cases.len());
+}
