@@ -11,6 +11,7 @@ pub mod client;
 pub mod commands;
 pub mod doctor;
 pub mod error;
+pub mod interrupt;
 pub mod json;
 pub mod progress;
 mod remote;

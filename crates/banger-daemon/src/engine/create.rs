@@ -188,9 +188,10 @@ impl Engine {
             // the step, for `vm start` to retry. One that could not record anything (a full
             // disk leaves the store no room) leaves it `created` or `starting` with nothing
             // running: nobody asked for that VM, so it goes, as when its disks fail.
+            // With `rm_on_failure` (`vm run --rm`) nobody wants it in any state.
             let recorded = self.store().get_vm(vm.id.as_str()).ok().flatten();
             if let Some(r) = recorded
-                && r.state != VmState::Error
+                && (r.state != VmState::Error || p.rm_on_failure)
                 && let Err(d) = self.delete_locked(r, true, ctx).await
             {
                 return Err(OpError::failed(format!(
@@ -198,7 +199,26 @@ impl Engine {
                     e.message, vm.name, d.message
                 )));
             }
+            if p.rm_on_failure {
+                return Err(OpError::failed(format!(
+                    "{}; VM {} deleted (--rm)",
+                    e.message, vm.name
+                )));
+            }
             return Err(e);
+        }
+        if p.rm_on_failure && ctx.cancel.is_cancelled() {
+            // The client left while the VM booted: nobody will ever use or delete it.
+            let name = vm.name.clone();
+            if let Err(d) = self.delete_locked(vm, true, ctx).await {
+                return Err(OpError::failed(format!(
+                    "the client went away; removing VM {name} failed: {}",
+                    d.message
+                )));
+            }
+            return Err(OpError::failed(format!(
+                "the client went away; VM {name} deleted (--rm)"
+            )));
         }
         Ok(vm)
     }
