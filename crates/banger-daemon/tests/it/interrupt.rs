@@ -387,3 +387,135 @@ fn image_build_interrupted() {
     let _ = std::fs::remove_file(&canary);
     println!("interruption cases: image build {}", cases.len());
 }
+
+/// `banger ARGS` of this environment, started (not waited for), output captured.
+fn spawn_cli(env: &TestEnv, args: &[&str]) -> std::process::Child {
+    std::process::Command::new(banger_testkit::bin("banger"))
+        .args(args)
+        .env("BANGER_CONFIG", &env.config)
+        .env("HOME", env.home())
+        .env("FAKE_FIRECRACKER_CONTROL", &env.control)
+        .env("FAKE_FIRECRACKER_RECORD", &env.record)
+        .env("NO_COLOR", "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run banger")
+}
+
+/// A small git repository with one commit.
+fn make_repo(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("README"), "hello\n").unwrap();
+    for args in [
+        &["init", "-q"][..],
+        &["add", "README"],
+        &[
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@t",
+            "commit",
+            "-q",
+            "-m",
+            "one",
+        ],
+    ] {
+        let o = std::process::Command::new("git")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "git {args:?}: {o:?}");
+    }
+}
+
+/// Temporary repositories of CLI process `pid` (in banger's scratch dir or the system's).
+fn temp_repos(env: &TestEnv, pid: u32) -> Vec<std::path::PathBuf> {
+    let prefix = format!("banger-ws.{pid}.");
+    [
+        env.root().join("cache/workspaces/tmp"),
+        std::env::temp_dir(),
+    ]
+    .iter()
+    .filter_map(|d| std::fs::read_dir(d).ok())
+    .flat_map(|rd| rd.flatten().map(|e| e.path()))
+    .filter(|p| {
+        p.file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with(&prefix))
+    })
+    .collect()
+}
+
+/// Waits up to 15 s for `check` to hold.
+fn eventually(what: &str, check: impl Fn() -> bool) {
+    let t = Instant::now();
+    while !check() {
+        assert!(t.elapsed() < Duration::from_secs(15), "{what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `vm run --rm`: a start that fails deletes the VM; SIGINT to the CLI (Ctrl-C) at points
+/// spread over the boot (driven by the VMM process appearing) exits 130 and leaves no VM, no
+/// temp repo, no leak.
+#[test]
+fn vm_run_rm_cleans_up_on_failure_and_ctrl_c() {
+    let mut env = TestEnv::new("");
+    env.start_daemon();
+    env.seed_artifacts();
+    let repo = env.root().join("repo");
+    make_repo(&repo);
+    let repo_s = repo.display().to_string();
+
+    // A failed start with --rm leaves nothing.
+    env.set_control(serde_json::json!({
+        "fail": [{"method": "PUT", "path": "/actions", "action_type": "InstanceStart"}]
+    }));
+    let o = env.cli(&["vm", "run", "--rm", "--name", "failing", "--", "true"]);
+    assert!(!o.status.success(), "{o:?}");
+    assert!(
+        list(&env).is_empty(),
+        "failed start with --rm left {:#?}",
+        list(&env)
+    );
+    assert!(env.vm_leftovers().is_empty(), "{:?}", env.vm_leftovers());
+
+    let delays = [0u64, 400, 1200, 1800];
+    for ms in delays {
+        let label = format!("SIGINT to vm run --rm +{ms}ms after the VMM appeared");
+        env.set_control(serde_json::json!({ "socket_delay_ms": 2000 }));
+        let mut cli = spawn_cli(&env, &["vm", "run", "--rm", &repo_s, "--", "true"]);
+        let pid = cli.id();
+        let t = Instant::now();
+        while vmm_pids(&env).is_empty() {
+            assert!(t.elapsed() < Duration::from_secs(15), "{label}: no VMM");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(ms));
+        // SAFETY: kill(2) on the CLI child this test started.
+        unsafe { libc::kill(pid as i32, libc::SIGINT) };
+        let out = cli.wait_with_output().unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(130),
+            "{label}: {out:?}; log:\n{}",
+            env.daemon_log()
+        );
+        eventually(&format!("{label}: VM left {:#?}", list(&env)), || {
+            list(&env).is_empty() && env.vm_leftovers().is_empty()
+        });
+        assert!(
+            temp_repos(&env, pid).is_empty(),
+            "{label}: temp repo left: {:?}",
+            temp_repos(&env, pid)
+        );
+        env.set_control(serde_json::json!({}));
+        check_after(&env, &label, &[], &[]);
+    }
+    println!(
+        "interruption cases: vm run --rm (fake VMM) {}",
+        delays.len() + 1
+    );
+}
