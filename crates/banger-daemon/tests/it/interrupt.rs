@@ -486,7 +486,7 @@ fn vm_run_rm_cleans_up_on_failure_and_ctrl_c() {
     for ms in delays {
         let label = format!("SIGINT to vm run --rm +{ms}ms after the VMM appeared");
         env.set_control(serde_json::json!({ "socket_delay_ms": 2000 }));
-        let mut cli = spawn_cli(&env, &["vm", "run", "--rm", &repo_s, "--", "true"]);
+        let cli = spawn_cli(&env, &["vm", "run", "--rm", &repo_s, "--", "true"]);
         let pid = cli.id();
         let t = Instant::now();
         while vmm_pids(&env).is_empty() {
@@ -518,4 +518,318 @@ fn vm_run_rm_cleans_up_on_failure_and_ctrl_c() {
         "interruption cases: vm run --rm (fake VMM) {}",
         delays.len() + 1
     );
+}
+
+/// SIGINT to a CLI once `ready` holds (polled every 20 ms), `delay` later; its exit status.
+fn sigint_when(
+    mut cli: std::process::Child,
+    ready: impl Fn(&str) -> bool,
+    delay: Duration,
+    label: &str,
+) -> std::process::Output {
+    use std::io::BufRead;
+    let stderr = cli.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            all.push_str(&line);
+            all.push('\n');
+            let _ = tx.send(all.clone());
+        }
+        all
+    });
+    let t = Instant::now();
+    let mut seen = String::new();
+    while !ready(&seen) {
+        assert!(
+            t.elapsed() < Duration::from_secs(400),
+            "{label}: never ready; stderr: {seen}"
+        );
+        while let Ok(s) = rx.try_recv() {
+            seen = s;
+        }
+        if matches!(cli.try_wait(), Ok(Some(_))) {
+            panic!("{label}: the CLI ended before the interrupt; stderr: {seen}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(delay);
+    // SAFETY: kill(2) on the CLI child this test started.
+    unsafe { libc::kill(cli.id() as i32, libc::SIGINT) };
+    let mut out = cli.wait_with_output().unwrap();
+    out.stderr = reader.join().unwrap().into_bytes();
+    out
+}
+
+/// Real guests (QEMU, the Debian image with OpenSSH): `vm exec box -- sleep 1000` + SIGINT
+/// exits 130 and leaves no `sleep` in the guest; a command killed by SIGKILL exits 137; `vm
+/// run --rm` interrupted while booting and while copying the workspace leaves no VM and no temp
+/// repo.
+#[test]
+fn real_guest_interrupts() {
+    let Some(mut env) = TestEnv::real("") else {
+        return;
+    };
+    env.start_daemon();
+    let run = |args: &[&str]| {
+        let o = env.cli(args);
+        assert!(
+            o.status.success(),
+            "banger {args:?}: {o:?}\n{}",
+            env.daemon_log()
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let t = Instant::now();
+    run(&["vm", "create", "--name", "box"]);
+    println!(
+        "box ready (provisioning included) in {:.1}s",
+        t.elapsed().as_secs_f64()
+    );
+    let sleeps = || {
+        run(&[
+            "vm", "exec", "box", "--", "sh", "-c",
+            "n=0; for c in /proc/[0-9]*/comm; do [ \"$(cat $c 2>/dev/null)\" = sleep ] && n=$((n+1)); done; echo $n",
+        ])
+        .trim()
+        .to_string()
+    };
+    assert_eq!(sleeps(), "0");
+
+    // Ctrl-C on vm exec: 130, the guest command is gone.
+    let cli = spawn_cli(&env, &["vm", "exec", "box", "--", "sleep", "1000"]);
+    let t = Instant::now();
+    let o = sigint_when(
+        cli,
+        |_| t.elapsed() > Duration::from_secs(4),
+        Duration::ZERO,
+        "vm exec sleep",
+    );
+    assert_eq!(o.status.code(), Some(130), "vm exec + SIGINT: {o:?}");
+    assert_eq!(sleeps(), "0", "the guest command survived the interrupt");
+
+    // A command killed by a signal: 128 + N.
+    let o = env.cli(&["vm", "exec", "box", "--", "sh", "-c", "kill -9 $$"]);
+    assert_eq!(o.status.code(), Some(137), "{o:?}");
+    let o = env.cli(&["vm", "exec", "box", "--", "sh", "-c", "exit 7"]);
+    assert_eq!(o.status.code(), Some(7), "{o:?}");
+
+    // vm run --rm interrupted while booting, and while copying the workspace (a repo big
+    // enough for the copy to take a while).
+    let repo = env.root().join("repo");
+    make_repo(&repo);
+    let mut big = vec![0u8; 48 << 20];
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for b in big.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    std::fs::write(repo.join("blob"), &big).unwrap();
+    let o = std::process::Command::new("git")
+        .args(["add", "blob"])
+        .current_dir(&repo)
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let o = std::process::Command::new("git")
+        .args([
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@t",
+            "commit",
+            "-q",
+            "-m",
+            "blob",
+        ])
+        .current_dir(&repo)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
+    let repo_s = repo.display().to_string();
+    let root = env.root().to_path_buf();
+    let qemu_count = || {
+        processes_mentioning(&root)
+            .iter()
+            .filter(|(_, c)| c.contains("qemu-system"))
+            .count()
+    };
+    let cases: [(&str, &dyn Fn(&str) -> bool, Duration); 2] = [
+        (
+            "booting",
+            // box's VMM plus the new one.
+            &|_: &str| qemu_count() >= 2,
+            Duration::from_secs(3),
+        ),
+        (
+            "copying the workspace",
+            &|s: &str| s.contains("ready in"),
+            Duration::from_millis(300),
+        ),
+    ];
+    for (phase, ready, delay) in cases {
+        let label = format!("vm run --rm interrupted while {phase}");
+        let cli = spawn_cli(&env, &["vm", "run", "--rm", &repo_s, "--", "true"]);
+        let pid = cli.id();
+        let o = sigint_when(cli, ready, delay, &label);
+        assert_eq!(o.status.code(), Some(130), "{label}: {o:?}");
+        eventually(&format!("{label}: VMs {:#?}", list(&env)), || {
+            list(&env).len() == 1
+        });
+        assert!(
+            temp_repos(&env, pid).is_empty(),
+            "{label}: temp repo left: {:?}",
+            temp_repos(&env, pid)
+        );
+        println!("{label}: ok");
+    }
+    run(&["vm", "rm", "-f", "box"]);
+    let report = leaks(&env);
+    assert!(report.leaks.is_empty(), "{:#?}", report.leaks);
+    assert!(
+        env.stray_processes().is_empty(),
+        "{:?}",
+        env.stray_processes()
+    );
+    println!("interruption cases: real guest 3");
+}
+
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn images(env: &TestEnv) -> Vec<String> {
+    env.request(&Request::ImageList).ok()["images"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|i| i["name"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// After a SIGKILL inside an image operation: no leak, no staging or build scratch left, the
+/// image either complete (then removed for the next case) or absent.
+fn check_image_after(env: &TestEnv, label: &str, name: &str) {
+    let report = leaks(env);
+    assert!(report.leaks.is_empty(), "{label}: {:#?}", report.leaks);
+    let build = env.state_dir().join("build");
+    assert!(
+        std::fs::read_dir(&build).map_or(true, |mut rd| rd.next().is_none()),
+        "{label}: build scratch left: {:?}",
+        banger_testkit::files_under(&build)
+    );
+    let staging: Vec<_> = std::fs::read_dir(env.state_dir().join("images"))
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with('.'))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(staging.is_empty(), "{label}: staging left: {staging:?}");
+    if images(env).iter().any(|n| n == name) {
+        let show = env.request(&Request::ImageShow(banger_protocol::NameParams {
+            name: name.into(),
+        }));
+        let v = show.ok();
+        let rootfs = v["rootfs"].as_str().map(std::path::PathBuf::from);
+        assert!(
+            rootfs.as_ref().is_some_and(|p| p.is_file()),
+            "{label}: image {name} registered without its rootfs: {v}"
+        );
+        env.request(&Request::ImageDelete(banger_protocol::NameForceParams {
+            name: name.into(),
+            force: true,
+        }))
+        .ok();
+    }
+}
+
+/// `image pull` (from a local registry, throttled) and `image import` (a tarball) with the
+/// daemon SIGKILLed at points spread over each one's measured duration.
+#[test]
+fn sigkill_inside_pull_and_import() {
+    let reg = match banger_testkit::registry::LocalRegistry::start() {
+        Ok(r) => r,
+        Err(why) => {
+            println!("SKIP: {why}");
+            return;
+        }
+    };
+    let mut env = TestEnv::new("");
+    env.start_daemon();
+    let layer = banger_testkit::layers::LayerBuilder::new()
+        .dir("etc", 0o755)
+        .file("etc/os-release", 0o644, b"ID=banger-test\n")
+        .dir("data", 0o755)
+        .file("data/big", 0o644, &noise(12 << 20, 7))
+        .build();
+    let tarball = env.root().join("rootfs.tar");
+    std::fs::write(&tarball, &layer).unwrap();
+    reg.push(
+        "big/img",
+        "1",
+        &[layer],
+        serde_json::json!({"Cmd": ["/bin/sh"]}),
+    );
+    reg.set_throttle(12 << 20);
+    let reference = format!("{}/big/img:1", reg.addr());
+    let pull = || {
+        Request::ImagePull(banger_protocol::ImagePullParams {
+            reference: reference.clone(),
+            name: Some("pulled".into()),
+            insecure: true,
+            ..Default::default()
+        })
+    };
+    let import = || {
+        Request::ImageImport(banger_protocol::ImageImportParams {
+            name: Some("imported".into()),
+            source: tarball.clone(),
+            kernel: None,
+        })
+    };
+    let mut n = 0;
+    for (group, name, op) in [
+        ("pull", "pulled", &pull as &dyn Fn() -> Request),
+        ("import", "imported", &import),
+    ] {
+        let t = Instant::now();
+        env.request(&op()).ok();
+        let took = t.elapsed();
+        check_image_after(&env, group, name);
+        // The pull's blobs are cached after the first run: clear the cache so every run
+        // downloads (the interesting part).
+        let points = 4;
+        for i in 0..points {
+            let at = took.mul_f64((i as f64 + 0.5) / points as f64);
+            let label = format!("{group} at {at:?} of {took:?}");
+            let _ = std::fs::remove_dir_all(env.root().join("cache"));
+            let bg = send_in_background(&env, &op());
+            std::thread::sleep(at);
+            kill_and_restart(&mut env, bg);
+            check_image_after(&env, &label, name);
+            n += 1;
+        }
+        // The next one works.
+        env.request(&op()).ok();
+        check_image_after(&env, group, name);
+    }
+    println!("interruption cases: pull+import {n}");
 }
