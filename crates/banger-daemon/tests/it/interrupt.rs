@@ -565,16 +565,12 @@ fn sigint_when(
     out
 }
 
-/// Real guests (QEMU, the Debian image with OpenSSH): `vm exec box -- sleep 1000` + SIGINT
-/// exits 130 and leaves no `sleep` in the guest; a command killed by SIGKILL exits 137; `vm
-/// run --rm` interrupted while booting and while copying the workspace leaves no VM and no temp
-/// repo.
-#[test]
-fn real_guest_interrupts() {
-    let Some(mut env) = TestEnv::real("") else {
-        return;
-    };
-    env.start_daemon();
+/// Real guests (QEMU, the Debian image with OpenSSH), on running VM `vm` of `env` (called from
+/// `real_guest::real_guest_end_to_end`, to share its provisioning): `vm exec VM -- sleep 1000`
+/// plus SIGINT exits 130 and leaves no `sleep` in the guest; a command killed by SIGKILL exits
+/// 137; `vm run --rm` interrupted while booting and while copying the workspace leaves no VM
+/// and no temp repo.
+pub fn real_guest_interrupts_in(env: &TestEnv, vm: &str) {
     let run = |args: &[&str]| {
         let o = env.cli(args);
         assert!(
@@ -584,15 +580,10 @@ fn real_guest_interrupts() {
         );
         String::from_utf8_lossy(&o.stdout).into_owned()
     };
-    let t = Instant::now();
-    run(&["vm", "create", "--name", "box"]);
-    println!(
-        "box ready (provisioning included) in {:.1}s",
-        t.elapsed().as_secs_f64()
-    );
+    let vms_before = list(env).len();
     let sleeps = || {
         run(&[
-            "vm", "exec", "box", "--", "sh", "-c",
+            "vm", "exec", vm, "--", "sh", "-c",
             "n=0; for c in /proc/[0-9]*/comm; do [ \"$(cat $c 2>/dev/null)\" = sleep ] && n=$((n+1)); done; echo $n",
         ])
         .trim()
@@ -601,7 +592,7 @@ fn real_guest_interrupts() {
     assert_eq!(sleeps(), "0");
 
     // Ctrl-C on vm exec: 130, the guest command is gone.
-    let cli = spawn_cli(&env, &["vm", "exec", "box", "--", "sleep", "1000"]);
+    let cli = spawn_cli(env, &["vm", "exec", vm, "--", "sleep", "1000"]);
     let t = Instant::now();
     let o = sigint_when(
         cli,
@@ -613,9 +604,9 @@ fn real_guest_interrupts() {
     assert_eq!(sleeps(), "0", "the guest command survived the interrupt");
 
     // A command killed by a signal: 128 + N.
-    let o = env.cli(&["vm", "exec", "box", "--", "sh", "-c", "kill -9 $$"]);
+    let o = env.cli(&["vm", "exec", vm, "--", "sh", "-c", "kill -9 $$"]);
     assert_eq!(o.status.code(), Some(137), "{o:?}");
-    let o = env.cli(&["vm", "exec", "box", "--", "sh", "-c", "exit 7"]);
+    let o = env.cli(&["vm", "exec", vm, "--", "sh", "-c", "exit 7"]);
     assert_eq!(o.status.code(), Some(7), "{o:?}");
 
     // vm run --rm interrupted while booting, and while copying the workspace (a repo big
@@ -660,7 +651,8 @@ fn real_guest_interrupts() {
             .filter(|(_, c)| c.contains("qemu-system"))
             .count()
     };
-    let cases: [(&str, &dyn Fn(&str) -> bool, Duration); 2] = [
+    type Ready<'a> = &'a dyn Fn(&str) -> bool;
+    let cases: [(&str, Ready<'_>, Duration); 2] = [
         (
             "booting",
             // box's VMM plus the new one.
@@ -675,28 +667,22 @@ fn real_guest_interrupts() {
     ];
     for (phase, ready, delay) in cases {
         let label = format!("vm run --rm interrupted while {phase}");
-        let cli = spawn_cli(&env, &["vm", "run", "--rm", &repo_s, "--", "true"]);
+        let cli = spawn_cli(env, &["vm", "run", "--rm", &repo_s, "--", "true"]);
         let pid = cli.id();
         let o = sigint_when(cli, ready, delay, &label);
         assert_eq!(o.status.code(), Some(130), "{label}: {o:?}");
-        eventually(&format!("{label}: VMs {:#?}", list(&env)), || {
-            list(&env).len() == 1
+        eventually(&format!("{label}: VMs {:#?}", list(env)), || {
+            list(env).len() == vms_before
         });
         assert!(
-            temp_repos(&env, pid).is_empty(),
+            temp_repos(env, pid).is_empty(),
             "{label}: temp repo left: {:?}",
-            temp_repos(&env, pid)
+            temp_repos(env, pid)
         );
         println!("{label}: ok");
     }
-    run(&["vm", "rm", "-f", "box"]);
-    let report = leaks(&env);
+    let report = leaks(env);
     assert!(report.leaks.is_empty(), "{:#?}", report.leaks);
-    assert!(
-        env.stray_processes().is_empty(),
-        "{:?}",
-        env.stray_processes()
-    );
     println!("interruption cases: real guest 3");
 }
 
