@@ -130,6 +130,10 @@ pub async fn check(engine: &Engine, net: &dyn NetOps, roots: &HostRoots) -> Leak
     report
         .leaks
         .extend(build_leaks(&layout.build_dir(), std::process::id()));
+    report.leaks.extend(temp_repo_leaks(
+        &roots.proc,
+        &config.cache_dir.join("workspaces/tmp"),
+    ));
     report.leaks.sort();
     report.leaks.dedup();
     report
@@ -724,6 +728,32 @@ pub fn build_leaks(build: &Path, me: u32) -> Vec<Leak> {
         .collect()
 }
 
+/// The CLI's temporary repositories (`<cache>/workspaces/tmp/banger-ws.<pid>.*`) whose CLI
+/// process is gone (the next `vm run` sweeps them).
+pub fn temp_repo_leaks(proc_root: &Path, dir: &Path) -> Vec<Leak> {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let pid: u32 = name
+                .strip_prefix("banger-ws.")?
+                .split('.')
+                .next()?
+                .parse()
+                .ok()?;
+            (!proc_root.join(pid.to_string()).exists()).then(|| Leak {
+                kind: LeakKind::Dir,
+                name: e.path().display().to_string(),
+                detail: format!(
+                    "temporary workspace repository of banger process {pid}, which is gone"
+                ),
+            })
+        })
+        .collect()
+}
+
 fn dir_leaks(layout: &Layout, acct: &Accounting) -> Vec<Leak> {
     let mut leaks = Vec::new();
     let list = |dir: &Path| -> Vec<(String, PathBuf)> {
@@ -863,6 +893,15 @@ mod tests {
         let leaks = build_leaks(&build, 42);
         assert_eq!(leaks.len(), 1, "{leaks:?}");
         assert!(leaks[0].name.ends_with("rootfs-x.77"));
+
+        let tmp = s.join("cache/workspaces/tmp");
+        let proc_root = s.join("proc");
+        std::fs::create_dir_all(proc_root.join("500")).unwrap();
+        std::fs::create_dir_all(tmp.join("banger-ws.500.abc")).unwrap();
+        std::fs::create_dir_all(tmp.join("banger-ws.501.def")).unwrap();
+        let leaks = temp_repo_leaks(&proc_root, &tmp);
+        assert_eq!(leaks.len(), 1, "{leaks:?}");
+        assert!(leaks[0].name.ends_with("banger-ws.501.def"));
     }
 
     #[test]
