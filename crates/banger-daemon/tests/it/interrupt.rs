@@ -681,7 +681,16 @@ pub fn real_guest_interrupts_in(env: &TestEnv, vm: &str) {
         );
         println!("{label}: ok");
     }
-    let report = leaks(env);
+    // Taps are host-wide: another installation's tap caught between its creation and its
+    // attachment to its bridge shows up as "on no bridge" for a moment. A leak of ours stays.
+    let mut report = leaks(env);
+    for _ in 0..5 {
+        if report.leaks.is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+        report = leaks(env);
+    }
     assert!(report.leaks.is_empty(), "{:#?}", report.leaks);
     println!("interruption cases: real guest 3");
 }
