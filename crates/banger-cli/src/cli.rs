@@ -599,6 +599,7 @@ impl VmSpecArgs {
             work_disk_size: self.disk_size,
             nat: self.nat,
             no_start,
+            rm_on_failure: false,
         }
     }
 }

@@ -127,21 +127,33 @@ pub fn exchange(
     stream.write_all(line.as_bytes()).map_err(io_err)?;
     stream.flush().map_err(io_err)?;
     let tick = sink.tick_interval();
-    stream.set_read_timeout(tick).map_err(io_err)?;
+    // While signals are caught (`interrupt`), the wait wakes up often enough to notice one.
+    let poll = if crate::interrupt::armed() {
+        Some(tick.map_or(INTERRUPT_POLL, |t| t.min(INTERRUPT_POLL)))
+    } else {
+        tick
+    };
+    stream.set_read_timeout(poll).map_err(io_err)?;
 
-    let result = read_frames(BufReader::new(stream), op_id, sink);
+    let result = read_frames(BufReader::new(stream), op_id, sink, tick);
     sink.finish(matches!(result, Ok(Reply::Result { .. })));
     result
 }
+
+/// How often a wait checks for a caught signal.
+const INTERRUPT_POLL: Duration = Duration::from_millis(100);
 
 fn read_frames(
     mut reader: BufReader<UnixStream>,
     op_id: &OpId,
     sink: &mut dyn FrameSink,
+    tick: Option<Duration>,
 ) -> Result<Reply, CallError> {
     // One buffer across timeouts: `read_until` keeps what it consumed before a timeout, so a
     // line split across a tick is completed by the next call.
     let mut buf = Vec::new();
+    let mut last_tick = std::time::Instant::now();
+    let mut half_closed = false;
     loop {
         match reader.read_until(b'\n', &mut buf) {
             Ok(0) => {
@@ -157,6 +169,18 @@ fn read_frames(
             }
             Ok(_) => {}
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                if !half_closed && crate::interrupt::caught().is_some() {
+                    // Our EOF makes the daemon cancel the request (and undo what it did); it
+                    // still answers on its half, so the outcome is known.
+                    let _ = reader.get_ref().shutdown(std::net::Shutdown::Write);
+                    half_closed = true;
+                }
+                // A timeout may end a hair early: a few ms of slack keep ticks at their interval.
+                let due = tick.is_some_and(|t| last_tick.elapsed() + Duration::from_millis(5) >= t);
+                if !due {
+                    continue;
+                }
+                last_tick = std::time::Instant::now();
                 if sink.tick() {
                     continue;
                 }

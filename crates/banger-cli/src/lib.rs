@@ -12,6 +12,7 @@ pub mod commands;
 pub mod doctor;
 pub mod error;
 mod guest_stderr;
+pub mod interrupt;
 pub mod json;
 pub mod progress;
 mod remote;

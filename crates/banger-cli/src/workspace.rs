@@ -53,9 +53,51 @@ pub(crate) fn spec(flags: &WorkspaceFlags) -> Result<PrepareSpec, CliError> {
     })
 }
 
-/// Inspects the repository and builds its history, before any VM is touched.
-pub(crate) fn build(path: &Path, flags: &WorkspaceFlags) -> Result<Prepared, CliError> {
-    banger_workspace::prepare(path, &spec(flags)?).map_err(ws_error)
+/// Inspects the repository and builds its history, before any VM is touched. The temporary
+/// repository goes into banger's own private scratch dir (see [`scratch_dir`]).
+pub(crate) fn build(
+    ctx: &Ctx<'_>,
+    path: &Path,
+    flags: &WorkspaceFlags,
+) -> Result<Prepared, CliError> {
+    let scratch = scratch_dir(ctx);
+    banger_workspace::prepare_in(path, &spec(flags)?, scratch.as_deref()).map_err(ws_error)
+}
+
+/// `<cache>/workspaces/tmp` (0700, ours), where temporary repositories are made; the ones a
+/// killed banger left (their name carries a pid that is gone) are removed first. `None` (the
+/// system temp dir is used) when it cannot be made private.
+pub(crate) fn scratch_dir(ctx: &Ctx<'_>) -> Option<PathBuf> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let dir = ctx.daemon.workspace_cache.join("tmp");
+    let _ = std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir);
+    let meta = std::fs::symlink_metadata(&dir).ok()?;
+    // SAFETY: getuid has no preconditions.
+    let uid = unsafe { libc::getuid() };
+    if !meta.is_dir() || meta.uid() != uid || meta.mode() & 0o077 != 0 {
+        return None;
+    }
+    sweep_stale(&dir);
+    Some(dir)
+}
+
+/// Removes temporary repositories whose banger process is gone.
+pub(crate) fn sweep_stale(dir: &Path) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = banger_workspace::history::temp_owner(&name) else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 /// `--dry-run`: what would be copied.
@@ -64,7 +106,7 @@ pub(crate) fn dry_run(
     path: &Path,
     flags: &WorkspaceFlags,
 ) -> Result<(), CliError> {
-    let p = build(path, flags)?;
+    let p = build(ctx, path, flags)?;
     let mut text = p.repo.listing();
     text.push_str(&format!(
         "{} files, {} bytes, {} deleted, from {} at {} to {}\n",
@@ -134,8 +176,14 @@ pub(crate) fn send(
     let started = Instant::now();
     let mut cmd = guest_command(&info, &prepared.script(force));
     cmd.stdout(Stdio::null());
-    let status = banger_workspace::run_with_stdin(&mut cmd, |w| prepared.write_archive(w))
-        .map_err(ws_error)?;
+    // Ctrl-C while copying (with `vm run`, which catches it) stops the copy at the next write.
+    let status = banger_workspace::run_with_stdin(&mut cmd, |w| {
+        prepared.write_archive(crate::interrupt::StopOnSignal(w))
+    })
+    .map_err(ws_error)?;
+    if let Some(sig) = crate::interrupt::caught() {
+        return Err(CliError::reported(crate::interrupt::exit_code(sig)));
+    }
     if status.code() == Some(guest::EXIT_EXISTS) {
         return Err(CliError::input(format!(
             "{} already exists in vm {}; pass --force to replace it, or --guest-path",
@@ -235,7 +283,7 @@ pub(crate) fn command(ctx: &mut Ctx<'_>, cmd: WorkspaceCmd) -> Result<(), CliErr
             flags,
             force,
         } => {
-            let prepared = build(&path, &flags)?;
+            let prepared = build(ctx, &path, &flags)?;
             let vm = show(ctx, &name)?;
             let ws = send(ctx, &vm, &prepared, force)?;
             ctx.print(&format!("{}:{}\n", vm.name, ws.guest_path))

@@ -128,7 +128,7 @@ impl Layout {
                 let n = e.file_name().to_string_lossy().into_owned();
                 if n.starts_with('.') && (n.ends_with(".staging") || n.ends_with(".bundle")) {
                     let p = e.path();
-                    if std::fs::remove_dir_all(&p).is_ok() {
+                    if banger_sys::rmtree::remove_tree(&p).is_ok() {
                         removed.push(p);
                     }
                 }

@@ -13,6 +13,7 @@
 //! be told apart: taps on another bridge, mappers whose loops back files outside this state dir.
 
 use std::collections::{BTreeMap, HashSet};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use banger_config::NetworkMode;
@@ -111,7 +112,9 @@ pub async fn check(engine: &Engine, net: &dyn NetOps, roots: &HostRoots) -> Leak
     let mountinfo = roots.proc.join("self/mountinfo");
     match std::fs::read_to_string(&mountinfo) {
         Ok(text) => match parse_mountinfo(&text, &mountinfo) {
-            Ok(mounts) => report.leaks.extend(mount_leaks(&mounts, &dirs.all_roots())),
+            Ok(mounts) => report
+                .leaks
+                .extend(mount_leaks(&mounts, &dirs.mount_roots())),
             Err(e) => report.unchecked.push(format!("mounts: {e}")),
         },
         Err(source) => report.unchecked.push(format!(
@@ -123,6 +126,14 @@ pub async fn check(engine: &Engine, net: &dyn NetOps, roots: &HostRoots) -> Leak
         )),
     }
     report.leaks.extend(dir_leaks(layout, &acct));
+    report.leaks.extend(jail_leaks(&dirs, &acct));
+    report
+        .leaks
+        .extend(build_leaks(&layout.build_dir(), std::process::id()));
+    report.leaks.extend(temp_repo_leaks(
+        &roots.proc,
+        &config.cache_dir.join("workspaces/tmp"),
+    ));
     report.leaks.sort();
     report.leaks.dedup();
     report
@@ -265,6 +276,8 @@ struct VmDirs {
     state_roots: Vec<PathBuf>,
     /// The runtime dir (both spellings).
     runtime_roots: Vec<PathBuf>,
+    /// `<state_dir>/jail`: the jailer's chroot base, `<base>/<exec name>/<VM id>/root`.
+    jail_base: PathBuf,
 }
 
 impl VmDirs {
@@ -289,14 +302,42 @@ impl VmDirs {
             vm_roots,
             state_roots,
             runtime_roots,
+            jail_base: layout.state_dir.join("jail"),
         }
     }
 
-    fn all_roots(&self) -> Vec<PathBuf> {
+    /// Whether a jail of VM `id` exists under this state dir.
+    fn jail_has(&self, id: &str) -> bool {
+        std::fs::read_dir(&self.jail_base)
+            .is_ok_and(|rd| rd.flatten().any(|e| e.path().join(id).exists()))
+    }
+
+    /// The jails (`<base>/<exec name>/<id>`) under this state dir, as (id, path).
+    fn jails(&self) -> Vec<(String, PathBuf)> {
+        let mut out = Vec::new();
+        let Ok(rd) = std::fs::read_dir(&self.jail_base) else {
+            return out;
+        };
+        for exec in rd.flatten() {
+            if let Ok(ids) = std::fs::read_dir(exec.path()) {
+                out.extend(
+                    ids.flatten()
+                        .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path())),
+                );
+            }
+        }
+        out
+    }
+
+    /// Where a mount is banger's leak: under the state dir (build trees, jails, VM dirs) or
+    /// under the runtime dir's per-VM area. Not the whole runtime dir: inside a banger guest it
+    /// is `/run/banger`, where the guest agent mounts the image and upper disk of the guest
+    /// itself (`/run/banger/lower`, `/run/banger/upper`).
+    fn mount_roots(&self) -> Vec<PathBuf> {
         self.state_roots
             .iter()
-            .chain(&self.runtime_roots)
             .cloned()
+            .chain(self.runtime_roots.iter().map(|r| r.join("vms")))
             .collect()
     }
 }
@@ -325,6 +366,48 @@ pub fn vm_ids_in_cmdline(cmdline: &[u8], vm_roots: &[String]) -> Vec<String> {
     ids.sort();
     ids.dedup();
     ids
+}
+
+/// The VM id a jailed Firecracker (or its jailer, before it execs Firecracker) serves: its
+/// program is named `firecracker…` or `jailer…` and its arguments hold `--id <VM id>`. Its
+/// command line names no banger directory (inside the jail the API socket is
+/// `/run/firecracker.socket`), so this is how it is recognised.
+pub fn jailed_vm_id(cmdline: &[u8]) -> Option<String> {
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    let prog = Path::new(std::ffi::OsStr::from_bytes(args.first()?))
+        .file_name()?
+        .to_string_lossy()
+        .into_owned();
+    if !(prog.contains("firecracker") || prog.contains("jailer")) {
+        return None;
+    }
+    args.windows(2)
+        .find(|w| w[0] == b"--id")
+        .and_then(|w| VmId::parse(&String::from_utf8_lossy(w[1])))
+        .map(|id| id.to_string())
+}
+
+/// Processes that serve VM `id` of this installation without being recorded anywhere: their
+/// command line names the VM's state or runtime dir, or they are a jailed Firecracker for it
+/// (see [`jailed_vm_id`]) with a jail under this state dir. A daemon killed between a VMM's
+/// fork and the write of its handles file leaves such a process; reconcile kills them.
+pub fn unrecorded_vmms(proc_root: &Path, layout: &Layout, id: &VmId, me: i32) -> Vec<i32> {
+    let dirs = VmDirs::new(layout);
+    let Ok(entries) = std::fs::read_dir(proc_root) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| pid != me)
+        .filter(|pid| {
+            let Ok(cmdline) = std::fs::read(proc_root.join(pid.to_string()).join("cmdline")) else {
+                return false;
+            };
+            vm_ids_in_cmdline(&cmdline, &dirs.vm_roots).contains(&id.to_string())
+                || jailed_vm_id(&cmdline).is_some_and(|j| j == id.as_str() && dirs.jail_has(&j))
+        })
+        .collect()
 }
 
 /// Parent pid (field 4) and start time (field 22) from the text of `/proc/PID/stat`.
@@ -358,7 +441,13 @@ fn processes(
         let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
             continue;
         };
-        let ids = vm_ids_in_cmdline(&cmdline, &dirs.vm_roots);
+        let mut ids = vm_ids_in_cmdline(&cmdline, &dirs.vm_roots);
+        // A jailed Firecracker names no banger dir; it is ours when its jail is.
+        if let Some(id) = jailed_vm_id(&cmdline)
+            && dirs.jail_has(&id)
+        {
+            ids.push(id);
+        }
         if ids.is_empty() {
             continue;
         }
@@ -602,6 +691,69 @@ pub fn mount_leaks(mounts: &[MountEntry], roots: &[PathBuf]) -> Vec<Leak> {
         .collect()
 }
 
+/// Jails (`<state>/jail/<exec>/<id>`) of VMs that are not running (the jail is removed with
+/// the VMM).
+fn jail_leaks(dirs: &VmDirs, acct: &Accounting) -> Vec<Leak> {
+    dirs.jails()
+        .into_iter()
+        .filter(|(id, _)| !acct.is_held(id))
+        .map(|(id, path)| Leak {
+            kind: LeakKind::Dir,
+            name: path.display().to_string(),
+            detail: format!("jail of VM {id}; {}", acct.why_not(&id)),
+        })
+        .collect()
+}
+
+/// Entries of `<state>/build` made by another daemon process than `me` (each operation names
+/// its scratch entry `<what>.<daemon pid>[.ext]`): a daemon that died left them; the next
+/// daemon's reconcile removes them.
+pub fn build_leaks(build: &Path, me: u32) -> Vec<Leak> {
+    let Ok(rd) = std::fs::read_dir(build) else {
+        return Vec::new();
+    };
+    let mine = me.to_string();
+    rd.flatten()
+        .filter(|e| {
+            !e.file_name()
+                .to_string_lossy()
+                .split('.')
+                .any(|part| part == mine)
+        })
+        .map(|e| Leak {
+            kind: LeakKind::Dir,
+            name: e.path().display().to_string(),
+            detail: "build scratch of an operation no running daemon does".into(),
+        })
+        .collect()
+}
+
+/// The CLI's temporary repositories (`<cache>/workspaces/tmp/banger-ws.<pid>.*`) whose CLI
+/// process is gone (the next `vm run` sweeps them).
+pub fn temp_repo_leaks(proc_root: &Path, dir: &Path) -> Vec<Leak> {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let pid: u32 = name
+                .strip_prefix("banger-ws.")?
+                .split('.')
+                .next()?
+                .parse()
+                .ok()?;
+            (!proc_root.join(pid.to_string()).exists()).then(|| Leak {
+                kind: LeakKind::Dir,
+                name: e.path().display().to_string(),
+                detail: format!(
+                    "temporary workspace repository of banger process {pid}, which is gone"
+                ),
+            })
+        })
+        .collect()
+}
+
 fn dir_leaks(layout: &Layout, acct: &Accounting) -> Vec<Leak> {
     let mut leaks = Vec::new();
     let list = |dir: &Path| -> Vec<(String, PathBuf)> {
@@ -697,6 +849,59 @@ mod tests {
             vm_ids_in_cmdline(b"x\0/r/vms/ffffffffffff", &roots()),
             vec!["ffffffffffff"]
         );
+    }
+
+    #[test]
+    fn jailed_firecracker_is_recognised_by_program_and_id() {
+        let id = "0123456789ab";
+        let fc = format!("/usr/bin/firecracker\0--id\0{id}\0--api-sock\0/run/firecracker.socket\0");
+        assert_eq!(jailed_vm_id(fc.as_bytes()).as_deref(), Some(id));
+        let jailer = format!("jailer-v1.16.1\0--id\0{id}\0--exec-file\0/x\0");
+        assert_eq!(jailed_vm_id(jailer.as_bytes()).as_deref(), Some(id));
+        let other = format!("sleep\0--id\0{id}\0");
+        assert_eq!(jailed_vm_id(other.as_bytes()), None);
+        assert_eq!(jailed_vm_id(b"firecracker\0--id\0not-an-id\0"), None);
+    }
+
+    #[test]
+    fn jails_and_build_scratch_of_others_are_leaks() {
+        let t = tempfile::tempdir().unwrap();
+        let s = t.path();
+        std::fs::create_dir_all(s.join("jail/firecracker/0123456789ab/root")).unwrap();
+        std::fs::create_dir_all(s.join("jail/firecracker/ba9876543210/root")).unwrap();
+        let mut acct = held("ba9876543210", Handles::new(PathBuf::from("/r")));
+        acct.states.insert("0123456789ab".into(), VmState::Stopped);
+        let dirs = VmDirs {
+            vm_roots: roots(),
+            state_roots: vec![s.to_path_buf()],
+            runtime_roots: vec!["/r".into()],
+            jail_base: s.join("jail"),
+        };
+        let leaks = jail_leaks(&dirs, &acct);
+        assert_eq!(leaks.len(), 1, "{leaks:?}");
+        assert!(leaks[0].name.ends_with("0123456789ab"), "{leaks:?}");
+        assert!(dirs.jail_has("0123456789ab") && !dirs.jail_has("aaaaaaaaaaaa"));
+        // Mounts: the runtime dir's VM area counts, the rest of it (the guest agent's
+        // /run/banger/lower inside a banger guest) does not.
+        let roots = dirs.mount_roots();
+        assert!(roots.contains(&PathBuf::from("/r/vms")) && !roots.contains(&PathBuf::from("/r")));
+
+        let build = s.join("build");
+        std::fs::create_dir_all(build.join("debian.42")).unwrap();
+        std::fs::create_dir_all(build.join("rootfs-x.77")).unwrap();
+        std::fs::write(build.join("bundle-y.42.tar.zst"), b"").unwrap();
+        let leaks = build_leaks(&build, 42);
+        assert_eq!(leaks.len(), 1, "{leaks:?}");
+        assert!(leaks[0].name.ends_with("rootfs-x.77"));
+
+        let tmp = s.join("cache/workspaces/tmp");
+        let proc_root = s.join("proc");
+        std::fs::create_dir_all(proc_root.join("500")).unwrap();
+        std::fs::create_dir_all(tmp.join("banger-ws.500.abc")).unwrap();
+        std::fs::create_dir_all(tmp.join("banger-ws.501.def")).unwrap();
+        let leaks = temp_repo_leaks(&proc_root, &tmp);
+        assert_eq!(leaks.len(), 1, "{leaks:?}");
+        assert!(leaks[0].name.ends_with("banger-ws.501.def"));
     }
 
     #[test]
@@ -852,6 +1057,7 @@ mod tests {
             vm_roots: roots(),
             state_roots: vec!["/s".into()],
             runtime_roots: vec!["/r".into()],
+            jail_base: "/s/jail".into(),
         };
         let mut leaks = processes(p, &dirs, &acct, 7).unwrap();
         leaks.sort();

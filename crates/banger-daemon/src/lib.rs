@@ -5,6 +5,7 @@
 //! privileged steps it will need go through the root helper, never through a shell.
 
 pub mod bridge_cidr;
+pub mod build_dir;
 pub mod disks;
 pub mod dm;
 pub mod dns;

@@ -294,8 +294,12 @@ impl Helper {
                     self.scratch_dir.display()
                 ))
             })?;
-        let tar = scratch.path().join("rootfs.tar");
-        let cmd = mmdebstrap_cmd(suite, mirror, packages, &tar);
+        // Removed however this op ends (a dropped future included), mounts first; see Scratch.
+        let scratch = Scratch(scratch.keep());
+        let tar = scratch.0.join("rootfs.tar");
+        // mmdebstrap's own temporary tree (with /proc, /sys, /dev mounted in it) goes into the
+        // scratch dir too, so whatever an interruption leaves is found and cleaned there.
+        let cmd = mmdebstrap_cmd(suite, mirror, packages, &tar).env("TMPDIR", &scratch.0);
         self.runner
             .run(&cmd)
             .await
@@ -307,6 +311,30 @@ impl Helper {
             .map_err(|e| HelperError::failed(format!("placing the tar: {e}")))??;
         drop(scratch);
         Ok(Outcome::value(json!({ "output": shown, "bytes": bytes })))
+    }
+}
+
+/// The helper's private scratch dir for one `Debootstrap`. Dropping it (the op finished, failed
+/// or was abandoned: its program group is killed first, see `banger_sys::group`) detaches
+/// whatever is still mounted under it, deepest first, and deletes it without crossing a mount
+/// point; a few retries give processes that were just killed time to go.
+#[derive(Debug)]
+struct Scratch(std::path::PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        for attempt in 0..5 {
+            if let Err(e) = banger_sys::mounts::unmount_under(&self.0) {
+                tracing::warn!(error = %e, "cleaning the debootstrap scratch dir");
+            }
+            match banger_sys::rmtree::remove_tree(&self.0) {
+                Ok(()) => return,
+                Err(e) if attempt == 4 => {
+                    tracing::warn!(error = %e, "removing the debootstrap scratch dir");
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(200)),
+            }
+        }
     }
 }
 

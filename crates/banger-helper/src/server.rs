@@ -243,6 +243,23 @@ fn log_op(op_id: &str, uid: u32, op: &str, args: &str, result: &Result<(), &Help
     }
 }
 
+/// Resolves when the caller closes its side of the connection. Bytes it sends meanwhile (a next
+/// request) are kept in `buf` for the next read.
+async fn caller_gone(stream: &UnixStream, buf: &mut Vec<u8>) {
+    loop {
+        if stream.readable().await.is_err() {
+            return;
+        }
+        let mut chunk = [0u8; 4096];
+        match stream.try_read(&mut chunk) {
+            Ok(0) => return,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => return,
+        }
+    }
+}
+
 async fn reply(stream: &mut UnixStream, r: &Reply) -> std::io::Result<()> {
     stream.write_all(r.to_line().as_bytes()).await
 }
@@ -327,13 +344,30 @@ async fn handle_connection(mut stream: UnixStream, helper: Arc<Helper>, opts: &S
         };
         let op = request.op();
         let args = request.log_args();
+        // A long build (Debootstrap) is abandoned when its caller goes away (the daemon's
+        // request was cancelled): its program group is killed and its scratch dir cleaned.
+        // Short ops run to their end (see the module docs).
+        let abandonable = matches!(request, crate::protocol::HelperRequest::Debootstrap { .. });
         let result = {
             // Own task: see the module docs.
             let helper = helper.clone();
             let request = request.clone();
-            tokio::spawn(async move { helper.handle(&request).await })
-                .await
-                .unwrap_or_else(|e| Err(HelperError::failed(format!("internal error: {e}"))))
+            let mut task = tokio::spawn(async move { helper.handle(&request).await });
+            let joined = if abandonable {
+                tokio::select! {
+                    r = &mut task => r,
+                    () = caller_gone(&stream, &mut buf) => {
+                        task.abort();
+                        let _ = task.await;
+                        let e = HelperError::failed("cancelled: the caller went away");
+                        log_op(op_id.as_str(), uid, op, &args, &Err(&e));
+                        return;
+                    }
+                }
+            } else {
+                task.await
+            };
+            joined.unwrap_or_else(|e| Err(HelperError::failed(format!("internal error: {e}"))))
         };
         log_op(op_id.as_str(), uid, op, &args, &result.as_ref().map(|_| ()));
         let sent = match result {

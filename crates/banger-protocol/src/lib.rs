@@ -47,6 +47,10 @@ pub struct VmCreateParams {
     pub nat: bool,
     #[serde(default)]
     pub no_start: bool,
+    /// `vm run --rm`: the VM is only wanted if the whole create succeeds; when its start fails
+    /// or the client goes away before the answer, the daemon deletes it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rm_on_failure: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -8,6 +8,9 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 
 pub mod elf;
+pub mod group;
+pub mod mounts;
+pub mod rmtree;
 
 /// Looks a program up in PATH, then in the sbin directories a non-login PATH often lacks.
 pub fn find_in_path(program: &str) -> Option<PathBuf> {
@@ -32,6 +35,8 @@ pub struct Cmd {
     pub args: Vec<OsString>,
     /// Bytes fed to the program's stdin (closed when `None`).
     pub stdin: Option<Vec<u8>>,
+    /// Extra environment on top of the caller's own.
+    pub env: Vec<(OsString, OsString)>,
 }
 
 impl Cmd {
@@ -40,6 +45,7 @@ impl Cmd {
             program: program.into(),
             args: Vec::new(),
             stdin: None,
+            env: Vec::new(),
         }
     }
 
@@ -54,6 +60,11 @@ impl Cmd {
         A: Into<OsString>,
     {
         self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    pub fn env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Self {
+        self.env.push((key.into(), value.into()));
         self
     }
 
@@ -95,7 +106,9 @@ pub trait CommandRunner: Send + Sync + std::fmt::Debug {
     async fn run(&self, cmd: &Cmd) -> Result<Vec<u8>, RunError>;
 }
 
-/// The real runner: `tokio::process`, stdin closed, output captured.
+/// The real runner: `tokio::process`, stdin closed, output captured. Each program leads its own
+/// process group, killed whole when the run is dropped unfinished (a cancelled request), so
+/// nothing it started outlives it.
 #[derive(Debug, Default)]
 pub struct RealRunner;
 
@@ -111,8 +124,11 @@ impl CommandRunner for RealRunner {
             cmd: cmd.display(),
             source,
         };
-        let mut child = tokio::process::Command::new(&program)
+        let mut command = tokio::process::Command::new(&program);
+        group::in_new_group(&mut command);
+        let mut child = command
             .args(&cmd.args)
+            .envs(cmd.env.iter().map(|(k, v)| (k, v)))
             .stdin(if cmd.stdin.is_some() {
                 std::process::Stdio::piped()
             } else {
@@ -123,11 +139,13 @@ impl CommandRunner for RealRunner {
             .kill_on_drop(true)
             .spawn()
             .map_err(spawn_err)?;
+        let mut guard = group::GroupGuard::new(&child);
         if let (Some(data), Some(mut stdin)) = (cmd.stdin.clone(), child.stdin.take()) {
             use tokio::io::AsyncWriteExt;
             stdin.write_all(&data).await.map_err(spawn_err)?;
         }
         let out = child.wait_with_output().await.map_err(spawn_err)?;
+        guard.disarm();
         if out.status.success() {
             Ok(out.stdout)
         } else {

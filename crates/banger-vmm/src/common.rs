@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 
-use crate::{VmmError, VmmHandle, VmmKind, process};
+use crate::{SpawnRecorder, VmmError, VmmHandle, VmmKind, process};
 
 /// How long an error report waits for an exited VMM's console output to reach its log.
 pub(crate) const PUMP_DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
@@ -116,6 +116,25 @@ pub(crate) async fn version_output(
         });
     }
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// The handle of a VMM process that was just spawned, passed to `record` (see
+/// [`crate::Vmm::spawn_recorded`]); if recording fails the process is killed.
+pub(crate) async fn record_spawned(
+    handle: VmmHandle,
+    record: &SpawnRecorder,
+    kill_timeout: Duration,
+) -> Result<(), VmmError> {
+    if let Err(reason) = record(&handle) {
+        if let Err(e) = kill_pid(handle.pid, handle.start_time, kill_timeout).await {
+            tracing::warn!(pid = handle.pid, error = %e, "killing an unrecorded VMM failed");
+        }
+        return Err(VmmError::Record {
+            pid: handle.pid,
+            reason,
+        });
+    }
+    Ok(())
 }
 
 /// Turns the outcome of waiting for a new VMM's control socket into its handle or an error;

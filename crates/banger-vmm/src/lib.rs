@@ -172,6 +172,8 @@ pub enum VmmError {
     },
     #[error("VMM process {pid}: {reason}")]
     State { pid: i32, reason: String },
+    #[error("VMM process {pid} was killed: recording it failed: {reason}")]
+    Record { pid: i32, reason: String },
     #[error("invalid launch spec: {0}")]
     Spec(String),
     #[error("signalling VMM process {pid}: {reason}")]
@@ -192,6 +194,9 @@ fn log_tail_suffix(tail: &str) -> String {
     }
 }
 
+/// Called with a VMM's handle the moment its process exists; see [`Vmm::spawn_recorded`].
+pub type SpawnRecorder = dyn for<'h> Fn(&'h VmmHandle) -> Result<(), String> + Send + Sync;
+
 /// One VMM backend. The daemon's start pipeline calls `spawn`, `configure` and `boot` as three
 /// separate steps (each with its own undo), so a failure is attributed to the right step.
 #[async_trait::async_trait]
@@ -200,7 +205,19 @@ pub trait Vmm: Send + Sync + std::fmt::Debug {
 
     /// Starts the VMM process (in its own session, so it outlives a daemon restart) and waits
     /// until its control socket answers. On error no process is left running.
-    async fn spawn(&self, spec: &LaunchSpec) -> Result<VmmHandle, VmmError>;
+    async fn spawn(&self, spec: &LaunchSpec) -> Result<VmmHandle, VmmError> {
+        self.spawn_recorded(spec, &|_| Ok(())).await
+    }
+
+    /// [`Vmm::spawn`], calling `record` with the process's handle the moment the process
+    /// exists (right after fork/exec, before waiting for its control socket), so the caller
+    /// can persist it before anything else happens: a caller killed while the VMM starts up
+    /// leaves a record of it. When `record` fails the process is killed and that is the error.
+    async fn spawn_recorded(
+        &self,
+        spec: &LaunchSpec,
+        record: &SpawnRecorder,
+    ) -> Result<VmmHandle, VmmError>;
 
     /// Configures machine, kernel, drives, network and vsock before boot.
     async fn configure(&self, handle: &VmmHandle, spec: &LaunchSpec) -> Result<(), VmmError>;

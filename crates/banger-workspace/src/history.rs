@@ -49,6 +49,30 @@ impl History {
 
 /// Builds the history for `repo` in a temp directory.
 pub fn build(repo: &Repo, spec: &HistorySpec) -> Result<History, WorkspaceError> {
+    build_in(repo, spec, None)
+}
+
+/// The prefix of a temp repository's directory: `banger-ws.<pid of the process that made it>.`,
+/// so a sweeper can tell the ones whose process is gone (killed before it could remove them).
+pub fn temp_prefix(pid: u32) -> String {
+    format!("banger-ws.{pid}.")
+}
+
+/// The pid a temp repository's directory name carries (see [`temp_prefix`]).
+pub fn temp_owner(name: &str) -> Option<u32> {
+    name.strip_prefix("banger-ws.")?
+        .split('.')
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// [`build`] in `scratch` (the system temp dir when `None`); the directory is private (0700).
+pub fn build_in(
+    repo: &Repo,
+    spec: &HistorySpec,
+    scratch: Option<&Path>,
+) -> Result<History, WorkspaceError> {
     let root = &repo.root;
     if let Some(b) = &spec.branch {
         crate::repo::check_branch_name(root, b)?;
@@ -57,13 +81,15 @@ pub fn build(repo: &Repo, spec: &HistorySpec) -> Result<History, WorkspaceError>
         Some(rev) => crate::repo::resolve_commit(root, rev)?,
         None => repo.head.clone(),
     };
-    let dir = tempfile::Builder::new()
-        .prefix("banger-ws")
-        .tempdir()
-        .map_err(WorkspaceError::io(
-            std::env::temp_dir(),
-            "creating a temp dir",
-        ))?;
+    let base = scratch.map_or_else(std::env::temp_dir, Path::to_path_buf);
+    let dir = {
+        use std::os::unix::fs::PermissionsExt;
+        tempfile::Builder::new()
+            .prefix(&temp_prefix(std::process::id()))
+            .permissions(std::fs::Permissions::from_mode(0o700))
+            .tempdir_in(&base)
+            .map_err(WorkspaceError::io(&base, "creating a temp dir"))?
+    };
     let work = dir.path().join("r");
     let format =
         git::text(root, &["rev-parse", "--show-object-format"]).unwrap_or_else(|_| "sha1".into());

@@ -57,6 +57,15 @@ pub fn default_guest_path(repo: &Repo) -> String {
 
 /// Inspects the repository at `path` and builds the history the guest will get.
 pub fn prepare(path: &Path, spec: &PrepareSpec) -> Result<Prepared, WorkspaceError> {
+    prepare_in(path, spec, None)
+}
+
+/// [`prepare`], with the temporary repository made in `scratch` (see [`history::build_in`]).
+pub fn prepare_in(
+    path: &Path,
+    spec: &PrepareSpec,
+    scratch: Option<&Path>,
+) -> Result<Prepared, WorkspaceError> {
     let repo = repo::inspect(path, &spec.options, None)?;
     let guest_path = spec
         .guest_path
@@ -66,7 +75,7 @@ pub fn prepare(path: &Path, spec: &PrepareSpec) -> Result<Prepared, WorkspaceErr
         path: path.to_path_buf(),
         detail,
     })?;
-    let history = history::build(&repo, &spec.history)?;
+    let history = history::build_in(&repo, &spec.history, scratch)?;
     Ok(Prepared {
         repo,
         history,

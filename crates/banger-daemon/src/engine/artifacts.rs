@@ -34,7 +34,7 @@ impl Engine {
         }
         let dest = self.layout().kernels_dir().join(name);
         let staging = self.layout().kernel_staging_dir(name);
-        let _ = std::fs::remove_dir_all(&staging);
+        let _ = banger_sys::rmtree::remove_tree(&staging);
         let result = async {
             create_private_dir(&staging).map_err(|e| io_fail(&staging, e))?;
             copy_file(&src, &staging.join("vmlinux")).await?;
@@ -66,13 +66,13 @@ impl Engine {
                 created_at: now(),
             };
             if let Err(e) = self.store().insert_kernel(&rec) {
-                let _ = std::fs::remove_dir_all(&dest);
+                let _ = banger_sys::rmtree::remove_tree(&dest);
                 return Err(e.into());
             }
             Ok(rec)
         }
         .await;
-        let _ = std::fs::remove_dir_all(&staging);
+        let _ = banger_sys::rmtree::remove_tree(&staging);
         result
     }
 
@@ -93,7 +93,7 @@ impl Engine {
             )));
         }
         self.store().delete_kernel(name)?;
-        let _ = std::fs::remove_dir_all(self.layout().kernels_dir().join(name));
+        let _ = banger_sys::rmtree::remove_tree(&self.layout().kernels_dir().join(name));
         Ok(rec)
     }
 
@@ -124,7 +124,7 @@ impl Engine {
             ));
         }
         let staging = self.layout().staging_dir(name);
-        let _ = std::fs::remove_dir_all(&staging);
+        let _ = banger_sys::rmtree::remove_tree(&staging);
         let result = async {
             create_private_dir(&staging).map_err(|e| io_fail(&staging, e))?;
             copy_file(rootfs, &staging.join("rootfs.ext4")).await?;
@@ -138,7 +138,7 @@ impl Engine {
             )
         }
         .await;
-        let _ = std::fs::remove_dir_all(&staging);
+        let _ = banger_sys::rmtree::remove_tree(&staging);
         result
     }
 
@@ -175,7 +175,7 @@ impl Engine {
         }
         self.store().delete_image(name)?;
         if rec.managed {
-            let _ = std::fs::remove_dir_all(self.layout().images_dir().join(name));
+            let _ = banger_sys::rmtree::remove_tree(&self.layout().images_dir().join(name));
         }
         Ok(rec)
     }

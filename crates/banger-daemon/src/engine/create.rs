@@ -117,7 +117,10 @@ impl Engine {
             // half-built disks that could never start.
             self.mark_vm_dir(&vm, super::reconcile::CREATING_MARK)?;
             if let Err(e) = self.store().insert_vm(&vm) {
-                let _ = std::fs::remove_dir_all(self.layout().vm_dir(&vm.id));
+                let _ = banger_sys::rmtree::remove_tree_last(
+                    &self.layout().vm_dir(&vm.id),
+                    &[std::ffi::OsStr::new(super::reconcile::CREATING_MARK)],
+                );
                 return Err(e.into());
             }
             break vm;
@@ -171,7 +174,10 @@ impl Engine {
                 .ssh()
                 .remove_known_host(&super::ops::known_host_names(&vm));
             let dir = self.layout().vm_dir(&vm.id);
-            let _ = std::fs::remove_dir_all(&dir);
+            let _ = banger_sys::rmtree::remove_tree_last(
+                &dir,
+                &[std::ffi::OsStr::new(super::reconcile::CREATING_MARK)],
+            );
             return Err(e);
         }
         let mut vm = vm;
@@ -182,10 +188,11 @@ impl Engine {
             // the step, for `vm start` to retry. One that could not record anything (a full
             // disk leaves the store no room) leaves it `created` or `starting` with nothing
             // running: nobody asked for that VM, so it goes, as when its disks fail. A start
-            // cancelled by `vm stop`/`vm kill` leaves it `stopped`, as asked: it stays.
+            // cancelled by `vm stop`/`vm kill` leaves it `stopped`, as asked: it stays, except
+            // with `rm_on_failure` (`vm run --rm`), where nobody wants it in any state.
             let recorded = self.store().get_vm(vm.id.as_str()).ok().flatten();
             if let Some(r) = recorded
-                && matches!(r.state, VmState::Created | VmState::Starting)
+                && (matches!(r.state, VmState::Created | VmState::Starting) || p.rm_on_failure)
                 && let Err(d) = self.delete_locked(r, true, ctx).await
             {
                 return Err(OpError::failed(format!(
@@ -193,7 +200,26 @@ impl Engine {
                     e.message, vm.name, d.message
                 )));
             }
+            if p.rm_on_failure {
+                return Err(OpError::failed(format!(
+                    "{}; VM {} deleted (--rm)",
+                    e.message, vm.name
+                )));
+            }
             return Err(e);
+        }
+        if p.rm_on_failure && ctx.cancel.is_cancelled() {
+            // The client left while the VM booted: nobody will ever use or delete it.
+            let name = vm.name.clone();
+            if let Err(d) = self.delete_locked(vm, true, ctx).await {
+                return Err(OpError::failed(format!(
+                    "the client went away; removing VM {name} failed: {}",
+                    d.message
+                )));
+            }
+            return Err(OpError::failed(format!(
+                "the client went away; VM {name} deleted (--rm)"
+            )));
         }
         Ok(vm)
     }

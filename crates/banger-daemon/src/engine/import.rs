@@ -96,7 +96,7 @@ impl Engine {
             .layout()
             .build_dir()
             .join(format!("import-{name}.{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&scratch);
+        let _ = banger_sys::rmtree::remove_tree(&scratch);
         create_private_dir(&scratch)
             .map_err(|e| OpError::failed(format!("creating {}: {e}", scratch.display())))?;
         let result = async {
@@ -107,7 +107,7 @@ impl Engine {
                 .await
         }
         .await;
-        let _ = std::fs::remove_dir_all(&scratch);
+        let _ = banger_sys::rmtree::remove_tree(&scratch);
         result
     }
 }

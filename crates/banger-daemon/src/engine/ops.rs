@@ -300,9 +300,12 @@ impl Engine {
         hit("delete", "known_host", true);
         hit("delete", "remove_files", false);
         let dir = self.layout().vm_dir(&vm.id);
-        if let Err(e) = std::fs::remove_dir_all(&dir)
-            && e.kind() != std::io::ErrorKind::NotFound
-        {
+        // The mark goes last: a daemon killed in the middle leaves a marked dir that the next
+        // daemon's reconcile finishes deleting, never an unmarked orphan.
+        if let Err(e) = banger_sys::rmtree::remove_tree_last(
+            &dir,
+            &[std::ffi::OsStr::new(super::reconcile::DELETING_MARK)],
+        ) {
             return Err(OpError::failed(format!(
                 "VM {} is deleted, but removing {} failed: {e}; the next daemon start retries",
                 vm.name,

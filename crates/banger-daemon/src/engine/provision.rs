@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use banger_core::{ErrorCode, ImageMeta, ImageRecord, KernelRecord, validate_artifact_name};
 use banger_kernel::{DebianMirror, PullProgress};
 use tokio::io::AsyncBufReadExt;
-use tracing::info;
+use tracing::{info, warn};
 
 use super::{Engine, now};
 use crate::error::{OpError, OpResult};
@@ -174,7 +174,7 @@ impl Engine {
         let dest = self.layout().kernels_dir().join(name);
         if dest.exists() {
             // Leftover of a pull whose record was never written (daemon killed at the end).
-            std::fs::remove_dir_all(&dest)
+            banger_sys::rmtree::remove_tree(&dest)
                 .map_err(|e| OpError::failed(format!("removing stale {}: {e}", dest.display())))?;
         }
         let mirror_url = self.config().debian_mirror.clone();
@@ -231,7 +231,7 @@ impl Engine {
             created_at: now(),
         };
         if let Err(e) = self.store().insert_kernel(&rec) {
-            let _ = std::fs::remove_dir_all(&dest);
+            let _ = banger_sys::rmtree::remove_tree(&dest);
             return Err(e.into());
         }
         info!(kernel = name, version = %rec.version, source = %rec.source, "kernel pulled");
@@ -277,7 +277,7 @@ impl Engine {
             .layout()
             .build_dir()
             .join(format!("kernel-{name}.{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&work);
+        let _ = banger_sys::rmtree::remove_tree(&work);
         create_private_dir(&work)
             .map_err(|e| OpError::failed(format!("creating {}: {e}", work.display())))?;
         let mirror = DebianMirror {
@@ -307,7 +307,7 @@ impl Engine {
         let result = task
             .await
             .map_err(|e| OpError::failed(format!("kernel build task: {e}")));
-        let _ = std::fs::remove_dir_all(&work);
+        let _ = banger_sys::rmtree::remove_tree(&work);
         let built = result?.map_err(|e| OpError::failed(format!("building kernel {name}: {e}")))?;
         if let Some(k) = existing {
             if k.sha256 == built.vmlinux_sha256 && k.source == built.source_url {
@@ -329,7 +329,7 @@ impl Engine {
             created_at: now(),
         };
         if let Err(e) = self.store().insert_kernel(&rec) {
-            let _ = std::fs::remove_dir_all(&dest);
+            let _ = banger_sys::rmtree::remove_tree(&dest);
             return Err(e.into());
         }
         info!(
@@ -375,11 +375,14 @@ impl Engine {
             .layout()
             .build_dir()
             .join(format!("{name}.{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&build);
+        clean_build_tree(&build).await?;
         create_private_dir(&build)
             .map_err(|e| OpError::failed(format!("creating {}: {e}", build.display())))?;
         let result = self.image_build_in(name, suite, &build, ctx).await;
-        let _ = std::fs::remove_dir_all(&build);
+        // mmdebstrap's group is gone by now (run_streaming); its mounts may not be.
+        if let Err(e) = clean_build_tree(&build).await {
+            warn!("{}", e.message);
+        }
         result
     }
 
@@ -529,7 +532,7 @@ impl Engine {
         // costs nothing on the host.
         let size_mib = (content / (1 << 20)) * 3 / 2 + 2048;
         let staging = self.layout().staging_dir(name);
-        let _ = std::fs::remove_dir_all(&staging);
+        let _ = banger_sys::rmtree::remove_tree(&staging);
         create_private_dir(&staging)
             .map_err(|e| OpError::failed(format!("creating {}: {e}", staging.display())))?;
         let image_file = staging.join("rootfs.ext4");
@@ -573,7 +576,7 @@ impl Engine {
             self.publish_image(&staging, name, kernel, source, meta)
         }
         .await;
-        let _ = std::fs::remove_dir_all(&staging);
+        let _ = banger_sys::rmtree::remove_tree(&staging);
         r
     }
 }
@@ -606,7 +609,7 @@ impl Engine {
             meta,
         };
         if let Err(e) = self.store().insert_image(&rec) {
-            let _ = std::fs::remove_dir_all(&dir);
+            let _ = banger_sys::rmtree::remove_tree(&dir);
             return Err(e.into());
         }
         Ok(rec)
@@ -670,7 +673,11 @@ async fn run_streaming(
             package_of(program)
         ))
     })?;
-    let mut child = tokio::process::Command::new(&path)
+    let mut command = tokio::process::Command::new(&path);
+    // Its own process group: cancelling stops everything it started (apt, dpkg, ...), not
+    // only the program itself.
+    banger_sys::group::in_new_group(&mut command);
+    let mut child = command
         .args(args)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
@@ -678,6 +685,7 @@ async fn run_streaming(
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| OpError::failed(format!("running {program}: {e}")))?;
+    let mut group = banger_sys::group::GroupGuard::new(&child);
     let stderr = child.stderr.take().expect("piped");
     let stdout = child.stdout.take().expect("piped");
     let mut lines = tokio::io::BufReader::new(stderr).lines();
@@ -690,7 +698,8 @@ async fn run_streaming(
             l = lines.next_line() => match l { Ok(Some(l)) => l, _ => break },
             l = out_lines.next_line(), if out_open => match l { Ok(Some(l)) => l, _ => { out_open = false; continue } },
             _ = ctx.cancel.cancelled() => {
-                let _ = child.kill().await;
+                // SIGTERM first: mmdebstrap then unmounts what it mounted in its tree.
+                group.terminate(&mut child, Duration::from_secs(10)).await;
                 return Err(OpError::failed(format!("{program} cancelled: the client went away")));
             }
         };
@@ -708,6 +717,7 @@ async fn run_streaming(
         .wait()
         .await
         .map_err(|e| OpError::failed(format!("waiting for {program}: {e}")))?;
+    group.disarm();
     if !status.success() {
         return Err(OpError::failed(format!(
             "{program} failed ({status}): {}",
@@ -715,6 +725,16 @@ async fn run_streaming(
         )));
     }
     Ok(())
+}
+
+/// Removes a build tree: processes in it killed, mounts under it detached, then deleted
+/// without crossing a mount point ([`crate::build_dir`]).
+async fn clean_build_tree(tree: &Path) -> OpResult<()> {
+    let t = tree.to_path_buf();
+    tokio::task::spawn_blocking(move || crate::build_dir::clean(&t))
+        .await
+        .map_err(|e| OpError::failed(format!("cleaning {}: {e}", tree.display())))?
+        .map_err(|e| OpError::failed(format!("cleaning the build dir: {e}")))
 }
 
 fn package_of(program: &str) -> &'static str {

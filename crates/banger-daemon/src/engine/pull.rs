@@ -231,7 +231,7 @@ impl Engine {
             .layout()
             .build_dir()
             .join(format!("rootfs-{name}.{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&staging);
+        let _ = banger_sys::rmtree::remove_tree(&staging);
         create_private_dir(&staging)
             .map_err(|e| OpError::failed(format!("creating {}: {e}", staging.display())))?;
         let result = async {
@@ -309,8 +309,8 @@ impl Engine {
             self.publish_image(&staging, name, kernel, source, meta.clone())
         }
         .await;
-        let _ = std::fs::remove_dir_all(&staging);
-        let _ = std::fs::remove_dir_all(&scratch);
+        let _ = banger_sys::rmtree::remove_tree(&staging);
+        let _ = banger_sys::rmtree::remove_tree(&scratch);
         result
     }
 
@@ -441,7 +441,7 @@ impl Engine {
             .layout()
             .images_dir()
             .join(format!(".{tmp_name}.{}.bundle", std::process::id()));
-        let _ = std::fs::remove_dir_all(&staging);
+        let _ = banger_sys::rmtree::remove_tree(&staging);
         create_private_dir(&staging)
             .map_err(|e| OpError::failed(format!("creating {}: {e}", staging.display())))?;
         let result = async {
@@ -469,15 +469,15 @@ impl Engine {
                     ),
                 ));
             }
-            let _ = std::fs::remove_dir_all(&final_dir);
+            let _ = banger_sys::rmtree::remove_tree(&final_dir);
             std::fs::rename(&staging, &final_dir)
                 .map_err(|e| OpError::failed(format!("{}: {e}", final_dir.display())))?;
             let r = self.publish_image(&final_dir, &name, kernel, &source, manifest.meta.clone());
-            let _ = std::fs::remove_dir_all(&final_dir);
+            let _ = banger_sys::rmtree::remove_tree(&final_dir);
             r
         }
         .await;
-        let _ = std::fs::remove_dir_all(&staging);
+        let _ = banger_sys::rmtree::remove_tree(&staging);
         result
     }
 

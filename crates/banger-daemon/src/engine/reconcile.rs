@@ -46,6 +46,20 @@ impl Engine {
         for dir in self.layout().clear_staging() {
             info!(dir = %dir.display(), "removed a staging dir left by an interrupted operation");
         }
+        // Scratch trees of builds, pulls and imports a killed daemon left (with mmdebstrap's
+        // processes and mounts, for an image build): nothing in build/ is in use yet.
+        let (removed, failed) = crate::build_dir::clean_all(&self.layout().build_dir());
+        for dir in removed {
+            report.actions.push(format!(
+                "removed build dir {} left by an interrupted operation",
+                dir.display()
+            ));
+        }
+        for e in failed {
+            report
+                .actions
+                .push(format!("could not clean the build dir: {e}"));
+        }
         let vms = match self.store().list_vms() {
             Ok(v) => v,
             Err(e) => {
@@ -111,7 +125,35 @@ impl Engine {
                 continue;
             }
             let was = vm.state;
-            let errors = self.teardown(&vm.id, live.as_ref(), "reconcile").await;
+            let mut errors = self.teardown(&vm.id, live.as_ref(), "reconcile").await;
+            // A daemon killed between a VMM's fork and the write of its handles file leaves a
+            // VMM nothing records; it still names this VM's dirs (or jail), so it is found.
+            for pid in crate::leaks::unrecorded_vmms(
+                std::path::Path::new("/proc"),
+                self.layout(),
+                &vm.id,
+                std::process::id() as i32,
+            ) {
+                let start = banger_vmm::process::proc_start_time(pid).unwrap_or(0);
+                match banger_vmm::process::signal_process(
+                    pid,
+                    start,
+                    nix::sys::signal::Signal::SIGKILL,
+                ) {
+                    Ok(_) => {
+                        banger_vmm::process::wait_gone(
+                            pid,
+                            start,
+                            std::time::Duration::from_secs(5),
+                        )
+                        .await;
+                        report
+                            .actions
+                            .push(format!("VM {}: killed unrecorded VMM pid {pid}", vm.name));
+                    }
+                    Err(e) => errors.push(format!("killing unrecorded VMM pid {pid}: {e}")),
+                }
+            }
             vm.state = VmState::Stopped;
             let mut note = match (was, alive) {
                 (_, true) if recovered => format!(
@@ -220,7 +262,9 @@ impl Engine {
             {
                 errors.push(e.to_string());
             }
-            if let Err(e) = std::fs::remove_dir_all(&dir) {
+            if let Err(e) =
+                banger_sys::rmtree::remove_tree_last(&dir, &[std::ffi::OsStr::new(mark)])
+            {
                 errors.push(format!("removing {}: {e}", dir.display()));
             }
             let mut line = format!("VM {label}: {what}");
@@ -242,7 +286,7 @@ impl Engine {
             if keep {
                 continue;
             }
-            match std::fs::remove_dir_all(entry.path()) {
+            match banger_sys::rmtree::remove_tree(&entry.path()) {
                 Ok(()) => report.actions.push(format!(
                     "removed stale runtime dir {}",
                     entry.path().display()

@@ -558,7 +558,22 @@ impl Engine {
                     }
                 });
                 attempt.log_mark = banger_vmm::process::log_mark(&spec.log_path);
-                let handle = vmm.spawn(&spec).await.map_err(|e| e.to_string())?;
+                // The process is recorded (handles file, atomically, and the undo's slot) the
+                // moment it exists, before its control socket is waited for: a daemon killed
+                // while the VMM starts up leaves a handles file naming it for reconcile.
+                let (before, handles_path) =
+                    (attempt.handles.clone(), attempt.handles_path.clone());
+                let record_slot = slot.clone();
+                let record = move |h: &VmmHandle| -> Result<(), String> {
+                    *record_slot.lock().expect("poisoned") = Some(h.clone());
+                    let mut with = before.clone();
+                    with.vmm = Some(h.clone());
+                    with.write(&handles_path).map_err(|e| e.to_string())
+                };
+                let handle = vmm
+                    .spawn_recorded(&spec, &record)
+                    .await
+                    .map_err(|e| e.to_string())?;
                 *slot.lock().expect("poisoned") = Some(handle.clone());
                 attempt.handles.vmm = Some(handle);
                 attempt.save_handles()?;

@@ -12,6 +12,7 @@ mod fuzz;
 mod guest_edges;
 mod guest_net;
 mod images;
+mod interrupt;
 mod jailer;
 mod kernel_build;
 mod kernels;

@@ -172,6 +172,8 @@ fn real_guest_end_to_end() {
         ],
     );
     assert_eq!(kept, "in-root\nin-etc\n");
+    // Ctrl-C of vm exec and vm run --rm (interrupt.rs), sharing this environment's provisioning.
+    crate::interrupt::real_guest_interrupts_in(&env, "alpha");
 
     ok(&env, &["vm", "rm", "--force", "alpha", "beta"]);
     let rules = nft_banger_table(&env.network().expect("a real environment").0);

@@ -106,6 +106,15 @@ impl Env {
     /// the SO_PEERCRED check). With `scripted`, commands go to a [`ScriptedRunner`];
     /// otherwise to banger-sys's `RecordingRunner`.
     pub async fn start(scripted: bool, opts: ServeOptions) -> Env {
+        Self::start_with(scripted, None, opts).await
+    }
+
+    /// [`Env::start`], with `runner` (when given) running the commands.
+    pub async fn start_with(
+        scripted: bool,
+        runner: Option<Arc<dyn CommandRunner>>,
+        opts: ServeOptions,
+    ) -> Env {
         let dir = tempfile::tempdir().unwrap();
         // Traversable, so a client running as another uid can reach the socket.
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
@@ -142,10 +151,10 @@ impl Env {
         let host = Arc::new(FakeHost::new());
         let recording = Arc::new(banger_sys::RecordingRunner::default());
         let scripted_runner = Arc::new(ScriptedRunner::default());
-        let runner: Arc<dyn CommandRunner> = if scripted {
-            scripted_runner.clone()
-        } else {
-            recording.clone()
+        let runner: Arc<dyn CommandRunner> = match runner {
+            Some(r) => r,
+            None if scripted => scripted_runner.clone(),
+            None => recording.clone(),
         };
         let scratch = dir.path().join("scratch");
         std::fs::create_dir(&scratch).unwrap();

@@ -22,7 +22,7 @@ use client::{
 
 use crate::common::{self, Waited, check_socket_path, is_valid_mac, remove_stale_socket};
 use crate::process::{self, DetachedCommand};
-use crate::{LaunchSpec, Vmm, VmmError, VmmHandle, VmmKind};
+use crate::{LaunchSpec, SpawnRecorder, Vmm, VmmError, VmmHandle, VmmKind};
 
 /// The API socket's file name inside the VM's run directory.
 pub const API_SOCKET_NAME: &str = "fc.sock";
@@ -209,6 +209,7 @@ impl Firecracker {
         &self,
         jail: &jailer::JailerConfig,
         spec: &LaunchSpec,
+        record: &SpawnRecorder,
     ) -> Result<VmmHandle, VmmError> {
         if spec.vsock.is_some() {
             return Err(VmmError::Spec(
@@ -264,6 +265,18 @@ impl Firecracker {
             }
         };
         tracing::debug!(pid = spawned.pid, vm_id = %spec.vm_id, socket = %socket.display(), uid = jail.uid, "jailed firecracker spawned");
+        // The jailer runs without --daemonize and --new-pid-ns: it execs Firecracker in place,
+        // so this pid and start time are Firecracker's.
+        if let Err(e) = common::record_spawned(
+            spawned_handle(VmmKind::Firecracker, spawned, &socket, &spec.log_path),
+            record,
+            self.kill_timeout,
+        )
+        .await
+        {
+            cleanup("a failed record");
+            return Err(e);
+        }
 
         let waited = self.wait_ready(spawned, &socket).await;
         let result = common::finish_spawn(
@@ -493,16 +506,36 @@ fn validate_spec(spec: &LaunchSpec) -> Result<(), VmmError> {
     Ok(())
 }
 
+/// The handle of a process just spawned, before its control socket is up.
+fn spawned_handle(
+    kind: VmmKind,
+    spawned: process::Spawned,
+    socket: &std::path::Path,
+    log_path: &std::path::Path,
+) -> VmmHandle {
+    VmmHandle {
+        kind,
+        pid: spawned.pid,
+        start_time: spawned.start_time,
+        control_socket: socket.to_path_buf(),
+        log_path: log_path.to_path_buf(),
+    }
+}
+
 #[async_trait::async_trait]
 impl Vmm for Firecracker {
     fn kind(&self) -> VmmKind {
         VmmKind::Firecracker
     }
 
-    async fn spawn(&self, spec: &LaunchSpec) -> Result<VmmHandle, VmmError> {
+    async fn spawn_recorded(
+        &self,
+        spec: &LaunchSpec,
+        record: &SpawnRecorder,
+    ) -> Result<VmmHandle, VmmError> {
         check_instance_id(&spec.vm_id)?;
         if let Some(jail) = &self.jailer {
-            return self.spawn_jailed(jail, spec).await;
+            return self.spawn_jailed(jail, spec, record).await;
         }
         let socket = spec.run_dir.join(API_SOCKET_NAME);
         check_socket_path("Firecracker API socket path", &socket)?;
@@ -536,6 +569,12 @@ impl Vmm for Firecracker {
             log_max_bytes: Some(spec.log_max_bytes),
         })?;
         tracing::debug!(pid = spawned.pid, vm_id = %spec.vm_id, socket = %socket.display(), "firecracker spawned");
+        common::record_spawned(
+            spawned_handle(VmmKind::Firecracker, spawned, &socket, &spec.log_path),
+            record,
+            self.kill_timeout,
+        )
+        .await?;
 
         let waited = self.wait_ready(spawned, &socket).await;
         common::finish_spawn(

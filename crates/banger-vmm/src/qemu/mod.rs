@@ -33,7 +33,7 @@ use crate::common::{
 };
 pub use crate::firecracker::Version;
 use crate::process::{self, DetachedCommand};
-use crate::{LaunchSpec, Vmm, VmmError, VmmHandle, VmmKind};
+use crate::{LaunchSpec, SpawnRecorder, Vmm, VmmError, VmmHandle, VmmKind};
 
 /// The QMP socket's file name inside the VM's run directory.
 pub const QMP_SOCKET_NAME: &str = "qmp.sock";
@@ -601,7 +601,11 @@ impl Vmm for Qemu {
         self.accel.kind()
     }
 
-    async fn spawn(&self, spec: &LaunchSpec) -> Result<VmmHandle, VmmError> {
+    async fn spawn_recorded(
+        &self,
+        spec: &LaunchSpec,
+        record: &SpawnRecorder,
+    ) -> Result<VmmHandle, VmmError> {
         validate_spec(spec)?;
         check_inputs(spec)?;
         if spec.vsock.is_some() && !self.vhost_vsock_device.exists() {
@@ -646,6 +650,18 @@ impl Vmm for Qemu {
             log_max_bytes: Some(spec.log_max_bytes),
         })?;
         tracing::debug!(pid = spawned.pid, vm_id = %spec.vm_id, accel = %self.accel, socket = %socket.display(), "qemu spawned");
+        common::record_spawned(
+            VmmHandle {
+                kind: self.kind(),
+                pid: spawned.pid,
+                start_time: spawned.start_time,
+                control_socket: socket.clone(),
+                log_path: spec.log_path.clone(),
+            },
+            record,
+            self.kill_timeout,
+        )
+        .await?;
 
         let waited = self.wait_ready(spawned, &socket).await;
         common::finish_spawn(
