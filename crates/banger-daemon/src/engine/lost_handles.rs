@@ -2,8 +2,9 @@
 //! garbled) or gone (its VM dir deleted): the VMM is found by its marks instead of being
 //! abandoned with its tap, and the damaged file is kept for inspection.
 //!
-//! The mark is the VM's runtime dir in the process's arguments (`--api-sock <run>/fc.sock`,
-//! `-qmp unix:<run>/qmp.sock`): that dir is private to banger and named after the VM id. Only
+//! The mark is the VM's state or runtime dir in the process's arguments (`--api-sock
+//! <run>/fc.sock`, `-qmp unix:<run>/qmp.sock`), as [`crate::leaks::unrecorded_vmms`] finds
+//! it: those dirs are private to banger and named after the VM id. Only
 //! processes of the daemon's own user count, so another user's process quoting the path can
 //! never be taken for (and killed as) a VMM.
 
@@ -30,7 +31,22 @@ impl Engine {
             VmmKind::Firecracker => banger_vmm::firecracker::API_SOCKET_NAME,
             VmmKind::QemuKvm | VmmKind::QemuTcg => banger_vmm::qemu::QMP_SOCKET_NAME,
         };
-        let (pid, start_time) = processes_naming(&run_dir).into_iter().next()?;
+        // The same search reconcile uses for a VMM killed before its pid was recorded, kept
+        // to this user's processes: only those can be the VMMs of this daemon's own launches.
+        let me = nix::unistd::geteuid().as_raw();
+        let (pid, start_time) = crate::leaks::unrecorded_vmms(
+            Path::new("/proc"),
+            self.layout(),
+            &vm.id,
+            std::process::id() as i32,
+        )
+        .into_iter()
+        .filter(|pid| std::fs::metadata(format!("/proc/{pid}")).is_ok_and(|m| m.uid() == me))
+        .find_map(|pid| {
+            banger_vmm::process::proc_stat(pid)
+                .filter(|st| !matches!(st.state, 'Z' | 'X' | 'x'))
+                .map(|st| (pid, st.start_time))
+        })?;
         let mut h = Handles::new(run_dir.clone());
         h.vmm = Some(VmmHandle {
             kind,
@@ -74,76 +90,9 @@ pub(super) fn keep_damaged(path: &Path) -> Result<PathBuf, String> {
     ))
 }
 
-/// Live processes of this user whose arguments name `dir` (an argument that is `dir` or holds
-/// `dir/`), with their start times.
-fn processes_naming(dir: &Path) -> Vec<(i32, u64)> {
-    use std::os::unix::ffi::OsStrExt;
-    let me = nix::unistd::geteuid().as_raw();
-    let own = std::process::id() as i32;
-    let needle = {
-        let mut n = dir.as_os_str().as_bytes().to_vec();
-        n.push(b'/');
-        n
-    };
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    let mut found = Vec::new();
-    for e in entries.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
-        };
-        if pid == own || e.metadata().map(|m| m.uid()).ok() != Some(me) {
-            continue;
-        }
-        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
-            continue;
-        };
-        let names_dir = cmdline.split(|b| *b == 0).any(|arg| {
-            arg == dir.as_os_str().as_bytes() || arg.windows(needle.len()).any(|w| w == needle)
-        });
-        if !names_dir {
-            continue;
-        }
-        if let Some(stat) = banger_vmm::process::proc_stat(pid)
-            && !matches!(stat.state, 'Z' | 'X' | 'x')
-        {
-            found.push((pid, stat.start_time));
-        }
-    }
-    found.sort();
-    found
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn finds_a_process_by_the_dir_in_its_arguments() {
-        let dir = tempfile::tempdir().unwrap();
-        let run = dir.path().join("run");
-        // `sh -c CMD ARG0`: ARG0 stays in the shell's arguments, like a VMM's --api-sock.
-        let mut child = std::process::Command::new("sh")
-            .args(["-c", "sleep 30; :"])
-            .arg(run.join("fc.sock"))
-            .spawn()
-            .unwrap();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        let mut found = Vec::new();
-        while found.is_empty() && std::time::Instant::now() < deadline {
-            found = processes_naming(&run);
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        // (The shell's own child may show up too, for the instant between its fork and exec.)
-        assert!(
-            found.iter().any(|(p, _)| *p == child.id() as i32),
-            "{found:?}"
-        );
-        assert!(processes_naming(&dir.path().join("other")).is_empty());
-    }
 
     #[test]
     fn damaged_files_are_kept_never_overwritten() {
