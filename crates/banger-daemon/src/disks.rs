@@ -175,13 +175,18 @@ fn reflink(src: &Path, dst: &Path) -> Result<(), DiskError> {
 /// image: a mostly empty 4 GiB rootfs costs what it holds, not 4 GiB.
 pub fn sparse_copy(src: &Path, dst: &Path) -> Result<(), DiskError> {
     let s = std::fs::File::open(src).map_err(io_err(src))?;
+    sparse_copy_from(&s, src, dst)
+}
+
+/// [`sparse_copy`] from an already opened (and checked) file; `src` names it in errors.
+pub fn sparse_copy_from(s: &std::fs::File, src: &Path, dst: &Path) -> Result<(), DiskError> {
     let d = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(dst)
         .map_err(io_err(dst))?;
     // From here on the file is ours: a failed copy removes it.
-    let result = sparse_copy_inner(&s, src, &d, dst);
+    let result = sparse_copy_inner(s, src, &d, dst);
     if result.is_err() {
         drop(d);
         let _ = std::fs::remove_file(dst);

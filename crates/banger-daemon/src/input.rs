@@ -55,6 +55,55 @@ pub fn open_input(path: &Path, dir_ok: bool) -> Result<Input, InputError> {
             path: path.to_path_buf(),
             source,
         })?;
+    checked(file, path, dir_ok)
+}
+
+/// Opens `name`, one path component, inside the opened directory `dir` (named `dir_path` in
+/// errors) as [`open_input`] does, but never through a symlink (`O_NOFOLLOW`, and `..` or a
+/// `/` in `name` refused): what is read is in that directory, not wherever a link points.
+pub fn open_regular_in(dir: &File, dir_path: &Path, name: &str) -> Result<File, InputError> {
+    use std::os::fd::AsRawFd;
+    let path = dir_path.join(name);
+    if name.is_empty() || name == "." || name == ".." || name.contains('/') {
+        return Err(InputError::NotRegular {
+            path,
+            what: "not a plain file name",
+            dir_ok: false,
+        });
+    }
+    // The directory's fd link reaches the opened directory itself, whatever its path now names.
+    let at = PathBuf::from(format!("/proc/self/fd/{}/{name}", dir.as_raw_fd()));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_NOFOLLOW)
+        .open(at)
+        .map_err(|source| match source.raw_os_error() {
+            Some(libc::ELOOP) => InputError::NotRegular {
+                path: path.clone(),
+                what: "a symlink",
+                dir_ok: false,
+            },
+            _ => InputError::Open {
+                path: path.clone(),
+                source,
+            },
+        })?;
+    match checked(file, &path, false)? {
+        Input::File(f, _) => Ok(f),
+        Input::Dir => unreachable!("directories are refused when dir_ok is false"),
+    }
+}
+
+/// A path that reopens the opened `file` itself (`/proc/self/fd/N`), for code that takes a
+/// path: whatever is renamed over the original path after the check, this reaches the checked
+/// inode. Valid while `file` stays open.
+pub fn fd_path(file: &File) -> PathBuf {
+    use std::os::fd::AsRawFd;
+    PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()))
+}
+
+/// The type check on the opened fd.
+fn checked(file: File, path: &Path, dir_ok: bool) -> Result<Input, InputError> {
     let meta = file.metadata().map_err(|source| InputError::Open {
         path: path.to_path_buf(),
         source,
@@ -89,9 +138,18 @@ pub fn open_input(path: &Path, dir_ok: bool) -> Result<Input, InputError> {
 /// Reads the regular file at `path` whole, refusing anything else and anything over `cap`
 /// bytes (checked on the size and again while reading: the file may grow meanwhile).
 pub fn read_regular_capped(path: &Path, cap: u64) -> Result<Vec<u8>, InputError> {
-    let Input::File(file, meta) = open_input(path, false)? else {
+    let Input::File(file, _) = open_input(path, false)? else {
         unreachable!("directories are refused when dir_ok is false")
     };
+    read_file_capped(file, path, cap)
+}
+
+/// [`read_regular_capped`] on an already checked file (`path` names it in errors).
+pub fn read_file_capped(file: File, path: &Path, cap: u64) -> Result<Vec<u8>, InputError> {
+    let meta = file.metadata().map_err(|source| InputError::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let too_large = || InputError::TooLarge {
         path: path.to_path_buf(),
         cap,
@@ -148,5 +206,29 @@ mod tests {
         let l = dir.path().join("l");
         std::os::unix::fs::symlink(&fifo, &l).unwrap();
         assert!(read_regular_capped(&l, 9).is_err());
+    }
+
+    #[test]
+    fn open_regular_in_stays_in_the_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = File::open(dir.path()).unwrap();
+        std::fs::write(dir.path().join("a.ko"), b"x").unwrap();
+        assert!(open_regular_in(&d, dir.path(), "a.ko").is_ok());
+        // A link, even to a regular file in the same dir, is not followed.
+        std::os::unix::fs::symlink("a.ko", dir.path().join("l.ko")).unwrap();
+        let e = open_regular_in(&d, dir.path(), "l.ko").unwrap_err();
+        assert!(e.to_string().contains("a symlink"), "{e}");
+        std::os::unix::fs::symlink("/dev/zero", dir.path().join("z")).unwrap();
+        assert!(open_regular_in(&d, dir.path(), "z").is_err());
+        nix::unistd::mkfifo(
+            &dir.path().join("f"),
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+        )
+        .unwrap();
+        let e = open_regular_in(&d, dir.path(), "f").unwrap_err();
+        assert!(e.to_string().contains("FIFO"), "{e}");
+        for bad in ["..", "../a.ko", ""] {
+            assert!(open_regular_in(&d, dir.path(), bad).is_err(), "{bad}");
+        }
     }
 }

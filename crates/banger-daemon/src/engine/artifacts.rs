@@ -2,6 +2,7 @@
 //!
 //! Both are copied into banger's state dir, so a VM's base can never change under it.
 
+use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
@@ -9,7 +10,7 @@ use banger_core::{ErrorCode, ImageRecord, KernelRecord, validate_artifact_name};
 use sha2::Digest;
 
 use super::{Engine, now};
-use crate::disks::sparse_copy;
+use crate::disks::sparse_copy_from;
 use crate::error::{OpError, OpResult};
 use crate::layout::create_private_dir;
 
@@ -20,11 +21,15 @@ impl Engine {
     /// copied modules, as for a pulled kernel.
     pub async fn kernel_import(&self, name: &str, dir: &Path) -> OpResult<KernelRecord> {
         validate_artifact_name("kernel", name).map_err(OpError::bad_request)?;
+        // Every input is opened (without blocking), checked and kept open here, then copied
+        // from that fd: nothing renamed over a path afterwards is read. Off the async runtime,
+        // as the reads may still be slow (a network filesystem).
+        let d = dir.to_path_buf();
+        let inputs = tokio::task::spawn_blocking(move || kernel_inputs(&d))
+            .await
+            .expect("kernel input task panicked")?;
         let src = dir.join("vmlinux");
-        check_magic(&src, 0, b"\x7fELF", "an ELF vmlinux")?;
-        let initrd_src = dir.join("initrd.img");
-        let has_initrd = initrd_src.is_file();
-        let modules = import_modules(&dir.join("modules"))?;
+        let has_initrd = inputs.initrd.is_some();
         let _g = self.inner.artifact_lock.lock().await;
         if self.store().get_kernel(name)?.is_some() {
             return Err(OpError::new(
@@ -37,18 +42,18 @@ impl Engine {
         let _ = banger_sys::rmtree::remove_tree(&staging);
         let result = async {
             create_private_dir(&staging).map_err(|e| io_fail(&staging, e))?;
-            copy_file(&src, &staging.join("vmlinux")).await?;
-            if has_initrd {
-                copy_file(&initrd_src, &staging.join("initrd.img")).await?;
+            copy_file(inputs.vmlinux, &src, &staging.join("vmlinux")).await?;
+            if let Some(initrd) = inputs.initrd {
+                copy_file(initrd, &dir.join("initrd.img"), &staging.join("initrd.img")).await?;
             }
-            if let Some(m) = &modules {
+            if let Some(m) = inputs.modules {
                 let out = staging.join("modules");
                 create_private_dir(&out).map_err(|e| io_fail(&out, e))?;
-                for name in &m.load_order {
-                    copy_file(&m.dir.join(name), &out.join(name)).await?;
+                let text: String = m.load_order.iter().map(|(n, _)| format!("{n}\n")).collect();
+                for (name, file) in m.load_order {
+                    copy_file(file, &m.dir.join(&name), &out.join(&name)).await?;
                 }
                 let order = out.join(banger_kernel::LOAD_ORDER);
-                let text: String = m.load_order.iter().map(|n| format!("{n}\n")).collect();
                 std::fs::write(&order, text).map_err(|e| io_fail(&order, e))?;
             }
             let vmlinux = staging.join("vmlinux");
@@ -105,12 +110,23 @@ impl Engine {
         kernel: Option<String>,
     ) -> OpResult<ImageRecord> {
         validate_artifact_name("image", name).map_err(OpError::bad_request)?;
-        check_magic(
+        let file = check_magic(
             rootfs,
             1024 + 56,
             &[0x53, 0xef],
             "an ext2/3/4 filesystem image",
         )?;
+        self.register_file(name, file, rootfs, kernel).await
+    }
+
+    /// [`Self::image_register`] of an opened, checked ext4 `file` (named `rootfs` in messages).
+    pub(super) async fn register_file(
+        &self,
+        name: &str,
+        file: File,
+        rootfs: &Path,
+        kernel: Option<String>,
+    ) -> OpResult<ImageRecord> {
         if let Some(k) = &kernel
             && self.store().get_kernel(k)?.is_none()
         {
@@ -127,7 +143,7 @@ impl Engine {
         let _ = banger_sys::rmtree::remove_tree(&staging);
         let result = async {
             create_private_dir(&staging).map_err(|e| io_fail(&staging, e))?;
-            copy_file(rootfs, &staging.join("rootfs.ext4")).await?;
+            copy_file(file, rootfs, &staging.join("rootfs.ext4")).await?;
             make_read_only(&staging.join("rootfs.ext4"))?;
             self.publish_image(
                 &staging,
@@ -182,62 +198,101 @@ impl Engine {
 }
 
 /// The modules `kernel import` takes from a `modules/` dir.
+/// A kernel dir's inputs, each opened and checked.
+struct KernelInputs {
+    vmlinux: File,
+    initrd: Option<File>,
+    modules: Option<ImportModules>,
+}
+
 struct ImportModules {
     dir: PathBuf,
-    /// `*.ko` file names, in load order.
-    load_order: Vec<String>,
+    /// `*.ko` file names with their checked files, in load order.
+    load_order: Vec<(String, File)>,
+}
+
+/// The most a `modules/load-order` may hold: a line per module, and a guest kernel needs tens
+/// to a few hundred of them, so 64 KiB is ample and bounds what a hostile file costs.
+const LOAD_ORDER_CAP: u64 = 64 << 10;
+
+fn kernel_inputs(dir: &Path) -> OpResult<KernelInputs> {
+    let vmlinux = check_magic(&dir.join("vmlinux"), 0, b"\x7fELF", "an ELF vmlinux")?;
+    let initrd_src = dir.join("initrd.img");
+    let initrd = match crate::input::open_input(&initrd_src, false) {
+        Ok(crate::input::Input::File(f, _)) => Some(f),
+        Ok(crate::input::Input::Dir) => unreachable!("directories are refused"),
+        Err(e) if e.is_not_found() => None,
+        Err(e) => return Err(OpError::bad_request(e.to_string())),
+    };
+    let modules = import_modules(&dir.join("modules"))?;
+    Ok(KernelInputs {
+        vmlinux,
+        initrd,
+        modules,
+    })
 }
 
 /// Checks `dir` (a kernel dir's `modules/`): absent is fine (a kernel with everything built in,
 /// or one booting its own initrd); present, it must hold a `load-order` whose every line names
-/// an uncompressed `.ko` file in it, which is what banger's initramfs loads.
+/// an uncompressed `.ko` file in it, which is what banger's initramfs loads. The `load-order`
+/// and modules are regular files directly in `dir`, never symlinks (so nothing outside the tree
+/// is read), and the `load-order` is at most [`LOAD_ORDER_CAP`] bytes.
 fn import_modules(dir: &Path) -> OpResult<Option<ImportModules>> {
-    match std::fs::metadata(dir) {
+    use std::os::unix::fs::OpenOptionsExt;
+    // O_DIRECTORY: anything else (a FIFO named `modules` too) fails at once, without blocking.
+    let dir_file = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(dir)
+    {
+        Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(OpError::bad_request(format!("{}: {e}", dir.display()))),
-        Ok(m) if !m.is_dir() => {
+        Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => {
             return Err(OpError::bad_request(format!(
                 "{} is not a directory",
                 dir.display()
             )));
         }
-        Ok(_) => {}
-    }
+        Err(e) => return Err(OpError::bad_request(format!("{}: {e}", dir.display()))),
+    };
     let order_path = dir.join(banger_kernel::LOAD_ORDER);
-    let text = match std::fs::read_to_string(&order_path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+    let text = match crate::input::open_regular_in(&dir_file, dir, banger_kernel::LOAD_ORDER)
+        .and_then(|f| crate::input::read_file_capped(f, &order_path, LOAD_ORDER_CAP))
+    {
+        Ok(t) => String::from_utf8(t).map_err(|_| {
+            OpError::bad_request(format!("{} is not UTF-8 text", order_path.display()))
+        })?,
+        Err(e) if e.is_not_found() => {
             return Err(OpError::bad_request(format!(
                 "{} has no {}: list the modules to load, one .ko file name per line, dependencies first",
                 dir.display(),
                 banger_kernel::LOAD_ORDER
             )));
         }
-        Err(e) => {
-            return Err(OpError::bad_request(format!(
-                "{}: {e}",
-                order_path.display()
-            )));
-        }
+        Err(e) => return Err(OpError::bad_request(e.to_string())),
     };
     let entries = banger_guest::initramfs::parse_load_order(&text).map_err(|(line, reason)| {
         OpError::bad_request(format!("{} line {line}: {reason}", order_path.display()))
     })?;
-    let mut load_order: Vec<String> = Vec::with_capacity(entries.len());
+    let mut load_order: Vec<(String, File)> = Vec::with_capacity(entries.len());
     for (line, name) in entries {
-        if load_order.contains(&name) {
+        if load_order.iter().any(|(n, _)| *n == name) {
             return Err(OpError::bad_request(format!(
                 "{} line {line}: {name} is listed twice",
                 order_path.display()
             )));
         }
-        check_magic(
-            &dir.join(&name),
+        let path = dir.join(&name);
+        let file = crate::input::open_regular_in(&dir_file, dir, &name)
+            .map_err(|e| OpError::bad_request(e.to_string()))?;
+        has_magic(
+            &file,
+            &path,
             0,
             b"\x7fELF",
             "an uncompressed kernel module (.ko)",
         )?;
-        load_order.push(name);
+        load_order.push((name, file));
     }
     Ok(Some(ImportModules {
         dir: dir.to_path_buf(),
@@ -257,14 +312,21 @@ fn io_fail(path: &Path, e: std::io::Error) -> OpError {
     OpError::failed(format!("{}: {e}", path.display()))
 }
 
-fn check_magic(path: &Path, offset: u64, magic: &[u8], what: &str) -> OpResult<()> {
-    use std::os::unix::fs::FileExt;
+/// Opens `path` and checks it is a regular file with `magic` at `offset`; returns the file, so
+/// what is then read is what was checked.
+fn check_magic(path: &Path, offset: u64, magic: &[u8], what: &str) -> OpResult<File> {
     // Checked on the opened fd, opened without blocking (a FIFO would wait for a writer).
     let crate::input::Input::File(f, _) =
         crate::input::open_input(path, false).map_err(|e| OpError::bad_request(e.to_string()))?
     else {
         unreachable!("directories are refused when dir_ok is false")
     };
+    has_magic(&f, path, offset, magic, what)?;
+    Ok(f)
+}
+
+fn has_magic(f: &File, path: &Path, offset: u64, magic: &[u8], what: &str) -> OpResult<()> {
+    use std::os::unix::fs::FileExt;
     let mut buf = vec![0u8; magic.len()];
     if f.read_exact_at(&mut buf, offset).is_err() || buf != magic {
         return Err(OpError::bad_request(format!(
@@ -275,9 +337,10 @@ fn check_magic(path: &Path, offset: u64, magic: &[u8], what: &str) -> OpResult<(
     Ok(())
 }
 
-async fn copy_file(src: &Path, dst: &Path) -> OpResult<()> {
-    let (s, d): (PathBuf, PathBuf) = (src.to_path_buf(), dst.to_path_buf());
-    tokio::task::spawn_blocking(move || sparse_copy(&s, &d))
+/// Copies the checked file `src` (named `label` in errors) to `dst`, off the async runtime.
+async fn copy_file(src: File, label: &Path, dst: &Path) -> OpResult<()> {
+    let (l, d): (PathBuf, PathBuf) = (label.to_path_buf(), dst.to_path_buf());
+    tokio::task::spawn_blocking(move || sparse_copy_from(&src, &l, &d))
         .await
         .expect("copy task panicked")
         .map_err(|e| OpError::failed(e.to_string()))

@@ -34,12 +34,17 @@ impl Engine {
         }
         // Never a FIFO (opening one waits for a writer forever), a device (/dev/zero is an
         // endless "tarball") or an empty file: only a regular file with content, or a directory.
-        let file_len = match crate::input::open_input(source, true)
+        // The checked fd is kept for the whole import and every read goes through it (its
+        // `/proc/self/fd` path reopens that inode): a FIFO or another file renamed over
+        // `source` after the check is never opened.
+        let (file, file_len) = match crate::input::open_input(source, true)
             .map_err(|e| OpError::bad_request(e.to_string()))?
         {
-            crate::input::Input::File(_, meta) => Some(meta.len()),
-            crate::input::Input::Dir => None,
+            crate::input::Input::File(f, meta) => (Some(f), Some(meta.len())),
+            crate::input::Input::Dir => (None, None),
         };
+        let fd_src = file.as_ref().map(crate::input::fd_path);
+        let src = fd_src.as_deref().unwrap_or(source);
         if file_len == Some(0) {
             return Err(OpError::bad_request(format!(
                 "{} is empty: not an image bundle, an ext4 image or a root filesystem tarball",
@@ -47,8 +52,10 @@ impl Engine {
             )));
         }
         let is_file = file_len.is_some();
-        if is_file && is_bundle(source) {
-            return self.import_bundle(source, name, kernel, None, ctx).await;
+        if is_file && is_bundle(src) {
+            return self
+                .import_bundle(source, src, name, kernel, None, ctx)
+                .await;
         }
         let Some(name) = name else {
             return Err(OpError::bad_request(format!(
@@ -56,14 +63,17 @@ impl Engine {
                 source.display()
             )));
         };
-        if is_file && is_ext4(source) {
-            if let Some(problem) = ext4_problem(source, file_len.unwrap_or(0)) {
+        if let Some(file) = file.as_ref().filter(|_| is_ext4(src)) {
+            if let Some(problem) = ext4_problem(src, file_len.unwrap_or(0)) {
                 return Err(OpError::bad_request(format!(
                     "{}: {problem}",
                     source.display()
                 )));
             }
-            return self.image_register(name, source, kernel).await;
+            let file = file
+                .try_clone()
+                .map_err(|e| OpError::failed(format!("{}: {e}", source.display())))?;
+            return self.register_file(name, file, source, kernel).await;
         }
         if self.store().get_image(name)?.is_some() {
             return Err(OpError::new(
@@ -100,7 +110,7 @@ impl Engine {
         create_private_dir(&scratch)
             .map_err(|e| OpError::failed(format!("creating {}: {e}", scratch.display())))?;
         let result = async {
-            let layer = tarball_layer(source, &scratch, ctx).await?;
+            let layer = tarball_layer(src, source, &scratch, ctx).await?;
             check_rootfs_tar(&layer, source).await?;
             let mut meta = banger_core::ImageMeta::default();
             self.image_from_layers(name, vec![layer], &mut meta, kernel, &source_label, ctx)
@@ -114,18 +124,20 @@ impl Engine {
 
 /// The tarball as a layer the flattener reads: gzip, zstd and plain tars as they are; other
 /// compressions (xz, bzip2, lzma) decompressed into `scratch` first.
+/// `src` is read, `source` names it in messages.
 async fn tarball_layer(
     src: &Path,
+    source: &Path,
     scratch: &Path,
     ctx: &OpCtx<'_>,
 ) -> OpResult<banger_rootfs::Layer> {
     use std::io::Read;
-    let bad = |msg: String| OpError::bad_request(format!("{}: {msg}", src.display()));
+    let bad = |msg: String| OpError::bad_request(format!("{}: {msg}", source.display()));
     let mut head = [0u8; 6];
     let n = std::fs::File::open(src)
         .and_then(|mut f| f.read(&mut head))
         .map_err(|e| bad(e.to_string()))?;
-    let label = src.display().to_string();
+    let label = source.display().to_string();
     let compression = match Compression::detect(&head[..n]) {
         None => banger_rootfs::LayerCompression::None,
         Some(Compression::Gzip) => banger_rootfs::LayerCompression::Gzip,
@@ -134,12 +146,11 @@ async fn tarball_layer(
             ctx.progress
                 .stage("decompress", Some(format!("{other:?} {label}")));
             let (s, out) = (src.to_path_buf(), scratch.join("layer.tar"));
-            let out2 = out.clone();
+            let (out2, label2) = (out.clone(), label.clone());
             tokio::task::spawn_blocking(move || -> OpResult<()> {
-                let bad = |msg: String| OpError::bad_request(format!("{}: {msg}", s.display()));
+                let bad = |msg: String| OpError::bad_request(format!("{label2}: {msg}"));
                 let file = std::fs::File::open(&s).map_err(|e| bad(e.to_string()))?;
-                let mut r = decoder(other, file, &s.display().to_string())
-                    .map_err(|e| bad(e.to_string()))?;
+                let mut r = decoder(other, file, &label2).map_err(|e| bad(e.to_string()))?;
                 let mut w = std::fs::File::create(&out2)
                     .map_err(|e| OpError::failed(format!("{}: {e}", out2.display())))?;
                 std::io::copy(&mut r, &mut w).map_err(|e| bad(format!("decompressing: {e}")))?;

@@ -416,7 +416,7 @@ impl Engine {
             r.map_err(|e| OpError::failed(format!("download task: {e}")))?
                 .map_err(|e| OpError::failed(e.to_string()))?;
             rate.finish(ctx);
-            self.import_bundle(&file, Some(name), kernel, Some(&source), ctx)
+            self.import_bundle(&file, &file, Some(name), kernel, Some(&source), ctx)
                 .await
         }
         .await;
@@ -425,10 +425,12 @@ impl Engine {
     }
 
     /// Imports a bundle file: exactly `manifest.json` then `rootfs.ext4`, the rootfs checked
-    /// against the manifest's size and SHA256 while it is written into a staging dir.
+    /// against the manifest's size and SHA256 while it is written into a staging dir. Read from
+    /// `read_from` (the checked file's fd path for a user's file), named `bundle` in messages.
     pub(super) async fn import_bundle(
         &self,
         bundle: &Path,
+        read_from: &Path,
         name: Option<&str>,
         kernel: Option<String>,
         source: Option<&str>,
@@ -446,8 +448,12 @@ impl Engine {
             .map_err(|e| OpError::failed(format!("creating {}: {e}", staging.display())))?;
         let result = async {
             let manifest = tokio::task::spawn_blocking({
-                let (bundle, staging) = (bundle.to_path_buf(), staging.clone());
-                move || unpack_bundle(&bundle, &staging)
+                let (bundle, read_from, staging) = (
+                    bundle.to_path_buf(),
+                    read_from.to_path_buf(),
+                    staging.clone(),
+                );
+                move || unpack_bundle_from(&read_from, &bundle, &staging)
             })
             .await
             .map_err(|e| OpError::failed(format!("unpack task: {e}")))??;
@@ -869,12 +875,12 @@ fn sha256_file(p: &Path) -> OpResult<String> {
     Ok(hex::encode(h.finalize()))
 }
 
-/// Reads a bundle into `dir` (`rootfs.ext4`, read-only) and returns its manifest. Anything but
+/// Reads a bundle (`read_from`, named `bundle` in messages) into `dir` (`rootfs.ext4`, read-only) and returns its manifest. Anything but
 /// exactly the two expected regular-file entries, a manifest of another format, or a rootfs
 /// whose size or SHA256 differs from the manifest's is refused, naming the bundle.
-pub fn unpack_bundle(bundle: &Path, dir: &Path) -> OpResult<BundleManifest> {
+pub fn unpack_bundle_from(read_from: &Path, bundle: &Path, dir: &Path) -> OpResult<BundleManifest> {
     let bad = |m: String| OpError::bad_request(format!("bundle {}: {m}", bundle.display()));
-    let file = std::fs::File::open(bundle).map_err(|e| bad(e.to_string()))?;
+    let file = std::fs::File::open(read_from).map_err(|e| bad(e.to_string()))?;
     let dec = zstd::Decoder::new(file).map_err(|e| bad(format!("not zstd: {e}")))?;
     let mut archive = tar::Archive::new(dec);
     let mut entries = archive
@@ -1128,7 +1134,7 @@ mod tests {
             std::fs::write(&file, bytes).unwrap();
             let out = dir.path().join(format!("out{i}"));
             std::fs::create_dir(&out).unwrap();
-            match (unpack_bundle(&file, &out), want) {
+            match (unpack_bundle_from(&file, &file, &out), want) {
                 (Ok(man), None) => {
                     assert_eq!(man.name, "img");
                     let got = std::fs::read(out.join("rootfs.ext4")).unwrap();

@@ -246,3 +246,128 @@ fn dynamically_linked_agent_is_refused_naming_it() {
     std::fs::write(&agent, banger_testkit::tiny_static_elf()).unwrap();
     timed(&env, create("stat"), 30).ok();
 }
+
+fn sigterm_stops_promptly(env: &mut TestEnv) {
+    let pid: i32 = std::fs::read_to_string(env.runtime_dir().join("bangerd.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let pid = nix::unistd::Pid::from_raw(pid);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    assert!(
+        env.wait_daemon_exit(Duration::from_secs(10)).is_some(),
+        "bangerd did not stop within 10s of SIGTERM"
+    );
+}
+
+fn ping_answers(env: &TestEnv) {
+    assert!(matches!(
+        timed(env, Request::Ping, 5).last(),
+        banger_protocol::Frame::Result { .. }
+    ));
+}
+
+/// `kernel import` reads only regular files inside the kernel dir: a FIFO or a /dev/zero link
+/// as `modules/load-order`, a link out of the tree, an oversized load-order or a FIFO initrd
+/// are refused at once, naming them, and the daemon keeps answering and stops on SIGTERM.
+#[test]
+fn kernel_import_refuses_fifos_devices_links_and_huge_load_orders() {
+    use banger_protocol::KernelImportParams;
+    let mut env = TestEnv::new("");
+    env.start_daemon();
+    let k = env.root().join("k");
+    let modules = k.join("modules");
+    std::fs::create_dir_all(&modules).unwrap();
+    std::fs::write(k.join("vmlinux"), banger_testkit::tiny_static_elf()).unwrap();
+    let order = modules.join("load-order");
+    let import = |env: &TestEnv| {
+        timed(
+            env,
+            Request::KernelImport(KernelImportParams {
+                name: "k1".into(),
+                dir: k.clone(),
+            }),
+            10,
+        )
+    };
+    let order_s = order.display().to_string();
+
+    mkfifo(&order);
+    refused(import(&env), &[&order_s, "FIFO"]);
+    ping_answers(&env);
+
+    std::fs::remove_file(&order).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", &order).unwrap();
+    refused(import(&env), &[&order_s, "symlink"]);
+
+    // A link to a regular file outside the tree is not followed either.
+    let outside = env.root().join("outside-order");
+    std::fs::write(&outside, "a.ko\n").unwrap();
+    std::fs::remove_file(&order).unwrap();
+    std::os::unix::fs::symlink(&outside, &order).unwrap();
+    refused(import(&env), &[&order_s, "symlink"]);
+
+    // A load-order over the cap is refused, not read whole.
+    std::fs::remove_file(&order).unwrap();
+    std::fs::write(&order, "# padding\n".repeat(10_000)).unwrap();
+    refused(import(&env), &[&order_s, "larger than"]);
+
+    // A listed module that links out of the tree (to /dev/zero or a real module) is refused.
+    std::fs::write(&order, "a.ko\n").unwrap();
+    std::os::unix::fs::symlink("/dev/zero", modules.join("a.ko")).unwrap();
+    let a = modules.join("a.ko").display().to_string();
+    refused(import(&env), &[&a, "symlink"]);
+    std::fs::remove_file(modules.join("a.ko")).unwrap();
+    mkfifo(&modules.join("a.ko"));
+    refused(import(&env), &[&a, "FIFO"]);
+
+    // A FIFO as initrd.img is refused rather than waited on.
+    std::fs::remove_file(modules.join("a.ko")).unwrap();
+    std::fs::write(modules.join("a.ko"), banger_testkit::tiny_static_elf()).unwrap();
+    mkfifo(&k.join("initrd.img"));
+    refused(import(&env), &["initrd.img", "FIFO"]);
+    // And with the inputs fixed, the import works.
+    std::fs::remove_file(k.join("initrd.img")).unwrap();
+    let rec = import(&env).ok();
+    assert_eq!(rec["name"], "k1", "{rec}");
+    ping_answers(&env);
+    sigterm_stops_promptly(&mut env);
+}
+
+/// `image import` keeps the fd it checked: a FIFO renamed over the source after the check is
+/// never opened, so no import waits on it. A renaming loop races each import; every one must
+/// answer promptly, and the daemon must still answer and stop on SIGTERM.
+#[test]
+fn image_import_never_reopens_a_swapped_source() {
+    let mut env = TestEnv::new("");
+    env.start_daemon();
+    let dir = env.root().join("src");
+    std::fs::create_dir_all(&dir).unwrap();
+    let img = dir.join("img");
+    let (plain, fifo) = (dir.join("plain"), dir.join("fifo"));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let swapper = {
+        let (img, plain, fifo, stop) = (img.clone(), plain.clone(), fifo.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = std::fs::write(&plain, vec![b'x'; 4096]);
+                let _ = std::fs::rename(&plain, &img);
+                let _ = nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600));
+                let _ = std::fs::rename(&fifo, &img);
+            }
+        })
+    };
+    let mut answered = 0;
+    for i in 0..60 {
+        let reply = timed(&env, import(&format!("i{i}"), &img), 10);
+        // Each is refused in one line (garbage or a FIFO); none waits.
+        refused(reply, &[&img.display().to_string()]);
+        answered += 1;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    swapper.join().unwrap();
+    assert_eq!(answered, 60);
+    ping_answers(&env);
+    sigterm_stops_promptly(&mut env);
+}
