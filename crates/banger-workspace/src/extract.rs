@@ -9,7 +9,16 @@
 //! or one the archive made — is ever followed, and absolute names, `..` and hard links are
 //! refused. The tar crate parses; it does not unpack (its `unpack` follows existing links in
 //! parent paths and honours modes).
+//!
+//! What it writes is bounded by the stream: GNU sparse entries (whose few bytes can declare
+//! terabytes of holes, which the tar crate fills with zeros) are refused, a file gets at most
+//! its declared size, and an entry that would leave less than [`RESERVE_PERCENT`] % of the
+//! destination filesystem free is refused before anything of it is written. Directories that
+//! were already there keep their mode; only directories this extraction made take the
+//! archive's permission bits.
 
+use std::cell::RefCell;
+use std::collections::HashSet;
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::fd::{AsFd, OwnedFd};
@@ -30,6 +39,10 @@ pub struct Extracted {
     /// Entries left out: devices, FIFOs and other special files.
     pub skipped: u64,
 }
+
+/// How much of the destination filesystem an extraction leaves free: an entry that would
+/// bring the free space below this share is refused, so a guest's stream cannot fill the disk.
+pub const RESERVE_PERCENT: u64 = 1;
 
 /// The process's umask, read without changing it (`umask(2)` can only set). Linux ≥ 4.7
 /// reports it in /proc; 022 otherwise.
@@ -100,6 +113,7 @@ pub fn extract_as(input: impl Read, dest: &Path) -> Result<Extracted, WorkspaceE
         leaf,
         umask: current_umask(),
         dirs: Vec::new(),
+        made: RefCell::new(HashSet::new()),
         done: Extracted::default(),
     };
     let mut ar = tar::Archive::new(input);
@@ -170,6 +184,9 @@ struct Extractor {
     /// Directories made or reused, with their archive modes: applied last, deepest first, so
     /// a read-only directory can still be filled.
     dirs: Vec<(Vec<PathBuf>, u32)>,
+    /// (device, inode) of each directory this extraction created: only these take modes from
+    /// the stream; one that was already there keeps its own.
+    made: RefCell<HashSet<(u64, u64)>>,
     done: Extracted,
 }
 
@@ -215,12 +232,18 @@ impl Extractor {
         match open_dir_at(dir, name) {
             Ok(fd) => Ok(fd),
             Err(Errno::ENOENT) => {
-                match nix::sys::stat::mkdirat(dir, name, Mode::from_bits_truncate(0o700)) {
-                    Ok(()) | Err(Errno::EEXIST) => {}
+                let made = match nix::sys::stat::mkdirat(dir, name, Mode::from_bits_truncate(0o700))
+                {
+                    Ok(()) => true,
+                    Err(Errno::EEXIST) => false,
                     Err(e) => return Err(self.io_err(&[], "creating directory", e)),
+                };
+                let fd = open_dir_at(dir, name)
+                    .map_err(|_| self.unsafe_entry(raw, "it lies below a symbolic link"))?;
+                if made {
+                    self.remember_made(&fd);
                 }
-                open_dir_at(dir, name)
-                    .map_err(|_| self.unsafe_entry(raw, "it lies below a symbolic link"))
+                Ok(fd)
             }
             Err(Errno::ELOOP | Errno::ENOTDIR) => Err(self.unsafe_entry(
                 raw,
@@ -228,6 +251,42 @@ impl Extractor {
             )),
             Err(e) => Err(self.io_err(&[], "opening directory", e)),
         }
+    }
+
+    fn remember_made(&self, fd: &OwnedFd) {
+        if let Ok(st) = nix::sys::stat::fstat(fd) {
+            self.made.borrow_mut().insert((st.st_dev, st.st_ino));
+        }
+    }
+
+    fn was_made(&self, st: &FileStat) -> bool {
+        self.made.borrow().contains(&(st.st_dev, st.st_ino))
+    }
+
+    /// Refuses a file of `size` bytes in `dir` if writing it would leave less than
+    /// [`RESERVE_PERCENT`] % of that filesystem free.
+    fn check_room(
+        &self,
+        raw: &Path,
+        dir: &OwnedFd,
+        rel: &[PathBuf],
+        size: u64,
+    ) -> Result<(), WorkspaceError> {
+        let vfs = nix::sys::statvfs::fstatvfs(dir)
+            .map_err(|e| self.io_err(rel, "reading the free space", e))?;
+        let frag = vfs.fragment_size() as u64;
+        let avail = (vfs.blocks_available() as u64).saturating_mul(frag);
+        let reserve = (vfs.blocks() as u64).saturating_mul(frag) / 100 * RESERVE_PERCENT;
+        if size > avail.saturating_sub(reserve) {
+            return Err(self.unsafe_entry(
+                raw,
+                &format!(
+                    "it is {size} bytes and the destination has {avail} bytes free \
+                     ({RESERVE_PERCENT}% of its filesystem is kept free)"
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Makes room for a new non-directory `name` in `dir`: removes a file, link or special
@@ -255,23 +314,38 @@ impl Extractor {
         match kind {
             T::Directory => {
                 let (dir, name) = self.locate(raw, rel)?;
-                match nix::sys::stat::mkdirat(&dir, &name, Mode::from_bits_truncate(0o700)) {
-                    Ok(()) => {}
-                    Err(Errno::EEXIST) => {
-                        if !lstat_at(&dir, &name).is_some_and(|st| is_dir(&st)) {
+                let ours = match nix::sys::stat::mkdirat(
+                    &dir,
+                    &name,
+                    Mode::from_bits_truncate(0o700),
+                ) {
+                    Ok(()) => true,
+                    Err(Errno::EEXIST) => match lstat_at(&dir, &name) {
+                        // Made earlier by this extraction (as a parent of an earlier entry).
+                        Some(st) if is_dir(&st) => self.was_made(&st),
+                        _ => {
                             return Err(self.unsafe_entry(
                                 raw,
                                 "something that is not a directory (maybe a symbolic link) is in the way",
                             ));
                         }
-                    }
+                    },
                     Err(e) => return Err(self.io_err(rel, "creating directory", e)),
+                };
+                if ours {
+                    if let Some(st) = lstat_at(&dir, &name) {
+                        self.made.borrow_mut().insert((st.st_dev, st.st_ino));
+                    }
+                    self.dirs.push((rel.to_vec(), mode));
                 }
-                self.dirs.push((rel.to_vec(), mode));
                 Ok(())
             }
-            T::Regular | T::Continuous | T::GNUSparse => {
+            // A few bytes of sparse map can declare terabytes of zeros.
+            T::GNUSparse => Err(self.unsafe_entry(raw, "GNU sparse files are not copied")),
+            T::Regular | T::Continuous => {
+                let size = entry.header().size().unwrap_or(u64::MAX);
                 let (dir, name) = self.locate(raw, rel)?;
+                self.check_room(raw, &dir, rel, size)?;
                 self.clear(raw, &dir, &name)?;
                 let fd = nix::fcntl::openat(
                     &dir,
@@ -285,7 +359,8 @@ impl Extractor {
                 )
                 .map_err(|e| self.io_err(rel, "creating file", e))?;
                 let mut f = File::from(fd);
-                io::copy(&mut entry, &mut f).map_err(|e| {
+                // At most the declared size, whatever the reader would give.
+                io::copy(&mut (&mut entry).take(size), &mut f).map_err(|e| {
                     let mut path = self.dest.clone();
                     path.extend(rel);
                     WorkspaceError::Io {

@@ -737,3 +737,82 @@ fn extraction_sanitises_a_hostile_stream() {
     assert_eq!(std::fs::read(&patch).unwrap(), b"diff\n");
     assert!(std::fs::symlink_metadata(&patch).unwrap().is_file());
 }
+
+/// A guest's stream cannot write more than it carries: a GNU sparse entry (a few bytes
+/// declaring 64 MiB of holes) and an entry declaring more than the destination's free space
+/// are refused before anything of them is written.
+#[test]
+fn extraction_refuses_sparse_and_oversized_entries() {
+    fn oct(v: u64) -> [u8; 12] {
+        let mut out = [0u8; 12];
+        out[..11].copy_from_slice(format!("{v:011o}").as_bytes());
+        out
+    }
+    let t = tempfile::tempdir().unwrap();
+    let dest = t.path().join("f");
+
+    let mut h = tar::Header::new_gnu();
+    h.set_path("f").unwrap();
+    h.set_entry_type(tar::EntryType::GNUSparse);
+    h.set_mode(0o644);
+    h.set_size(512);
+    let real = 64u64 << 20;
+    {
+        let gnu = h.as_gnu_mut().unwrap();
+        gnu.realsize = oct(real);
+        gnu.sparse[0].offset = oct(real - 512);
+        gnu.sparse[0].numbytes = oct(512);
+    }
+    h.set_cksum();
+    let mut sparse = Vec::new();
+    {
+        let mut b = tar::Builder::new(&mut sparse);
+        b.append(&h, &[b'x'; 512][..]).unwrap();
+        b.finish().unwrap();
+    }
+    let e = extract::extract_as(&sparse[..], &dest).unwrap_err();
+    assert!(e.to_string().contains("sparse"), "{e}");
+    assert!(std::fs::symlink_metadata(&dest).is_err(), "a file was made");
+
+    // A header declaring a petabyte, followed by one block: refused up front.
+    let mut h = tar::Header::new_gnu();
+    h.set_path("f").unwrap();
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_mode(0o644);
+    h.set_size(1 << 50);
+    h.set_cksum();
+    let mut huge = h.as_bytes().to_vec();
+    huge.extend_from_slice(&[b'x'; 512]);
+    let e = extract::extract_as(&huge[..], &dest).unwrap_err();
+    assert!(e.to_string().contains("bytes free"), "{e}");
+    assert!(std::fs::symlink_metadata(&dest).is_err(), "a file was made");
+}
+
+/// Directories that were already at the destination keep their mode whatever the stream says;
+/// only directories the extraction makes take the stream's permission bits.
+#[test]
+fn extraction_keeps_the_mode_of_existing_directories() {
+    let t = tempfile::tempdir().unwrap();
+    let dest = t.path().join("box");
+    std::fs::create_dir_all(dest.join("sub")).unwrap();
+    for d in [&dest, &dest.join("sub")] {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let mut tarball = Vec::new();
+    {
+        let mut b = tar::Builder::new(&mut tarball);
+        for (name, mode) in [("box", 0o000), ("box/sub", 0o000), ("box/new", 0o700)] {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(tar::EntryType::Directory);
+            h.set_mode(mode);
+            h.set_size(0);
+            b.append_data(&mut h, name, &[][..]).unwrap();
+        }
+        b.finish().unwrap();
+    }
+    extract::extract_as(&tarball[..], &dest).unwrap();
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode(&dest), 0o755);
+    assert_eq!(mode(&dest.join("sub")), 0o755);
+    assert_eq!(mode(&dest.join("new")), 0o700);
+}
