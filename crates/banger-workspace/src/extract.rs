@@ -274,6 +274,10 @@ impl Extractor {
     ) -> Result<(), WorkspaceError> {
         let vfs = nix::sys::statvfs::fstatvfs(dir)
             .map_err(|e| self.io_err(rel, "reading the free space", e))?;
+        // A filesystem that reports no size at all (some FUSE ones) cannot be judged: allowed.
+        if vfs.blocks() == 0 {
+            return Ok(());
+        }
         let frag = vfs.fragment_size() as u64;
         let avail = (vfs.blocks_available() as u64).saturating_mul(frag);
         let reserve = (vfs.blocks() as u64).saturating_mul(frag) / 100 * RESERVE_PERCENT;
