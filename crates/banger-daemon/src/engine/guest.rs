@@ -108,6 +108,7 @@ impl Engine {
         vm: &VmRecord,
         image: &Path,
         meta: &banger_core::ImageMeta,
+        modules: Option<banger_guest::ModulesDisk>,
         path: &Path,
         ctx: &OpCtx<'_>,
     ) -> Result<(), String> {
@@ -177,6 +178,7 @@ impl Engine {
             },
             env: meta.env.clone(),
             workdir: meta.workdir.clone(),
+            modules,
         };
         let _ = std::fs::remove_file(path);
         banger_guest::write_config_disk(path, &config).map_err(|e| e.to_string())
