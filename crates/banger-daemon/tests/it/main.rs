@@ -12,6 +12,7 @@ mod kernel_build;
 mod kernels;
 mod leaks;
 mod lifecycle;
+mod nested;
 mod oci;
 mod protocol;
 mod real_guest;
