@@ -256,7 +256,11 @@ impl Engine {
                     vmm.log_tail(handle, 8).trim()
                 ));
             }
-            if ssh_banner(addr).await {
+            // Once sshd has answered, only `ssh true` is retried, a second apart: a new probe
+            // connection every 50 ms costs a slow guest's sshd a fork each, and past its
+            // MaxStartups it drops connections, banger's own login included (seen with nested
+            // KVM on a loaded host: the guest was up, yet no login got through for minutes).
+            if announced || ssh_banner(addr).await {
                 if !announced {
                     ctx.progress.stage(
                         "ssh",
@@ -276,7 +280,8 @@ impl Engine {
                     Err(_) => {}
                 }
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            let pause = if announced { 1000 } else { 50 };
+            tokio::time::sleep(Duration::from_millis(pause)).await;
         }
     }
 
