@@ -697,7 +697,16 @@ fn firecracker_scenarios(env: &TestEnv) {
     );
 
     // The jailer (uid 65534 in a chroot under the state dir); a new daemon for the new config.
-    l1_ok(env, "stopping L1's daemon", &b("auto", "daemon stop"));
+    // The jailer is given `--parent-cgroup banger`; until fc-fixes creates it when missing, L1's
+    // administrator (this test) does.
+    l1_ok(
+        env,
+        "stopping L1's daemon, creating the jailer's parent cgroup",
+        &format!(
+            "{}; mkdir -p /sys/fs/cgroup/banger",
+            b("auto", "daemon stop")
+        ),
+    );
     let j_ready = start_in_l1(env, "jail", "f3", Some(""));
     let (out, _) = l1_ok(
         env,
