@@ -626,6 +626,8 @@ fn nested_tier_qemu_kvm_and_real_firecracker_inside_a_banger_vm() {
 
 /// The real Firecracker inside L1: lifecycle, --nat, daemon SIGKILL and re-adoption, jailer.
 fn firecracker_scenarios(env: &TestEnv) {
+    // A daemon reads its config once: the one started for the QEMU scenarios goes.
+    l1_ok(env, "stopping L1's daemon", &b("qemu", "daemon stop"));
     // vmm = auto picks Firecracker here (its binary is in PATH, KVM is hardware-style). One VM
     // for the whole lifecycle, with --nat, to spare boots (each is tens of seconds here).
     let f_ready = start_in_l1(env, "auto", "f1", Some("--nat"));
