@@ -680,8 +680,10 @@ fn firecracker_scenarios(env: &TestEnv) {
     );
 
     let (_, f_stop) = l1_ok(env, "firecracker: vm stop", &b("auto", "vm stop f1"));
-    // Graceful: the guest shut down (Ctrl-Alt-Del) before stop_timeout_secs (60) ran out.
-    assert!(f_stop < Duration::from_secs(55), "stop took {f_stop:?}");
+    // Graceful: Ctrl-Alt-Del ends the VMM through a guest reboot, long before
+    // stop_timeout_secs (60) would kill it. (A power-off only halts a Firecracker guest: the
+    // agent's stop took 50 s here until it rebooted instead.)
+    assert!(f_stop < Duration::from_secs(30), "stop took {f_stop:?}");
     let (log, _) = l1_ok(
         env,
         "firecracker: the VMM log after stop",
