@@ -9,6 +9,7 @@ pkgs=(
   openssh-client     # ssh, ssh-keygen
   nftables           # NAT rules
   iproute2           # bridge and taps
+  kmod               # depmod: the module indexes of --nested guests (modprobe inside them)
   gpgv               # verifies the Debian archive's signature
   debian-archive-keyring
   ca-certificates

@@ -242,6 +242,7 @@ pub(crate) mod tests {
             ssh_server: Default::default(),
             env: vec![],
             workdir: None,
+            modules: None,
         }
     }
 

@@ -21,6 +21,7 @@ pub mod disks;
 pub mod error;
 pub mod identity;
 pub mod modules;
+pub mod nested;
 pub mod net;
 pub mod pid1;
 pub mod root;

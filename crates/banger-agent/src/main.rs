@@ -9,7 +9,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use banger_agent::error::AgentError;
-use banger_agent::{console, disks, identity, modules, net, pid1, root, services, switch, sys};
+use banger_agent::{
+    console, disks, identity, modules, nested, net, pid1, root, services, switch, sys,
+};
 use banger_guest::{InitMode, SshServer};
 
 /// How long to wait for the config disk and every disk it names to appear.
@@ -66,6 +68,17 @@ fn run(log: &mut console::Console) -> Result<std::convert::Infallible, AgentErro
     })?;
     let config = found.config;
 
+    if let Some(m) = &config.modules {
+        log.step("nested modules", || {
+            let dev = disks::device_for(&found.by_uuid, &m.uuid, "modules disk")?;
+            let report = nested::mount_and_load(dev, Path::new(nested::MODULES_MOUNT))?;
+            for (name, err) in &report.failed {
+                console::line(&format!("module {name} failed to load: {err}"));
+            }
+            Ok(report.summary())
+        })?;
+    }
+
     log.step("mount root", || {
         let plan = root::root_plan(&config.root, &found.by_uuid, Path::new(root::NEWROOT))?;
         root::execute(&plan)?;
@@ -106,6 +119,12 @@ fn run(log: &mut console::Console) -> Result<std::convert::Infallible, AgentErro
         sys::set_hostname(&config.hostname)?;
         Ok(summary)
     })?;
+
+    if let Some(m) = &config.modules {
+        log.step("module tree", || {
+            nested::expose_tree(Path::new("/"), Path::new(nested::MODULES_MOUNT), &m.release)
+        })?;
+    }
 
     match config.init_mode {
         InitMode::Image => {

@@ -67,6 +67,16 @@ pub fn signal_action(sig: libc::c_int) -> SignalAction {
     }
 }
 
+/// Whether a shutdown asked for by `why` (a [`signal_action`] reason) ends in a reboot, as
+/// systemd does for them: Ctrl-Alt-Del and busybox `reboot`. This matters under Firecracker,
+/// whose only stop request is Ctrl-Alt-Del: it exits on a guest reboot, but it has ACPI
+/// without a power-off, so a power-off there only halts the kernel and the VMM runs on until
+/// banger's stop timeout kills it (seen with the real Firecracker v1.16.1). QEMU runs with
+/// `-no-reboot`, so a reboot ends it as well.
+pub fn ends_in_reboot(why: &str) -> bool {
+    why.contains("(ctrl-alt-del)") || why.contains("(reboot)")
+}
+
 enum Kind {
     // Boxed: the server's settings (keys) are much larger than the sshd path.
     Agent(Box<AgentSshd>),
@@ -314,6 +324,10 @@ impl Supervisor {
         // SAFETY: sync has no preconditions.
         unsafe { libc::sync() };
         let notes = sys::teardown_mounts();
+        if ends_in_reboot(why) {
+            line(&format!("filesystems: {}; rebooting", notes.join(", ")));
+            sys::reboot()
+        }
         line(&format!("filesystems: {}; powering off", notes.join(", ")));
         sys::power_off()
     }
@@ -504,6 +518,14 @@ mod tests {
             assert!(matches!(signal_action(s), SignalAction::Shutdown(_)), "{s}");
         }
         assert_eq!(signal_action(libc::SIGHUP), SignalAction::Ignore);
+        // Ctrl-Alt-Del (Firecracker's stop) and reboot reboot; the power button and halt or
+        // poweroff requests power off.
+        let reboots = |s| match signal_action(s) {
+            SignalAction::Shutdown(why) => ends_in_reboot(why),
+            _ => panic!("{s}"),
+        };
+        assert!(reboots(libc::SIGINT) && reboots(libc::SIGTERM));
+        assert!(!reboots(libc::SIGUSR1) && !reboots(libc::SIGUSR2) && !reboots(libc::SIGPWR));
         for s in HANDLED_SIGNALS {
             assert!(s > 0);
         }

@@ -107,6 +107,17 @@ pub fn finit_module(file: &Path) -> Result<bool, std::io::Error> {
 /// Ends the VM so its VMM exits. With ACPI (QEMU microvm) that is a power off; without it the
 /// kernel could only halt, leaving the VMM running, so restart instead: Firecracker exits on a
 /// guest reboot and banger runs QEMU with `-no-reboot`.
+/// Restarts the machine, which ends the VMM (Firecracker always; QEMU under `-no-reboot`).
+pub fn reboot() -> ! {
+    // SAFETY: sync has no preconditions.
+    unsafe { libc::sync() };
+    // SAFETY: reboot(2) with a valid command; we are PID 1 and have nothing left to do.
+    unsafe { libc::reboot(libc::RB_AUTOBOOT) };
+    loop {
+        std::thread::sleep(std::time::Duration::from_secs(3600));
+    }
+}
+
 pub fn power_off() -> ! {
     // SAFETY: sync has no preconditions.
     unsafe { libc::sync() };

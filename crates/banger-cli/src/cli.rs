@@ -285,6 +285,11 @@ pub struct VmSpecArgs {
     /// Give the VM outbound network access through NAT.
     #[arg(long)]
     pub nat: bool,
+    /// Give the VM hardware virtualisation (/dev/kvm) and the kernel's modules, to run VMs
+    /// (banger itself, QEMU, emulators) inside it. Needs QEMU: TCG, or KVM with nested
+    /// virtualisation enabled on the host.
+    #[arg(long)]
+    pub nested: bool,
 }
 
 #[derive(Debug, Args)]
@@ -598,6 +603,8 @@ impl VmSpecArgs {
             memory_mib: self.memory,
             work_disk_size: self.disk_size,
             nat: self.nat,
+            // Only a given flag is sent, so `vm_defaults.nested` applies otherwise.
+            nested: self.nested.then_some(true),
             no_start,
             rm_on_failure: false,
         }

@@ -187,6 +187,7 @@ pub fn vm_details(d: &VmDetails, now: i64) -> String {
         ("disk", vm.work_disk_size.to_string()),
         ("ip", or_dash(vm.ip.map(|ip| ip.to_string()))),
         ("nat", if vm.nat { "yes" } else { "no" }.to_string()),
+        ("nested", if vm.nested { "yes" } else { "no" }.to_string()),
         ("vmm", or_dash(vm.vmm.clone())),
         ("pid", or_dash(d.pid.map(|p| p.to_string()))),
         ("created", when(now, vm.created_at)),
@@ -330,6 +331,7 @@ mod tests {
             updated_at: created,
             started_at: None,
             workspace: None,
+            nested: false,
         }
     }
 

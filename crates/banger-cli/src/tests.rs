@@ -105,6 +105,7 @@ fn record(name: &str, state: VmState) -> VmRecord {
         updated_at: NOW - 10,
         started_at: Some(NOW - 5),
         workspace: None,
+        nested: false,
     }
 }
 

@@ -163,6 +163,8 @@ pub struct VmDefaults {
     pub memory_mib: u32,
     #[serde(serialize_with = "serialize_size")]
     pub work_disk_size: ByteSize,
+    /// New VMs get `/dev/kvm` and the kernel's module tree as with `vm create --nested`.
+    pub nested: bool,
 }
 
 impl VmDefaults {
@@ -178,6 +180,7 @@ impl VmDefaults {
             vcpu: (host.cpus / 4).clamp(1, 4),
             memory_mib: memory_mib as u32,
             work_disk_size: ByteSize::gib(8),
+            nested: false,
         }
     }
 }
@@ -562,6 +565,7 @@ struct RawVmDefaults {
     vcpu: Option<Value>,
     memory_mib: Option<Value>,
     work_disk_size: Option<Value>,
+    nested: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -851,6 +855,11 @@ impl Checker<'_> {
                 return Err(self.invalid(key, v, "must be at least 64M"));
             }
             d.work_disk_size = size;
+        }
+        if let Some(v) = &raw.nested {
+            d.nested = v
+                .as_bool()
+                .ok_or_else(|| self.invalid("vm_defaults.nested", v, "expected true or false"))?;
         }
         Ok(())
     }

@@ -170,7 +170,8 @@ fn every_key_is_read() {
         VmDefaults {
             vcpu: 32,
             memory_mib: 128,
-            work_disk_size: ByteSize::mib(64)
+            work_disk_size: ByteSize::mib(64),
+            nested: false,
         }
     );
     assert_eq!(
@@ -195,6 +196,13 @@ fn partial_vm_defaults_keep_host_derived_values() {
     let c = parse("[vm_defaults]\nvcpu = 3\n").unwrap();
     assert_eq!(c.vm_defaults.vcpu, 3);
     assert_eq!(c.vm_defaults.memory_mib, 3072);
+    assert!(!c.vm_defaults.nested);
+    assert!(
+        parse("[vm_defaults]\nnested = true\n")
+            .unwrap()
+            .vm_defaults
+            .nested
+    );
 }
 
 #[test]
@@ -250,6 +258,10 @@ fn bad_values_are_named_with_key_and_value() {
     rejected("default_image = \"../etc\"", &["default_image", "../etc"]);
     rejected("default_kernel = \"\"", &["default_kernel"]);
     rejected("[vm_defaults]\nvcpu = 0", &["vm_defaults.vcpu", "0"]);
+    rejected(
+        "[vm_defaults]\nnested = \"yes\"",
+        &["vm_defaults.nested", "yes"],
+    );
     rejected("[vm_defaults]\nvcpu = 33", &["vm_defaults.vcpu", "33"]);
     rejected(
         "[vm_defaults]\nmemory_mib = 127",

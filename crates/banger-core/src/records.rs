@@ -38,6 +38,10 @@ pub struct VmRecord {
     /// The host repository copied into the guest by `vm run PATH` or `vm workspace prepare`.
     #[serde(default)]
     pub workspace: Option<WorkspaceInfo>,
+    /// `--nested`: the guest gets hardware virtualisation (`/dev/kvm`) and the kernel's whole
+    /// module tree; kept across stop/start.
+    #[serde(default)]
+    pub nested: bool,
 }
 
 /// Where a VM's workspace lives and what it was prepared from. The per-file sync manifest is

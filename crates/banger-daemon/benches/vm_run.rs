@@ -375,6 +375,7 @@ fn raw_iteration(env: &TestEnv, a: &Artifacts, i: usize, ph: &mut Phases) {
         ssh_server: Default::default(),
         env: Vec::new(),
         workdir: None,
+        modules: None,
     };
     let config_disk = dir.join("config.img");
     banger_guest::write_config_disk(&config_disk, &config).expect("write config disk");

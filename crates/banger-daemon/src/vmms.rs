@@ -4,7 +4,7 @@
 //! QEMU, with KVM when usable and TCG (software emulation) when not. A software KVM such as PVM
 //! counts as unusable: stock guest kernels crawl under it and Firecracker guests crash.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use banger_config::{Config, VmmChoice};
@@ -131,16 +131,33 @@ impl ConfigVmmProvider {
 
 #[async_trait::async_trait]
 impl VmmProvider for ConfigVmmProvider {
-    async fn select(&self) -> Result<Arc<dyn Vmm>, String> {
+    async fn select(&self, nested: bool) -> Result<Arc<dyn Vmm>, String> {
+        let qemu = || async {
+            let q = self.qemu().await?;
+            if nested {
+                nested_support(q.accel(), Path::new("/sys/module"))?;
+            }
+            Ok::<_, String>(q as Arc<dyn Vmm>)
+        };
         match self.choice {
+            VmmChoice::Firecracker if nested => Err(FIRECRACKER_NOT_NESTED.into()),
             VmmChoice::Firecracker => Ok(self.firecracker().await? as Arc<dyn Vmm>),
-            VmmChoice::Qemu => Ok(self.qemu().await? as Arc<dyn Vmm>),
+            VmmChoice::Qemu => qemu().await,
             VmmChoice::Auto => {
-                if detect_accel().accel == Accel::Kvm && self.firecracker_path().is_some() {
+                if !nested
+                    && detect_accel().accel == Accel::Kvm
+                    && self.firecracker_path().is_some()
+                {
                     return Ok(self.firecracker().await? as Arc<dyn Vmm>);
                 }
-                self.qemu().await.map(|q| q as Arc<dyn Vmm>).map_err(|e| {
-                    format!("no usable VMM: Firecracker needs hardware KVM and its binary, and {e}")
+                qemu().await.map_err(|e| {
+                    if nested {
+                        e
+                    } else {
+                        format!(
+                            "no usable VMM: Firecracker needs hardware KVM and its binary, and {e}"
+                        )
+                    }
                 })
             }
         }
@@ -176,6 +193,45 @@ impl VmmProvider for ConfigVmmProvider {
             }
         }
     }
+}
+
+/// Why `--nested` is refused with `vmm = "firecracker"`.
+pub const FIRECRACKER_NOT_NESTED: &str = "--nested needs QEMU: Firecracker gives its guests no \
+     hardware virtualisation (its CPUID normalisation hides VMX/SVM and it has no nested \
+     support); set vmm = \"qemu\" or \"auto\" (auto picks QEMU for --nested VMs)";
+
+/// Whether QEMU with `accel` can give a guest hardware virtualisation: under TCG `-cpu max`
+/// emulates AMD SVM with nested paging; under KVM `-cpu host` passes VMX/SVM through only
+/// when the host's kvm_intel/kvm_amd has `nested` on (`sys_module` is `/sys/module`).
+pub fn nested_support(accel: Accel, sys_module: &Path) -> Result<(), String> {
+    if accel == Accel::Tcg {
+        return Ok(());
+    }
+    let mut seen = Vec::new();
+    for m in ["kvm_amd", "kvm_intel"] {
+        let p = sys_module.join(m).join("parameters/nested");
+        if let Ok(v) = std::fs::read_to_string(&p) {
+            let v = v.trim();
+            if v == "Y" || v == "1" {
+                return Ok(());
+            }
+            seen.push(format!("{} is {v}", p.display()));
+        }
+    }
+    Err(if seen.is_empty() {
+        format!(
+            "--nested with QEMU/KVM needs nested virtualisation in the host's KVM, and neither \
+             kvm_amd nor kvm_intel is loaded (no {}/kvm_{{amd,intel}}/parameters/nested)",
+            sys_module.display()
+        )
+    } else {
+        format!(
+            "--nested with QEMU/KVM needs nested virtualisation in the host's KVM, but {}: \
+             reload the module with nested=1 (e.g. `modprobe -r kvm_amd && modprobe kvm_amd \
+             nested=1`, and `options kvm_amd nested=1` in /etc/modprobe.d/ to keep it)",
+            seen.join(", ")
+        )
+    })
 }
 
 /// Who the jailer runs Firecracker as: `jailer_uid`/`jailer_gid` when configured, else the
@@ -223,6 +279,27 @@ pub fn describe_auto() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nested_needs_tcg_or_nested_kvm() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(nested_support(Accel::Tcg, dir.path()), Ok(()));
+        let e = nested_support(Accel::Kvm, dir.path()).unwrap_err();
+        assert!(e.contains("neither kvm_amd nor kvm_intel is loaded"), "{e}");
+        let p = dir.path().join("kvm_amd/parameters");
+        std::fs::create_dir_all(&p).unwrap();
+        std::fs::write(p.join("nested"), "0\n").unwrap();
+        let e = nested_support(Accel::Kvm, dir.path()).unwrap_err();
+        assert!(e.contains("kvm_amd/parameters/nested is 0"), "{e}");
+        assert!(e.contains("nested=1"), "{e}");
+        std::fs::write(p.join("nested"), "1\n").unwrap();
+        assert_eq!(nested_support(Accel::Kvm, dir.path()), Ok(()));
+        let p = dir.path().join("kvm_intel/parameters");
+        std::fs::create_dir_all(&p).unwrap();
+        std::fs::write(p.join("nested"), "Y\n").unwrap();
+        std::fs::write(dir.path().join("kvm_amd/parameters/nested"), "N\n").unwrap();
+        assert_eq!(nested_support(Accel::Kvm, dir.path()), Ok(()));
+    }
 
     #[test]
     fn jail_identity_prefers_the_config_then_the_install_owner() {

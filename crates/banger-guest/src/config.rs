@@ -53,6 +53,46 @@ pub struct GuestConfig {
     /// means the user's home.
     #[serde(default)]
     pub workdir: Option<String>,
+    /// `--nested` VMs: the kernel's module tree on a read-only ext4 disk, whose
+    /// [`MODULES_LOAD_ORDER`] modules the agent loads (kvm, tun, bridge, nf_tables, ...) and
+    /// which it mounts at `/lib/modules/<release>` in the guest for modprobe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub modules: Option<ModulesDisk>,
+}
+
+/// The file at the top of a modules disk listing the modules the agent loads at boot, one path
+/// relative to the tree per line, dependencies first.
+pub const MODULES_LOAD_ORDER: &str = "banger-load-order";
+
+/// A read-only ext4 holding `lib/modules/<release>/`'s content (with depmod's indexes).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModulesDisk {
+    pub uuid: String,
+    /// The kernel release the tree belongs to: a single path component.
+    pub release: String,
+}
+
+/// Parses a modules disk's [`MODULES_LOAD_ORDER`]: relative paths of `.ko` files without `..`
+/// (`#` comments and blank lines skipped). Err: (line number, why).
+pub fn parse_modules_load_order(text: &str) -> Result<Vec<String>, (usize, String)> {
+    let mut out = Vec::new();
+    for (i, raw) in text.lines().enumerate() {
+        let line = raw.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let clean = !line.starts_with('/')
+            && line.ends_with(".ko")
+            && line
+                .split('/')
+                .all(|c| !c.is_empty() && c != "." && c != "..")
+            && !line.contains('\0');
+        if !clean {
+            return Err((i + 1, format!("{line:?} is not a relative .ko path")));
+        }
+        out.push(line.to_string());
+    }
+    Ok(out)
 }
 
 /// Who is PID 1 after the switch to the image's root.
@@ -192,6 +232,8 @@ pub enum ConfigError {
     Env(String),
     #[error("workdir {0:?} must be an absolute path without '..' components or NUL")]
     Workdir(String),
+    #[error("modules release {0:?} must be one path component (no '/', not '.' or '..')")]
+    ModulesRelease(String),
 }
 
 impl GuestConfig {
@@ -268,6 +310,13 @@ impl GuestConfig {
                 return Err(ConfigError::Workdir(w.clone()));
             }
         }
+        if let Some(m) = &self.modules {
+            check_uuid("modules.uuid", &m.uuid)?;
+            let r = &m.release;
+            if r.is_empty() || r == "." || r == ".." || r.contains('/') || r.contains('\0') {
+                return Err(ConfigError::ModulesRelease(r.clone()));
+            }
+        }
         Ok(())
     }
 
@@ -298,6 +347,7 @@ impl GuestConfig {
             RootLayout::Direct { uuid } => vec![uuid],
         };
         v.extend(self.work_uuid.as_deref());
+        v.extend(self.modules.as_ref().map(|m| m.uuid.as_str()));
         v
     }
 
@@ -467,6 +517,7 @@ pub(crate) mod tests {
             ssh_server: SshServer::Image,
             env: vec!["PATH=/usr/bin:/bin".into(), "LANG=C.UTF-8".into()],
             workdir: Some("/srv/app".into()),
+            modules: None,
         }
     }
 
@@ -691,5 +742,40 @@ pub(crate) mod tests {
         assert!(!is_canonical_uuid("0f0e0d0c0b0a09080706050403020100"));
         assert!(!is_canonical_uuid("0f0e0d0c-0b0a-0908-0706-05040302010g"));
         assert!(!is_canonical_uuid("{f0e0d0c-0b0a-0908-0706-050403020100}"));
+    }
+
+    #[test]
+    fn modules_disk_is_validated_and_waited_for() {
+        let mut c = sample();
+        c.modules = Some(ModulesDisk {
+            uuid: "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0".into(),
+            release: "6.1.0-50-cloud-amd64".into(),
+        });
+        c.validate().unwrap();
+        assert!(
+            c.disk_uuids()
+                .contains(&"0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0")
+        );
+        for bad in ["..", "a/b", ""] {
+            c.modules.as_mut().unwrap().release = bad.into();
+            assert_eq!(c.validate(), Err(ConfigError::ModulesRelease(bad.into())));
+        }
+        assert_eq!(
+            parse_modules_load_order(
+                "# kvm\nkernel/virt/lib/irqbypass.ko\n\nkernel/arch/x86/kvm/kvm.ko\n"
+            ),
+            Ok(vec![
+                "kernel/virt/lib/irqbypass.ko".to_string(),
+                "kernel/arch/x86/kvm/kvm.ko".to_string()
+            ])
+        );
+        for bad in [
+            "/kernel/x.ko",
+            "kernel/../x.ko",
+            "kernel/x.o",
+            "kernel//x.ko",
+        ] {
+            assert!(parse_modules_load_order(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -18,8 +18,9 @@ pub mod ext4;
 pub mod initramfs;
 
 pub use config::{
-    CONFIG_VERSION, ConfigError, DEFAULT_PATH, GuestConfig, GuestFile, InitMode, NetworkConfig,
-    RootLayout, SshIdentity, SshServer,
+    CONFIG_VERSION, ConfigError, DEFAULT_PATH, GuestConfig, GuestFile, InitMode,
+    MODULES_LOAD_ORDER, ModulesDisk, NetworkConfig, RootLayout, SshIdentity, SshServer,
+    parse_modules_load_order,
 };
 pub use disk::{CONFIG_DISK_MAGIC, ConfigDiskError, decode, encode, write_config_disk};
 pub use ext4::{Ext4Error, Ext4Info, read_ext4_label, read_ext4_uuid};

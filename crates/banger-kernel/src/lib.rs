@@ -302,6 +302,7 @@ fn pull_into(
 
     stage(progress, PullStage::Modules, INITRAMFS_MODULES.join(" "));
     let (modules, built_in) = install_modules(&unpacked, &pkg.kernel_release, staging)?;
+    install_module_tree(unpacked, &pkg.kernel_release, staging)?;
 
     let config_path = staging.join("config");
     let config = std::fs::read_to_string(&config_path).map_err(KernelError::io(&config_path))?;
@@ -535,6 +536,44 @@ pub fn install_modules(
     Ok((paths, resolution.built_in))
 }
 
+/// Where [`install_module_tree`] puts the kernel's whole module tree, relative to the kernel
+/// directory: `lib/modules/<release>`, the layout depmod and modprobe expect below a root.
+pub fn module_tree_dir(release: &str) -> PathBuf {
+    PathBuf::from("lib/modules").join(release)
+}
+
+/// Keeps every module of the package (uncompressed, at its path below `lib/modules/<release>/`
+/// with a plain `.ko` name) and `modules.builtin`, in `out/lib/modules/<release>/`: guests
+/// started with `--nested` get this tree (kvm, tun, bridge, nf_tables, ...) on a read-only disk,
+/// so banger, QEMU or modprobe can run inside them. Moves the unpacked files (no copy).
+pub fn install_module_tree(
+    unpacked: UnpackedKernel,
+    release: &str,
+    out: &Path,
+) -> Result<PathBuf, KernelError> {
+    let rel_dir = module_tree_dir(release);
+    let tree = out.join(&rel_dir);
+    std::fs::create_dir_all(&tree).map_err(KernelError::io(&tree))?;
+    for (file, _, rel) in unpacked.modules.into_values() {
+        // `rel` comes from an archive path already checked for `..` and absolute components.
+        let plain = rel
+            .strip_suffix(".xz")
+            .or_else(|| rel.strip_suffix(".zst"))
+            .or_else(|| rel.strip_suffix(".gz"))
+            .unwrap_or(&rel);
+        let dest = tree.join(plain);
+        if let Some(parent) = dest.parent() {
+            std::fs::create_dir_all(parent).map_err(KernelError::io(parent))?;
+        }
+        std::fs::rename(&file, &dest).map_err(KernelError::io(&dest))?;
+    }
+    if let Some(builtin) = &unpacked.modules_builtin {
+        let path = tree.join("modules.builtin");
+        std::fs::write(&path, builtin).map_err(KernelError::io(&path))?;
+    }
+    Ok(rel_dir)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -676,6 +715,28 @@ mod tests {
         let overlay = std::fs::read(out.join("modules/overlay.ko")).unwrap();
         assert!(overlay.starts_with(b"\x7fELF"));
         assert!(pos("virtio_rng.ko") > pos("virtio_ring.ko"));
+    }
+
+    #[test]
+    fn whole_module_tree_is_kept_for_nested_guests() {
+        let dir = tempfile::tempdir().unwrap();
+        let deb = fake_deb(dir.path(), false);
+        let out = dir.path().join("out");
+        std::fs::create_dir(&out).unwrap();
+        let u = unpack_kernel_deb(&deb, REL, &out, &dir.path().join("scratch")).unwrap();
+        install_modules(&u, REL, &out).unwrap();
+        let rel = install_module_tree(u, REL, &out).unwrap();
+        assert_eq!(rel, Path::new("lib/modules").join(REL));
+        let tree = out.join(rel);
+        // Modules not wanted by the initramfs are kept too, and a compressed one as a plain ELF
+        // at its package path without the compression suffix.
+        assert!(tree.join("kernel/drivers/net/e1000.ko").is_file());
+        let overlay = std::fs::read(tree.join("kernel/fs/overlayfs/overlay.ko")).unwrap();
+        assert!(overlay.starts_with(b"\x7fELF"));
+        assert!(!tree.join("kernel/fs/overlayfs/overlay.ko.zst").exists());
+        assert!(tree.join("modules.builtin").is_file());
+        // The initramfs copy is independent of the tree.
+        assert!(out.join("modules/overlay.ko").is_file());
     }
 
     #[test]

@@ -45,6 +45,9 @@ pub struct VmCreateParams {
     pub work_disk_size: Option<ByteSize>,
     #[serde(default)]
     pub nat: bool,
+    /// Give the guest `/dev/kvm` (`--nested`); the config's `vm_defaults.nested` when absent.
+    #[serde(default)]
+    pub nested: Option<bool>,
     #[serde(default)]
     pub no_start: bool,
     /// `vm run --rm`: the VM is only wanted if the whole create succeeds; when its start fails

@@ -11,7 +11,12 @@ use rusqlite::{Connection, OptionalExtension, Transaction};
 use crate::StoreError;
 
 /// Every migration, in order. Versions start at 1 and increase by one.
-pub const MIGRATIONS: &[(u32, &str)] = &[(1, MIGRATION_1), (2, MIGRATION_2), (3, MIGRATION_3)];
+pub const MIGRATIONS: &[(u32, &str)] = &[
+    (1, MIGRATION_1),
+    (2, MIGRATION_2),
+    (3, MIGRATION_3),
+    (4, MIGRATION_4),
+];
 
 /// The schema version this binary creates and understands.
 pub const LATEST_VERSION: u32 = MIGRATIONS[MIGRATIONS.len() - 1].0;
@@ -66,6 +71,10 @@ const MIGRATION_2: &str = "ALTER TABLE vms ADD COLUMN workspace_json TEXT;";
 
 /// What banger learned about an image's contents (`ImageMeta` as JSON; NULL for older images).
 const MIGRATION_3: &str = "ALTER TABLE images ADD COLUMN meta_json TEXT;";
+
+/// `vm create --nested`: the VM gets virtualisation and the kernel's module tree.
+const MIGRATION_4: &str =
+    "ALTER TABLE vms ADD COLUMN nested INTEGER NOT NULL DEFAULT 0 CHECK (nested IN (0, 1));";
 
 const CREATE_VERSION_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_migrations (
     version    INTEGER PRIMARY KEY,
@@ -261,10 +270,39 @@ mod tests {
         )
         .unwrap();
         migrate(&mut conn, Path::new(":memory:")).unwrap();
-        assert_eq!(current_version(&conn).unwrap(), 3);
+        assert_eq!(current_version(&conn).unwrap(), LATEST_VERSION);
         let meta: Option<String> = conn
             .query_row("SELECT meta_json FROM images", [], |r| r.get(0))
             .unwrap();
         assert_eq!(meta, None);
+    }
+
+    #[test]
+    fn migration_4_makes_existing_vms_not_nested() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(CREATE_VERSION_TABLE).unwrap();
+        {
+            let tx = conn.transaction().unwrap();
+            for &(v, sql) in &MIGRATIONS[..3] {
+                apply(&tx, v, sql).unwrap();
+            }
+            tx.commit().unwrap();
+        }
+        conn.execute(
+            "INSERT INTO vms (id, name, state, image, kernel, vcpu, memory_mib, work_disk_size, \
+             ip, nat, vmm, last_error, created_at, updated_at, started_at) \
+             VALUES ('0123456789ab', 'old', 'stopped', 'i', 'k', 1, 256, 1, NULL, 0, NULL, NULL, 1, 1, NULL)",
+            [],
+        )
+        .unwrap();
+        migrate(&mut conn, Path::new(":memory:")).unwrap();
+        let nested: bool = conn
+            .query_row("SELECT nested FROM vms", [], |r| r.get(0))
+            .unwrap();
+        assert!(!nested);
+        assert!(
+            conn.execute("UPDATE vms SET nested = 2", []).is_err(),
+            "nested is 0 or 1"
+        );
     }
 }

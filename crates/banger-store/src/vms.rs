@@ -9,7 +9,7 @@ use crate::error::unique_violation;
 use crate::{Store, StoreError, to_i64};
 
 const COLUMNS: &str = "id, name, state, image, kernel, vcpu, memory_mib, work_disk_size, ip, nat, \
-                       vmm, last_error, created_at, updated_at, started_at, workspace_json";
+                       vmm, last_error, created_at, updated_at, started_at, workspace_json, nested";
 
 /// A row as SQLite returns it, before banger's types validate it.
 struct RawVm {
@@ -29,6 +29,7 @@ struct RawVm {
     updated_at: i64,
     started_at: Option<i64>,
     workspace_json: Option<String>,
+    nested: bool,
 }
 
 impl RawVm {
@@ -50,6 +51,7 @@ impl RawVm {
             updated_at: r.get(13)?,
             started_at: r.get(14)?,
             workspace_json: r.get(15)?,
+            nested: r.get(16)?,
         })
     }
 
@@ -96,6 +98,7 @@ impl RawVm {
             updated_at: self.updated_at,
             started_at: self.started_at,
             workspace,
+            nested: self.nested,
         })
     }
 }
@@ -139,12 +142,12 @@ impl Store {
     pub fn insert_vm(&self, vm: &VmRecord) -> Result<(), StoreError> {
         let sql = format!(
             "INSERT INTO vms ({COLUMNS}) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"
         );
         self.write_vm(&sql, vm, "inserting").map(drop)
     }
 
-    /// Runs `sql` with every field of `vm` bound as ?1..?16 in [`COLUMNS`] order; name, id and
+    /// Runs `sql` with every field of `vm` bound as ?1..?17 in [`COLUMNS`] order; name, id and
     /// address conflicts become [`StoreError::AlreadyExists`].
     fn write_vm(&self, sql: &str, vm: &VmRecord, op: &'static str) -> Result<usize, StoreError> {
         let size = to_i64("work_disk_size", vm.work_disk_size.bytes())?;
@@ -169,6 +172,7 @@ impl Store {
                     vm.updated_at,
                     vm.started_at,
                     workspace_json,
+                    vm.nested,
                 ],
             )
             .map_err(conflict(vm, op))
@@ -180,7 +184,7 @@ impl Store {
             "UPDATE vms SET name = ?2, state = ?3, image = ?4, kernel = ?5, vcpu = ?6, \
              memory_mib = ?7, work_disk_size = ?8, ip = ?9, nat = ?10, vmm = ?11, \
              last_error = ?12, created_at = ?13, updated_at = ?14, started_at = ?15, \
-             workspace_json = ?16 \
+             workspace_json = ?16, nested = ?17 \
              WHERE id = ?1",
             vm,
             "updating",
@@ -321,6 +325,7 @@ mod tests {
             updated_at: 1_700_000_000,
             started_at: None,
             workspace: None,
+            nested: false,
         }
     }
 

@@ -138,6 +138,7 @@ impl Setup {
             ssh_server: SshServer::Agent,
             env: vec!["PATH=/bin".into(), "GREETING=hello from oci".into()],
             workdir: Some("/srv".into()),
+            modules: None,
         }
     }
 

@@ -76,6 +76,7 @@ fn config() -> GuestConfig {
         ssh_server: Default::default(),
         env: vec![],
         workdir: None,
+        modules: None,
     }
 }
 

@@ -108,6 +108,7 @@ impl Engine {
                 updated_at: t,
                 started_at: None,
                 workspace: None,
+                nested: p.nested.unwrap_or(defaults.nested),
             };
             // Crash safety: the VM's dir, marked "being created", exists before its row, and
             // the mark goes only once every file is built (`commit`). A daemon killed anywhere

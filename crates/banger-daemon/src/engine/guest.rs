@@ -130,6 +130,7 @@ impl Engine {
         vm: &VmRecord,
         image: &Path,
         meta: &banger_core::ImageMeta,
+        modules: Option<banger_guest::ModulesDisk>,
         path: &Path,
         ctx: &OpCtx<'_>,
     ) -> Result<(), String> {
@@ -199,6 +200,7 @@ impl Engine {
             },
             env: meta.env.clone(),
             workdir: meta.workdir.clone(),
+            modules,
         };
         let _ = std::fs::remove_file(path);
         banger_guest::write_config_disk(path, &config).map_err(|e| e.to_string())
@@ -282,7 +284,11 @@ impl Engine {
                     tail().trim()
                 ));
             }
-            if ssh_banner(addr).await {
+            // Once sshd has answered, only `ssh true` is retried, a second apart: a new probe
+            // connection every 50 ms costs a slow guest's sshd a fork each, and past its
+            // MaxStartups it drops connections, banger's own login included (seen with nested
+            // KVM on a loaded host: the guest was up, yet no login got through for minutes).
+            if announced || ssh_banner(addr).await {
                 if !announced {
                     ctx.progress.stage(
                         "ssh",
@@ -302,7 +308,8 @@ impl Engine {
                     Err(_) => {}
                 }
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            let pause = if announced { 1000 } else { 50 };
+            tokio::time::sleep(Duration::from_millis(pause)).await;
         }
     }
 

@@ -10,6 +10,7 @@ mod create;
 mod guest;
 mod import;
 mod lost_handles;
+mod nested;
 mod ops;
 mod provision;
 mod pull;
@@ -40,8 +41,9 @@ pub use start::START_STEPS;
 /// broken provider) without touching config or PATH.
 #[async_trait::async_trait]
 pub trait VmmProvider: Send + Sync + std::fmt::Debug {
-    /// The backend new starts use; the error says what is missing and how to fix it.
-    async fn select(&self) -> Result<Arc<dyn Vmm>, String>;
+    /// The backend new starts use (`nested`: one that can give the guest hardware
+    /// virtualisation); the error says what is missing and how to fix it.
+    async fn select(&self, nested: bool) -> Result<Arc<dyn Vmm>, String>;
     /// The backend that owns an existing handle (for stop, kill and re-adoption).
     fn for_kind(&self, kind: VmmKind) -> Option<Arc<dyn Vmm>>;
 }

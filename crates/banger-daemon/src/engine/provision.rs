@@ -47,6 +47,8 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "sudo",
     "less",
     "vim-tiny",
+    // modprobe: module autoloading in --nested guests (their module tree is mounted).
+    "kmod",
 ];
 
 impl Engine {
@@ -823,7 +825,7 @@ fn customize_rootfs(root: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-fn dir_size(root: &Path) -> u64 {
+pub(super) fn dir_size(root: &Path) -> u64 {
     let mut total = 0u64;
     let mut stack: Vec<PathBuf> = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {

@@ -155,6 +155,10 @@ struct Attempt {
     /// The VMM log's length before this start's VMM was spawned: errors quote only what this
     /// start wrote (the log is appended across starts).
     log_mark: u64,
+    /// `--nested`: the kernel's (name, release), whose modules disk the guest gets.
+    nested_kernel: Option<(String, String)>,
+    /// The modules disk the config disk names.
+    modules: Option<banger_guest::ModulesDisk>,
 }
 
 impl Attempt {
@@ -211,6 +215,8 @@ impl Engine {
             image_rootfs: PathBuf::new(),
             image_meta: Default::default(),
             log_mark: 0,
+            nested_kernel: None,
+            modules: None,
         };
         let mut failed: Option<(&'static str, String)> = None;
         for &step in START_STEPS {
@@ -326,7 +332,10 @@ impl Engine {
                 if bridged && vm.ip.is_none() {
                     return Err("the VM has no address; delete and recreate it".into());
                 }
-                let vmm = self.inner.vmms.select().await?;
+                let vmm = self.inner.vmms.select(vm.nested).await?;
+                if vm.nested {
+                    attempt.nested_kernel = Some((kernel.name.clone(), kernel.version.clone()));
+                }
                 let drives = disks::drives(
                     self.config().root_disk,
                     &image.rootfs,
@@ -448,12 +457,30 @@ impl Engine {
                     let initramfs = self.ensure_initramfs(&kernel_dir).await?;
                     attempt.spec().initrd = Some(initramfs);
                 }
+                if let Some((name, release)) = attempt.nested_kernel.clone() {
+                    let kernel_dir = attempt
+                        .spec()
+                        .kernel
+                        .parent()
+                        .map(|p| p.to_path_buf())
+                        .unwrap_or_default();
+                    let (path, disk) = self
+                        .ensure_modules_disk(&name, &kernel_dir, &release)
+                        .await?;
+                    attempt.spec().drives.push(DriveSpec {
+                        id: "modules".into(),
+                        path,
+                        read_only: true,
+                    });
+                    attempt.modules = Some(disk);
+                }
                 Ok(())
             }
             "config_disk" => {
                 let path = layout.config_disk(&vm.id);
                 let image = attempt.image_rootfs.clone();
-                self.write_config_disk(vm, &image, &attempt.image_meta, &path, ctx)
+                let modules = attempt.modules.clone();
+                self.write_config_disk(vm, &image, &attempt.image_meta, modules, &path, ctx)
                     .await?;
                 attempt.spec().drives.push(DriveSpec {
                     id: "config".into(),

@@ -18,6 +18,7 @@ mod kernel_build;
 mod kernels;
 mod leaks;
 mod lifecycle;
+mod nested;
 mod oci;
 mod own_dirs;
 mod protocol;
