@@ -41,6 +41,10 @@ pub enum TrustError {
         "refusing to use {path}: it is a symbolic link in a directory others can write ({parent}); banger's directory there must be a real directory of yours"
     )]
     SharedLink { path: PathBuf, parent: PathBuf },
+    #[error(
+        "refusing to talk to {path}: the daemon answering there runs as uid {peer}, not as you (uid {uid}) or root; another user may have put it there (remove the socket and its directory, or set XDG_RUNTIME_DIR / runtime_dir to a private directory)"
+    )]
+    ForeignPeer { path: PathBuf, peer: u32, uid: u32 },
     #[error("cannot check {path}: {reason}")]
     Unreadable { path: PathBuf, reason: String },
 }
@@ -242,6 +246,32 @@ pub fn check_socket(socket: &Path, uid: u32) -> Result<(), TrustError> {
     Ok(())
 }
 
+/// Checks who answers on a connected daemon socket (`SO_PEERCRED`: the uid that listened):
+/// `uid`, root, or for root the owner of a system install (whose daemon runs as that owner).
+/// [`check_socket`] judges the path before connecting; this closes the gap between that check
+/// and the connect (a directory or link swapped in between), which no path check can.
+pub fn check_peer(
+    stream: &std::os::unix::net::UnixStream,
+    socket: &Path,
+    uid: u32,
+) -> Result<(), TrustError> {
+    use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+    let cred = getsockopt(stream, PeerCredentials).map_err(|e| TrustError::Unreadable {
+        path: socket.to_path_buf(),
+        reason: format!("reading the peer's credentials: {e}"),
+    })?;
+    let peer = cred.uid();
+    let system_owner = uid == 0 && crate::system_owner_uid() == Some(peer);
+    if trusted_owner(peer, uid) || system_owner {
+        return Ok(());
+    }
+    Err(TrustError::ForeignPeer {
+        path: socket.to_path_buf(),
+        peer,
+        uid,
+    })
+}
+
 /// The real uid of this process.
 pub fn current_uid() -> u32 {
     nix::unistd::getuid().as_raw()
@@ -341,6 +371,20 @@ mod tests {
         chmod(&real, 0o700);
         check_dir_chain(&real, 0).unwrap();
         check_socket(&real.join("bangerd.sock"), 0).unwrap();
+    }
+
+    #[test]
+    fn a_daemon_of_ours_passes_the_peer_check() {
+        let t = tempfile::tempdir().unwrap();
+        let sock = t.path().join("s");
+        let _l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let c = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+        check_peer(&c, &sock, current_uid()).unwrap();
+        if current_uid() != 0 {
+            // Seen as another user, our daemon is foreign (unless that user is root).
+            let e = check_peer(&c, &sock, current_uid() + 1).unwrap_err();
+            assert!(matches!(e, TrustError::ForeignPeer { .. }), "{e}");
+        }
     }
 
     #[test]
