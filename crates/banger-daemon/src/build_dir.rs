@@ -108,8 +108,10 @@ mod tests {
     fn finds_a_process_working_in_the_tree() {
         let t = tempfile::tempdir().unwrap();
         let real = std::fs::canonicalize(t.path()).unwrap();
-        let mut named = std::process::Command::new("sleep")
-            .arg("30")
+        // GNU sleep refuses a path argument and exits at once; a shell keeps it as $1 (the
+        // `; :` stops the shell from exec'ing sleep in its place).
+        let mut named = std::process::Command::new("sh")
+            .args(["-c", "sleep 30; :", "sh"])
             .arg(real.join("target"))
             .spawn()
             .unwrap();
