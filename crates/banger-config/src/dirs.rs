@@ -98,7 +98,7 @@ pub const RUNTIME_ENTRIES: &[&str] = &[
     "vms",
 ];
 /// The names banger puts in its cache dir.
-pub const CACHE_ENTRIES: &[&str] = &["oci", "workspaces"];
+pub const CACHE_ENTRIES: &[&str] = &["oci", "blobs", "workspaces"];
 
 /// Why a directory cannot be one of banger's; each names the config key and the path.
 #[derive(Debug, thiserror::Error)]
