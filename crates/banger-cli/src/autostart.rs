@@ -66,7 +66,9 @@ impl StartSpec {
 pub fn start(spec: &StartSpec) -> Result<u32, CliError> {
     // The runtime dir may not exist yet; the daemon would create it, but the start log has to
     // be opened first. Owner-only, as the daemon makes it, and never a directory that is not
-    // banger's (the same rule as the daemon's).
+    // banger's (the same rule as the daemon's), nor one reached through another user's link.
+    banger_config::trust::check_dir_chain(&spec.runtime_dir, banger_config::trust::current_uid())
+        .map_err(|e| CliError::local(e.to_string()))?;
     banger_config::dirs::prepare_private_dir(
         "runtime_dir",
         &spec.runtime_dir,

@@ -89,12 +89,17 @@ pub fn not_running(e: &std::io::Error) -> bool {
 }
 
 /// Connects to the daemon's socket, once it and its directories are known to be the user's
-/// or root's (see [`banger_config::trust`]): a socket another user planted never hears a
-/// request, and never answers one.
+/// or root's (see [`banger_config::trust`]), and keeps the connection only if the daemon
+/// listening runs as the user or root (`SO_PEERCRED`): a socket another user planted never
+/// hears a request, and never answers one.
 pub fn connect(socket: &Path) -> Result<UnixStream, CallError> {
     use banger_config::trust;
-    trust::check_socket(socket, trust::current_uid()).map_err(CallError::Untrusted)?;
-    UnixStream::connect(socket).map_err(CallError::Connect)
+    let uid = trust::current_uid();
+    trust::check_socket(socket, uid).map_err(CallError::Untrusted)?;
+    let stream = UnixStream::connect(socket).map_err(CallError::Connect)?;
+    // The path may have been swapped between the check and the connect: who listens decides.
+    trust::check_peer(&stream, socket, uid).map_err(CallError::Untrusted)?;
+    Ok(stream)
 }
 
 /// Connects, sends `request` under a fresh op id and reads frames until the final one.

@@ -6,14 +6,18 @@
 //! The rule (docs/config.md, docs/state.md):
 //! - `/` and the system directories themselves ([`SYSTEM_DIRS`]), and the owner's home itself,
 //!   are refused when the config is read, whoever reads it;
-//! - a missing directory is created (parents included) owner-only: it is banger's;
+//! - a missing directory is created (parents included) owner-only and marked banger's with a
+//!   [`MARKER`] file;
 //! - an existing one is taken over only if it is a directory owned by the user banger runs as,
-//!   and is empty (but for `lost+found`: a fresh filesystem mounted for banger) or already holds
-//!   banger's files ([`STATE_ENTRIES`], …); its mode is then set
-//!   to 0700. Anything else is refused with an error naming the key and the path, and nothing
-//!   about the directory is changed.
+//!   and carries the [`MARKER`], or is empty (but for `lost+found`: a fresh filesystem mounted
+//!   for banger), or is banger's from before the marker existed: a state dir holding a regular
+//!   `banger.db`, or a mode-0700 directory holding nothing but banger's names ([`STATE_ENTRIES`],
+//!   …). Its mode is then set to 0700 and the marker written. Common names alone (`build`,
+//!   `vms`) never make a directory banger's: banger deletes what it finds under them.
+//!   Anything else is refused with an error naming the key and the path, and nothing about the
+//!   directory is changed.
 
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
 /// Directories banger never takes as one of its own (nor re-modes), compared after lexical
@@ -69,7 +73,12 @@ pub const SYSTEM_DIRS: &[&str] = &[
     "/var/tmp",
 ];
 
-/// Entries that mark an existing directory as banger's state dir.
+/// The file banger writes in each directory it creates or takes over: what makes an existing
+/// directory banger's (see the module doc).
+pub const MARKER: &str = ".banger-dir";
+
+/// The names banger puts in its state dir (with [`MARKER`]); `banger.db` alone marks a state
+/// dir of an installation older than the marker.
 pub const STATE_ENTRIES: &[&str] = &[
     "banger.db",
     "bangerd.log",
@@ -80,7 +89,7 @@ pub const STATE_ENTRIES: &[&str] = &[
     "ssh",
     "jail",
 ];
-/// Entries that mark an existing directory as banger's runtime dir.
+/// The names banger puts in its runtime dir.
 pub const RUNTIME_ENTRIES: &[&str] = &[
     "bangerd.sock",
     "bangerd.lock",
@@ -88,8 +97,8 @@ pub const RUNTIME_ENTRIES: &[&str] = &[
     "bangerd.start.log",
     "vms",
 ];
-/// Entries that mark an existing directory as banger's cache dir.
-pub const CACHE_ENTRIES: &[&str] = &["oci", "workspaces"];
+/// The names banger puts in its cache dir.
+pub const CACHE_ENTRIES: &[&str] = &["oci", "blobs", "workspaces"];
 
 /// Why a directory cannot be one of banger's; each names the config key and the path.
 #[derive(Debug, thiserror::Error)]
@@ -148,8 +157,8 @@ pub fn forbidden_reason(path: &Path, home: &Path) -> Option<String> {
 }
 
 /// Makes `dir` (the value of config key `key`) banger's owner-only directory, or refuses
-/// without changing anything (see the module doc). `ours` lists the entries that mark an
-/// existing non-empty directory as banger's.
+/// without changing anything (see the module doc). `ours` lists the names banger puts there
+/// (for a directory of an installation older than [`MARKER`]).
 pub fn prepare_private_dir(key: &str, dir: &Path, ours: &[&str]) -> Result<(), DirError> {
     let unsafe_dir = |reason: String| DirError::Unsafe {
         key: key.to_string(),
@@ -172,11 +181,12 @@ pub fn prepare_private_dir(key: &str, dir: &Path, ours: &[&str]) -> Result<(), D
     let md = match std::fs::metadata(dir) {
         Ok(md) => md,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return std::fs::DirBuilder::new()
+            std::fs::DirBuilder::new()
                 .recursive(true)
                 .mode(0o700)
                 .create(dir)
-                .map_err(io("creating it"));
+                .map_err(io("creating it"))?;
+            return write_marker(key, dir).map_err(io("marking it as banger's"));
         }
         Err(e) => return Err(io("examining it")(e)),
     };
@@ -191,21 +201,60 @@ pub fn prepare_private_dir(key: &str, dir: &Path, ours: &[&str]) -> Result<(), D
             md.mode() & 0o7777
         )));
     }
+    let is_file = |name: &str| {
+        dir.join(name)
+            .symlink_metadata()
+            .is_ok_and(|m| m.file_type().is_file())
+    };
+    if is_file(MARKER) {
+        return make_owner_only(&md, dir).map_err(io("making it owner-only"));
+    }
+    let names: Vec<std::ffi::OsString> = std::fs::read_dir(dir)
+        .map_err(io("listing it"))?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<Result<_, _>>()
+        .map_err(io("listing it"))?;
     // A fresh filesystem mounted there for banger holds only `lost+found`: still empty.
-    let mut entries = std::fs::read_dir(dir).map_err(io("listing it"))?;
-    let empty = entries.all(|e| e.is_ok_and(|e| e.file_name() == "lost+found"));
-    if !empty && !ours.iter().any(|e| dir.join(e).symlink_metadata().is_ok()) {
+    let empty = names.iter().all(|n| n == "lost+found");
+    // Installations older than the marker: the state dir's database, or a private directory
+    // holding nothing but banger's names (the runtime and cache dirs).
+    let old_state = ours.contains(&"banger.db") && is_file("banger.db");
+    let old_private =
+        md.mode() & 0o7777 == 0o700 && names.iter().all(|n| ours.iter().any(|o| n == *o));
+    if !(empty || old_state || old_private) {
         return Err(unsafe_dir(format!(
-            "exists, is not empty and holds none of banger's files; banger does not take it \
-             over (its mode stays {:o})",
+            "exists, is not empty and is not banger's (no {MARKER} mark; banger's names alone \
+             do not count); banger does not take it over (its mode stays {:o})",
             md.mode() & 0o7777
         )));
     }
+    make_owner_only(&md, dir).map_err(io("making it owner-only"))?;
+    write_marker(key, dir).map_err(io("marking it as banger's"))
+}
+
+fn make_owner_only(md: &std::fs::Metadata, dir: &Path) -> std::io::Result<()> {
     if md.mode() & 0o7777 != 0o700 {
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-            .map_err(io("making it owner-only"))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
     }
     Ok(())
+}
+
+/// Writes [`MARKER`] into `dir` (never through a link: `create_new`).
+fn write_marker(key: &str, dir: &Path) -> std::io::Result<()> {
+    use std::io::Write;
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(dir.join(MARKER))
+    {
+        Ok(mut f) => writeln!(
+            f,
+            "This directory is banger's {key}: banger creates and deletes files in it."
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 #[cfg(test)]
@@ -282,7 +331,7 @@ mod tests {
             .to_string();
         assert!(e.starts_with("state_dir = "), "{e}");
         assert!(e.contains(&other.display().to_string()), "{e}");
-        assert!(e.contains("none of banger's files"), "{e}");
+        assert!(e.contains("is not banger's"), "{e}");
         assert_eq!(mode(&other), 0o755, "unchanged");
 
         let file = t.path().join("file");
@@ -296,6 +345,42 @@ mod tests {
                 .starts_with("runtime_dir = /: is the root directory"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn bangers_names_alone_do_not_make_a_dir_bangers() {
+        // Probe finding 2: a project with a `build/` dir, a folder with `vms/` in it.
+        let t = tempfile::tempdir().unwrap();
+        let proj = t.path().join("proj");
+        std::fs::create_dir_all(proj.join("build/obj")).unwrap();
+        std::fs::write(proj.join("main.c"), b"int main;").unwrap();
+        std::fs::set_permissions(&proj, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let e = prepare_private_dir("state_dir", &proj, STATE_ENTRIES).unwrap_err();
+        assert!(e.to_string().contains("is not banger's"), "{e}");
+        assert_eq!(mode(&proj), 0o755);
+        assert!(!proj.join(MARKER).exists());
+        let run = t.path().join("run");
+        std::fs::create_dir_all(run.join("vms/myvm")).unwrap();
+        std::fs::write(run.join("vms/myvm/notes.txt"), b"mine").unwrap();
+        std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(prepare_private_dir("runtime_dir", &run, RUNTIME_ENTRIES).is_err());
+        assert_eq!(mode(&run), 0o755);
+        // Only banger's names, but not private: someone's folder, not banger's.
+        std::fs::remove_file(run.join("vms/myvm/notes.txt")).unwrap();
+        assert!(prepare_private_dir("runtime_dir", &run, RUNTIME_ENTRIES).is_err());
+        // A private one holding only banger's names: a runtime dir of an older banger.
+        std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o700)).unwrap();
+        prepare_private_dir("runtime_dir", &run, RUNTIME_ENTRIES).unwrap();
+        assert!(run.join(MARKER).is_file());
+        // Once marked, whatever banger puts there next is fine.
+        std::fs::write(run.join("other"), b"").unwrap();
+        std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o750)).unwrap();
+        prepare_private_dir("runtime_dir", &run, RUNTIME_ENTRIES).unwrap();
+        assert_eq!(mode(&run), 0o700);
+        // Created and taken-over empty dirs are marked.
+        let made = t.path().join("made");
+        prepare_private_dir("cache_dir", &made, CACHE_ENTRIES).unwrap();
+        assert!(made.join(MARKER).is_file());
     }
 
     #[test]

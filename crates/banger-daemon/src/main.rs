@@ -58,6 +58,9 @@ fn real_main(args: Args) -> anyhow::Result<ExitCode> {
     unsafe { libc::umask(0o077) };
     // Make or take over banger's own directories, never re-moding one that is not banger's.
     use banger_config::dirs;
+    // Judge the runtime dir's path before touching it: a link another user planted there
+    // (`/tmp/banger-<uid>` -> the state dir) must not get it re-moded, marked or cleaned.
+    banger_config::trust::check_dir_chain(&config.runtime_dir, nix::unistd::geteuid().as_raw())?;
     for (key, dir, ours) in [
         ("state_dir", &config.state_dir, dirs::STATE_ENTRIES),
         ("runtime_dir", &config.runtime_dir, dirs::RUNTIME_ENTRIES),

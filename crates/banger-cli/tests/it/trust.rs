@@ -90,3 +90,87 @@ fn a_runtime_dir_planted_by_another_user_is_refused_before_any_request() {
         "{err}"
     );
 }
+
+/// Probe finding 3: the path checks pass (here the attacker's listening socket ends up in a
+/// private directory of ours, as when a link swap wins the race between check and connect),
+/// but the daemon answering runs as another user. The CLI must check who listens
+/// (`SO_PEERCRED`) and refuse before sending anything.
+#[test]
+fn a_daemon_of_another_user_is_refused_after_connecting() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        println!("SKIP: needs root to run a fake daemon as another user");
+        return;
+    }
+    if !std::path::Path::new("/usr/bin/python3").exists() {
+        println!("SKIP: the fake daemon needs /usr/bin/python3");
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    // uid 65534 must reach its own directory inside.
+    std::fs::set_permissions(t.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let evil = t.path().join("evil");
+    std::fs::create_dir(&evil).unwrap();
+    std::os::unix::fs::chown(&evil, Some(65534), Some(65534)).unwrap();
+    let planted = evil.join("bangerd.sock");
+    let script = r#"
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.bind(sys.argv[1]); s.listen(4); s.settimeout(30)
+print("ready", flush=True)
+while True:
+    c, _ = s.accept()
+    line = c.makefile().readline()
+    if line:
+        sys.stdout.write("REQUEST " + line); sys.stdout.flush()
+    c.sendall(b'{"type":"result","op_id":"x","result":{}}\n'); c.close()
+"#;
+    let mut fake = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .args(["/usr/bin/python3", "-c", script])
+        .arg(&planted)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(fake.stdout.take().unwrap());
+    let mut ready = String::new();
+    out.read_line(&mut ready).unwrap();
+    assert_eq!(ready.trim(), "ready");
+    let run = t.path().join("run");
+    std::fs::create_dir(&run).unwrap();
+    std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let sock = run.join("bangerd.sock");
+    std::fs::rename(&planted, &sock).unwrap();
+    std::os::unix::fs::chown(&sock, Some(0), Some(0)).unwrap();
+    let config = t.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir = \"{0}/state\"\nruntime_dir = \"{1}\"\ncache_dir = \"{0}/cache\"\n",
+            t.path().display(),
+            run.display()
+        ),
+    )
+    .unwrap();
+    let res = Command::new(env!("CARGO_BIN_EXE_banger"))
+        .args(["--config", config.to_str().unwrap(), "vm", "list"])
+        .env("NO_COLOR", "1")
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .output()
+        .unwrap();
+    let _ = fake.kill();
+    let _ = fake.wait();
+    let mut rest = String::new();
+    let _ = std::io::Read::read_to_string(&mut out, &mut rest);
+    let err = String::from_utf8_lossy(&res.stderr).into_owned();
+    assert!(
+        !rest.contains("REQUEST"),
+        "the CLI talked to another user's daemon: {rest}\nstderr: {err}"
+    );
+    assert_eq!(res.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains(&sock.display().to_string()) && err.contains("runs as uid 65534"),
+        "{err}"
+    );
+}

@@ -282,8 +282,15 @@ impl Engine {
         };
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let keep = VmId::parse(&name).is_some_and(|id| self.live().contains_key(&id));
-            if keep {
+            let Some(id) = VmId::parse(&name) else {
+                // Not a VM's runtime dir: banger did not make it, so it is not banger's to delete.
+                continue;
+            };
+            if self.live().contains_key(&id) {
+                continue;
+            }
+            if let Some(why) = not_a_run_dir(&entry.path()) {
+                warn!(path = %entry.path().display(), reason = %why, "left alone: not a VM runtime dir banger made");
                 continue;
             }
             match banger_sys::rmtree::remove_tree(&entry.path()) {
@@ -296,5 +303,53 @@ impl Engine {
                 }
             }
         }
+    }
+}
+
+/// Why `dir` is not a VM runtime dir banger made, if so: a runtime dir is a real directory of
+/// the daemon's user, and never holds a VM's disks or records (those live in `<state>/vms`;
+/// deleting a runtime dir that held them would lose a VM).
+fn not_a_run_dir(dir: &std::path::Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let md = match std::fs::symlink_metadata(dir) {
+        Ok(md) => md,
+        Err(e) => return Some(e.to_string()),
+    };
+    if !md.is_dir() {
+        return Some("not a directory".into());
+    }
+    if md.uid() != nix::unistd::geteuid().as_raw() {
+        return Some(format!("owned by uid {}", md.uid()));
+    }
+    const STATE_ONLY: &[&str] = &[
+        "root.ext4",
+        "work.ext4",
+        "handles.json",
+        "machine-id",
+        "ssh_host_ed25519_key",
+    ];
+    STATE_ONLY
+        .iter()
+        .find(|n| dir.join(n).symlink_metadata().is_ok())
+        .map(|n| format!("holds {n}, a VM's state"))
+}
+
+#[cfg(test)]
+mod run_dir_tests {
+    use super::not_a_run_dir;
+
+    #[test]
+    fn only_bangers_run_dirs_are_deletable() {
+        let t = tempfile::tempdir().unwrap();
+        let run = t.path().join("0123456789ab");
+        std::fs::create_dir(&run).unwrap();
+        std::fs::write(run.join("config.img"), b"").unwrap();
+        assert_eq!(not_a_run_dir(&run), None);
+        // A VM dir of the state dir (reached through a wrong runtime dir) keeps its disks.
+        std::fs::write(run.join("root.ext4"), b"disk").unwrap();
+        assert!(not_a_run_dir(&run).unwrap().contains("root.ext4"));
+        let link = t.path().join("fedcba987654");
+        std::os::unix::fs::symlink(t.path(), &link).unwrap();
+        assert!(not_a_run_dir(&link).is_some());
     }
 }

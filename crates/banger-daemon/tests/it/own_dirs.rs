@@ -81,7 +81,7 @@ fn daemon_refuses_dirs_that_are_not_its_own() {
             err.contains(&format!("{key} = {}", dir.display())),
             "the error names neither key nor path: {err}"
         );
-        assert!(err.contains("none of banger's files"), "{err}");
+        assert!(err.contains("is not banger's"), "{err}");
         assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
         assert_eq!(mode(&dir), 0o755, "{key}: the directory was re-moded");
         assert_eq!(
@@ -130,4 +130,71 @@ fn daemon_takes_over_an_empty_state_dir() {
     env.start_daemon();
     assert_eq!(mode(&dir), 0o700);
     env.stop_daemon();
+}
+
+/// Probe finding 1: another user links `/tmp/banger-<uid>` (here a sticky shared dir of the
+/// test) to the victim's state dir. bangerd must refuse the link, naming it and its owner,
+/// before touching anything: no VM dir of the state dir is deleted, nothing is written there.
+#[test]
+fn daemon_refuses_a_runtime_dir_linked_by_another_user() {
+    if !nix::unistd::geteuid().is_root() {
+        println!("SKIP: needs root to make a link owned by another user");
+        return;
+    }
+    let env = TestEnv::new("");
+    let state = env.root().join("victim-state");
+    let vm = state.join("vms/0123456789ab");
+    std::fs::create_dir_all(&vm).unwrap();
+    std::fs::write(vm.join("root.ext4"), b"the disk").unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let shared = env.root().join("shared-tmp");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let link = shared.join("banger-0");
+    std::os::unix::fs::symlink(&state, &link).unwrap();
+    std::os::unix::fs::lchown(&link, Some(65534), Some(65534)).unwrap();
+    set_dir(&env, "state_dir", &state);
+    set_dir(&env, "runtime_dir", &link);
+    let err = refused(&env);
+    assert!(err.contains(&link.display().to_string()), "{err}");
+    assert!(err.contains("symbolic link owned by uid 65534"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    assert_eq!(std::fs::read(vm.join("root.ext4")).unwrap(), b"the disk");
+    let names: Vec<_> = std::fs::read_dir(&state)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        names,
+        vec![std::ffi::OsString::from("vms")],
+        "state dir changed"
+    );
+}
+
+/// Probe finding 2: a project folder with a `build/` dir (a banger name) holding a link out of
+/// it is not banger's state dir: refused, and nothing in it or behind the link changes.
+#[test]
+fn daemon_refuses_a_project_with_a_build_dir() {
+    let env = TestEnv::new("");
+    let proj = env.root().join("proj");
+    std::fs::create_dir_all(proj.join("build/obj")).unwrap();
+    std::fs::write(proj.join("main.c"), b"int main;").unwrap();
+    std::fs::write(proj.join("build/obj/a.o"), b"obj").unwrap();
+    let precious = env.root().join("precious");
+    std::fs::create_dir_all(precious.join("sub")).unwrap();
+    std::fs::write(precious.join("sub/data.txt"), b"keep").unwrap();
+    std::os::unix::fs::symlink(&precious, proj.join("build/deps")).unwrap();
+    std::fs::set_permissions(&proj, std::fs::Permissions::from_mode(0o755)).unwrap();
+    set_dir(&env, "state_dir", &proj);
+    let err = refused(&env);
+    assert!(
+        err.contains(&format!("state_dir = {}", proj.display())),
+        "{err}"
+    );
+    assert_eq!(mode(&proj), 0o755);
+    assert_eq!(std::fs::read(proj.join("build/obj/a.o")).unwrap(), b"obj");
+    assert_eq!(
+        std::fs::read(precious.join("sub/data.txt")).unwrap(),
+        b"keep"
+    );
 }
