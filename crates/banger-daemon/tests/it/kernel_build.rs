@@ -141,7 +141,10 @@ fn an_unchanged_config_is_a_cache_hit() {
     let fragment = banger_kernel::Fragment::parse(banger_kernel::DEFAULT_FRAGMENT).unwrap();
     let hash = banger_kernel::config_hash(&fragment, &pkg.package_version);
 
-    // A finished build whose record was never written (daemon killed at the very end).
+    // A finished build whose record was never written (daemon killed at the very end), in a
+    // state dir banger made (its mark), which the daemon then takes as its own.
+    std::fs::create_dir_all(env.state_dir()).unwrap();
+    std::fs::write(env.state_dir().join(banger_config::dirs::MARKER), b"").unwrap();
     let dest = env.state_dir().join("kernels/banger-6.1");
     std::fs::create_dir_all(&dest).unwrap();
     let vmlinux = fake_vmlinux();
