@@ -613,31 +613,6 @@ pub struct MountEntry {
     pub source: String,
 }
 
-/// Undoes mountinfo's octal escapes (`\040` for a space, `\011`, `\012`, `\134`).
-fn unescape_mount(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            let v = (b[i + 1] - b'0') as u32 * 64
-                + (b[i + 2] - b'0') as u32 * 8
-                + (b[i + 3] - b'0') as u32;
-            if let Ok(byte) = u8::try_from(v) {
-                out.push(byte);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 /// Parses mountinfo text: `ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTS [OPTIONAL…] - FSTYPE SOURCE
 /// SUPEROPTS`. `path` only names the input in errors.
 pub fn parse_mountinfo(text: &str, path: &Path) -> Result<Vec<MountEntry>, LeakError> {
@@ -666,9 +641,13 @@ pub fn parse_mountinfo(text: &str, path: &Path) -> Result<Vec<MountEntry>, LeakE
             .ok_or_else(|| err("no filesystem type"))?;
         let source = fields.get(sep + 2).copied().unwrap_or("");
         out.push(MountEntry {
-            mount_point: PathBuf::from(unescape_mount(fields[4])),
-            fstype: unescape_mount(fstype),
-            source: unescape_mount(source),
+            mount_point: banger_sys::mounts::unescape(fields[4]),
+            fstype: banger_sys::mounts::unescape(fstype)
+                .to_string_lossy()
+                .into_owned(),
+            source: banger_sys::mounts::unescape(source)
+                .to_string_lossy()
+                .into_owned(),
         });
     }
     Ok(out)

@@ -6,8 +6,9 @@ use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-/// Undoes mountinfo's octal escapes (`\040` for a space, `\011`, `\012`, `\134`).
-fn unescape(s: &str) -> PathBuf {
+/// Undoes the octal escapes of `/proc/*/mountinfo` and `/proc/mounts` (`\040` for a space,
+/// `\011`, `\012`, `\134`).
+pub fn unescape(s: &str) -> PathBuf {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;

@@ -405,31 +405,8 @@ pub fn cgroup2_mount(mounts: &str) -> Option<PathBuf> {
     mounts.lines().find_map(|l| {
         let mut f = l.split_whitespace();
         let (_dev, dir, fstype) = (f.next()?, f.next()?, f.next()?);
-        (fstype == "cgroup2").then(|| PathBuf::from(unescape_mount_path(dir)))
+        (fstype == "cgroup2").then(|| banger_sys::mounts::unescape(dir))
     })
-}
-
-/// `/proc/mounts` escapes space, tab, newline and backslash as `\NNN` octal.
-fn unescape_mount_path(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            let n = b[i + 1..i + 4]
-                .iter()
-                .fold(0u32, |n, c| n * 8 + u32::from(c - b'0'));
-            out.push(u8::try_from(n).unwrap_or(b'?'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Removes a VM's jail (`<base>/<exec>/<id>`, symlinks never followed) and its per-VM cgroup
