@@ -685,7 +685,11 @@ fn firecracker_scenarios(env: &TestEnv) {
         env,
         "firecracker: SIGKILL the daemon",
         &format!(
-            "set -e; pid=$(pidof firecracker); kill -9 $(pidof bangerd); sleep 1; \
+            // The daemon by its process name: `pidof bangerd` also matches the VMs' log pumps
+            // (forked from bangerd, so argv[0] is bangerd's), which is another scenario.
+            "set -e; pid=$(pidof firecracker); \
+             d=$(for p in /proc/[0-9]*; do if [ \"$(cat $p/comm 2>/dev/null)\" = bangerd ]; then echo ${{p#/proc/}}; fi; done); \
+             kill -9 $d; sleep 1; \
              kill -0 $pid && echo vmm-alive; {}",
             b("auto", "vm ls")
         ),
