@@ -25,6 +25,16 @@ async fn nat_rules_per_vm() {
     let ns = NetNs::new("nat");
     let ops = ns.ops();
     let br = BridgeName::default();
+    // Per-VM rules need the installation's table, which the bridge (its firewall) brings.
+    let e = ops
+        .add_vm_nat(
+            VmId::generate().as_str(),
+            ip("172.30.0.2"),
+            &TapName::pool(0),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(e, NetError::NatNotReady { .. }), "{e}");
     ops.ensure_bridge(&br, ip("172.30.0.1"), 24).await.unwrap();
 
     let (a, b, c, d) = (
@@ -38,12 +48,6 @@ async fn nat_rules_per_vm() {
         ops.create_tap(t, &br, None).await.unwrap();
     }
 
-    let e = ops
-        .add_vm_nat(a.as_str(), ip("172.30.0.2"), &taps[0])
-        .await
-        .unwrap_err();
-    assert!(matches!(e, NetError::NatNotReady { .. }), "{e}");
-
     ops.ensure_nat(&br, &cidr()).await.unwrap();
     ops.ensure_nat(&br, &cidr()).await.unwrap();
     assert_eq!(ns.ok(&["sysctl", "-n", "net.ipv4.ip_forward"]).trim(), "1");
@@ -53,7 +57,8 @@ async fn nat_rules_per_vm() {
         "the host's own forwarding setting must not change"
     );
     let base = ns.rule_comments().unwrap();
-    assert_eq!(base.len(), 5, "{base:?}");
+    // NAT (5) and the bridge's firewall (input, forward, output: 5).
+    assert_eq!(base.len(), 10, "{base:?}");
     assert!(base.iter().all(|c| c == "banger-base"));
     assert!(ops.list_nat_vms().await.unwrap().is_empty());
 
@@ -107,7 +112,7 @@ async fn nat_rules_per_vm() {
     ops.delete_tap(&taps[3]).await.unwrap();
     ops.remove_vm_nat(d.as_str()).await.unwrap();
     assert_eq!(ns.count_rules_of(d.as_str()), 0);
-    assert_eq!(ns.rule_comments().unwrap().len(), 5);
+    assert_eq!(ns.rule_comments().unwrap().len(), base.len());
 }
 
 #[tokio::test]
