@@ -83,14 +83,7 @@ fn status(env: &TestEnv) -> DaemonStatus {
     serde_json::from_value(env.request(&Request::DaemonStatus).ok()).unwrap()
 }
 
-fn text(o: &Output) -> String {
-    format!(
-        "status {:?}\nstdout: {}\nstderr: {}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+use crate::output::text;
 
 fn ok(env: &TestEnv, args: &[&str]) -> String {
     let o = env.cli(args);

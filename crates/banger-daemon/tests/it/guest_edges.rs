@@ -3,18 +3,10 @@
 //! through a link. Skips (saying why) where the machine cannot boot guests.
 
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::process::Output;
 
 use banger_testkit::TestEnv;
 
-fn text(o: &Output) -> String {
-    format!(
-        "status {:?}\nstdout: {}\nstderr: {}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+use crate::output::text;
 
 fn ok(env: &TestEnv, args: &[&str]) -> String {
     let o = env.cli(args);

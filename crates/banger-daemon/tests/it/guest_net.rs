@@ -6,18 +6,11 @@
 //! banger-net's `traffic::guests_reach_nothing_on_the_host`; here it is checked in the rule set.)
 
 use std::net::{Ipv4Addr, TcpListener};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use banger_testkit::{TestEnv, nft_banger_table};
 
-fn text(o: &Output) -> String {
-    format!(
-        "status {:?}\nstdout: {}\nstderr: {}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+use crate::output::text;
 
 fn ok(env: &TestEnv, args: &[&str]) -> String {
     let o = env.cli(args);

@@ -2,7 +2,6 @@
 //! tests (names, missing build tools, cache hit) always run; the real build and boot (~10-20
 //! minutes of CPU) only with `BANGER_TEST_KERNEL_BUILD=1`.
 
-use std::process::Output;
 use std::time::{Duration, Instant};
 
 use banger_core::ErrorCode;
@@ -10,14 +9,7 @@ use banger_kernel::DebianMirror;
 use banger_protocol::{Frame, KernelBuildParams, KernelImportParams, Request};
 use banger_testkit::{TestEnv, raw_request};
 
-fn text(o: &Output) -> String {
-    format!(
-        "status {:?}\nstdout: {}\nstderr: {}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+use crate::output::text;
 
 fn ok(env: &TestEnv, args: &[&str]) -> String {
     let o = env.cli(args);

@@ -20,6 +20,7 @@ mod leaks;
 mod lifecycle;
 mod nested;
 mod oci;
+mod output;
 mod own_dirs;
 mod protocol;
 mod real_guest;

@@ -78,14 +78,7 @@ const MASKED_UNITS: &[&str] = &[
 /// not checked against the host's routes).
 const L1_BRIDGE_CIDR: &str = "10.231.0.0/24";
 
-fn text(o: &Output) -> String {
-    format!(
-        "status {:?}\nstdout: {}\nstderr: {}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+use crate::output::text;
 
 fn ok(env: &TestEnv, args: &[&str]) -> String {
     let o = env.cli(args);

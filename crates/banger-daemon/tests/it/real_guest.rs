@@ -2,19 +2,11 @@
 //! Debian kernel and image banger provisions itself, ssh, exit codes, persistence, isolation,
 //! NAT rules, and nothing left behind. Skips (saying why) where the machine cannot boot guests.
 
-use std::process::Output;
 use std::time::Instant;
 
 use banger_testkit::{TestEnv, bridge_ports, nft_banger_table};
 
-fn text(o: &Output) -> String {
-    format!(
-        "status {:?}\nstdout: {}\nstderr: {}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+use crate::output::text;
 
 fn ok(env: &TestEnv, args: &[&str]) -> String {
     let o = env.cli(args);

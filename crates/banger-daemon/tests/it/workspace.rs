@@ -3,19 +3,12 @@
 //! where the machine cannot boot guests.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::Instant;
 
 use banger_testkit::TestEnv;
 
-fn text(o: &Output) -> String {
-    format!(
-        "status {:?}\nstdout: {}\nstderr: {}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+use crate::output::text;
 
 fn ok(env: &TestEnv, args: &[&str]) -> String {
     let o = env.cli(args);
